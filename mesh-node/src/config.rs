@@ -1,0 +1,284 @@
+//! The daemon's configuration: one serializable [`Config`], read from YAML (a file, or the
+//! embedded default) plus a few environment overrides, validated before use.
+
+use std::{
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration (`mesh-node config default`).
+pub const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
+
+/// Environment variable overriding [`Config::node`] (Kubernetes sets it from `spec.nodeName`).
+pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
+/// Environment variable overriding [`LogConfig::filter`].
+pub const ENV_LOG: &str = "MESH_LOG";
+
+/// mesh-node's configuration. Every field has a default; unknown fields are errors.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Name of this node: the daemon serves the workloads placed on it. Default: the host name.
+    pub node: String,
+    /// Logging.
+    pub log: LogConfig,
+    /// Kernel redirection.
+    pub redirect: RedirectConfig,
+}
+
+/// How the daemon logs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json` (one object per line). Default: `text`.
+    pub format: LogFormat,
+    /// `tracing` filter directives (`RUST_LOG` syntax), e.g. `info,mesh_node::redirect=debug`.
+    /// Default: `info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Kernel redirection settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedirectConfig {
+    /// cgroup v2 directory that the `connect` programs attach to; they see every process below
+    /// it. Default: the cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hosts
+    /// in hybrid mode).
+    pub cgroup: Option<PathBuf>,
+    /// `SO_MARK` set on every socket the daemon opens; the kernel programs never capture a
+    /// marked socket. Default: `0x539` (1337, as Istio).
+    pub mark: u32,
+}
+
+impl Default for RedirectConfig {
+    fn default() -> Self {
+        Self {
+            cgroup: None,
+            mark: mesh_common::DAEMON_MARK,
+        }
+    }
+}
+
+/// Why a configuration was rejected. The message names the origin and, for YAML errors, the
+/// field and line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {origin}")]
+    Read {
+        origin: Origin,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: Origin,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{origin}: field `{field}`: {reason}")]
+    Invalid {
+        origin: Origin,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// Where a configuration came from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The embedded default.
+    Embedded,
+    /// A file.
+    File(PathBuf),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Embedded => f.write_str("embedded default configuration"),
+            Origin::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration from `file` (or the embedded default when `None`), then applies
+    /// the environment overrides looked up through `env` and fills computed defaults.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let (origin, text) = match file {
+            None => (Origin::Embedded, DEFAULT_YAML.to_owned()),
+            Some(path) => {
+                let origin = Origin::File(path.to_owned());
+                match fs::read_to_string(path) {
+                    Ok(text) => (origin, text),
+                    Err(source) => return Err(ConfigError::Read { origin, source }),
+                }
+            }
+        };
+        let mut config = Self::parse(&text, &origin)?;
+        if let Some(node) = env(ENV_NODE_NAME).filter(|v| !v.is_empty()) {
+            config.node = node;
+        }
+        if let Some(filter) = env(ENV_LOG).filter(|v| !v.is_empty()) {
+            config.log.filter = filter;
+        }
+        if config.node.is_empty() {
+            config.node = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_owned());
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str, origin: &Origin) -> Result<Self, ConfigError> {
+        let config: Config =
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+                origin: origin.clone(),
+                source,
+            })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &Origin) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            origin: origin.clone(),
+            field,
+            reason: reason.to_owned(),
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
+            return Err(invalid("log.filter", &e.to_string()));
+        }
+        if self.redirect.mark == 0 {
+            return Err(invalid(
+                "redirect.mark",
+                "must be non-zero (0 is the mark of unmarked sockets)",
+            ));
+        }
+        if let Some(cgroup) = &self.redirect.cgroup
+            && !cgroup.is_absolute()
+        {
+            return Err(invalid("redirect.cgroup", "must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn embedded_default_parses() {
+        let config = Config::load(None, no_env).expect("embedded default");
+        assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.redirect, RedirectConfig::default());
+        assert!(
+            !config.node.is_empty(),
+            "node name defaults to the host name"
+        );
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let env = |key: &str| match key {
+            ENV_NODE_NAME => Some("node-7".to_owned()),
+            ENV_LOG => Some("debug".to_owned()),
+            _ => None,
+        };
+        let config = Config::load(None, env).expect("config");
+        assert_eq!(config.node, "node-7");
+        assert_eq!(config.log.filter, "debug");
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text = "node: a\nlog:\n  format: text\n  colour: red\n";
+        let err = Config::parse(text, &Origin::Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_value_is_rejected() {
+        let err = Config::parse("log:\n  format: xml\n", &Origin::Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xml") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let origin = Origin::File("/etc/mesh.yaml".into());
+        for (text, field) in [
+            ("redirect:\n  mark: 0\n", "redirect.mark"),
+            ("redirect:\n  cgroup: relative/dir\n", "redirect.cgroup"),
+            ("log:\n  filter: \"info,[\"\n", "log.filter"),
+        ] {
+            let err = Config::parse(text, &origin).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?}: {err}");
+            assert!(err.contains("/etc/mesh.yaml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn round_trips_through_yaml() {
+        let config = Config {
+            node: "n1".into(),
+            log: LogConfig {
+                format: LogFormat::Json,
+                filter: "warn".into(),
+            },
+            redirect: RedirectConfig {
+                cgroup: Some("/sys/fs/cgroup/test".into()),
+                mark: 42,
+            },
+        };
+        let text = serde_yaml_ng::to_string(&config).expect("serialize");
+        assert_eq!(
+            Config::parse(&text, &Origin::Embedded).expect("parse"),
+            config
+        );
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = Config::load(Some(Path::new("/nonexistent/mesh.yaml")), no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/mesh.yaml"), "{err}");
+    }
+}

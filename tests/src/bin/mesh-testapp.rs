@@ -1,0 +1,140 @@
+//! `mesh-testapp`: the plain TCP application the testbed runs in pods. It knows nothing about
+//! the mesh (no marks, no proxies): an unmodified server and client whose output the tests
+//! check.
+//!
+//! - `mesh-testapp echo ADDR`: echo server; prints `listening ADDR` once bound, echoes every
+//!   connection until the peer half-closes, then half-closes back.
+//! - `mesh-testapp client ADDR [BYTES]`: connects, sends BYTES (default 65536) of a pattern,
+//!   half-closes, reads the echo to EOF and prints one JSON line with the peer address the
+//!   kernel reports (`getpeername`), the byte counts, whether the bytes came back intact, and
+//!   timings. Exits 1 on any failure.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+const USAGE: &str = "usage: mesh-testapp echo ADDR | mesh-testapp client ADDR [BYTES]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["echo", addr] => echo(addr),
+        ["client", addr] => client(addr, 65536),
+        ["client", addr, bytes] => match bytes.parse() {
+            Ok(n) => client(addr, n),
+            Err(e) => Err(format!("BYTES: {e}")),
+        },
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-testapp: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(addr: &str) -> Result<SocketAddr, String> {
+    addr.parse().map_err(|e| format!("address {addr:?}: {e}"))
+}
+
+fn echo(addr: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(parse(addr)?).map_err(|e| format!("bind {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("listening {local}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            match echo_one(stream) {
+                Ok(n) => println!("echoed {n} bytes for {peer}"),
+                Err(e) => println!("connection from {peer} failed: {e}"),
+            }
+        });
+    }
+    Ok(())
+}
+
+fn echo_one(mut stream: TcpStream) -> std::io::Result<u64> {
+    let mut reader = stream.try_clone()?;
+    let n = std::io::copy(&mut reader, &mut stream)?;
+    stream.shutdown(Shutdown::Write)?;
+    Ok(n)
+}
+
+/// The byte at `offset` of the pattern the client sends: position-dependent, so reordered,
+/// dropped or duplicated data shows.
+fn pattern(offset: u64) -> u8 {
+    #[expect(clippy::cast_possible_truncation, reason = "byte pattern")]
+    let b = (offset.wrapping_mul(31) ^ (offset >> 8)) as u8;
+    b
+}
+
+fn client(addr: &str, bytes: u64) -> Result<(), String> {
+    let target = parse(addr)?;
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    let connect_us = start.elapsed().as_micros();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("getsockname: {e}"))?;
+
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let chunk = usize::try_from((bytes - sent).min(buf.len() as u64)).unwrap_or(0);
+            for (i, b) in buf[..chunk].iter_mut().enumerate() {
+                *b = pattern(sent + i as u64);
+            }
+            writer.write_all(&buf[..chunk])?;
+            sent += chunk as u64;
+        }
+        writer.shutdown(Shutdown::Write)
+    });
+
+    let mut received = 0u64;
+    let mut intact = true;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            intact &= *b == pattern(received + i as u64);
+        }
+        received += n as u64;
+    }
+    sender
+        .join()
+        .map_err(|_| "sender panicked".to_owned())?
+        .map_err(|e| format!("write: {e}"))?;
+    let total_us = start.elapsed().as_micros();
+    intact &= received == bytes;
+    println!(
+        "{{\"peer\":\"{peer}\",\"local\":\"{local}\",\"sent\":{bytes},\"received\":{received},\
+         \"intact\":{intact},\"connect_us\":{connect_us},\"total_us\":{total_us}}}"
+    );
+    if intact {
+        Ok(())
+    } else {
+        Err(format!("echo mismatch: sent {bytes}, received {received}"))
+    }
+}

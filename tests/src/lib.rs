@@ -1,0 +1,31 @@
+//! The netns testbed and helpers shared by mesh's end-to-end tests, the demo and the
+//! benchmarks.
+//!
+//! A [`Testbed`] is a declarative topology of *nodes* and *pods* built on one machine from
+//! network namespaces, veth pairs and cgroup v2 directories, torn down on drop (including
+//! during a panic). See `docs/testing.md`.
+
+pub mod testbed;
+
+pub use testbed::{CmdOutput, Node, Pod, Proc, Testbed, Topology};
+
+/// Environment variable that lets a namespaced test skip (pass without running) when the
+/// machine cannot run it. `cargo xtask test` and CI never set it, so there a test that cannot
+/// run fails.
+pub const ALLOW_SKIP_ENV: &str = "MESH_TEST_ALLOW_SKIP";
+
+/// Checks that this process can build a testbed (root, cgroup v2, `ip`). Returns `false` when
+/// it cannot and skipping is allowed (after printing why); panics when it cannot and skipping
+/// is not allowed.
+#[must_use]
+pub fn namespaced_test_can_run() -> bool {
+    let Err(why) = testbed::check_privileges() else {
+        return true;
+    };
+    if std::env::var_os(ALLOW_SKIP_ENV).is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED namespaced test: {why} ({ALLOW_SKIP_ENV}=1)");
+        false
+    } else {
+        panic!("namespaced test cannot run: {why}; set {ALLOW_SKIP_ENV}=1 to allow skipping");
+    }
+}
