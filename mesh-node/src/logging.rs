@@ -1,5 +1,7 @@
 //! Process-wide `tracing` set-up: text or JSON lines on stderr, filtered by directives.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{LogConfig, LogFormat};
@@ -25,9 +27,15 @@ pub fn init(config: &LogConfig) -> Result<(), LoggingError> {
             source,
         })?;
     let registry = tracing_subscriber::registry().with(filter);
+    let ansi = std::io::stderr().is_terminal();
     let result = match config.format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(true))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi)
+                    .with_target(true),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

@@ -1,1 +1,38 @@
-fn main() {}
+//! Developer and CI entry points (`cargo xtask <command>`).
+
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+/// mesh's developer tasks. Every command needs root (network namespaces, cgroups, eBPF).
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build and the tests need (apt packages, bpf-linker, the BPF
+    /// toolchain link, bpffs). Idempotent: fast when nothing is missing.
+    Setup,
+    /// Format check, clippy (warnings denied), unit tests and the namespaced end-to-end tests.
+    /// Fails if any namespaced test was skipped.
+    Test,
+    /// Bring up a 2-node, 4-pod testbed, run mesh-node on each node and real traffic between
+    /// the pods, print what happened, and tear everything down.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test => test::run(),
+        Command::Demo => demo::run(),
+    }
+}

@@ -1,0 +1,167 @@
+//! `cargo xtask setup`: install what a fresh machine of this kind lacks, and nothing else.
+//!
+//! The recipe (docs/development.md): Debian's Rust (`rustc-web`, `cargo-web`) ships a prebuilt
+//! `core` for `bpfel-unknown-none` (`libstd-rust-web-dev-bpf`); `bpf-linker` is built against
+//! the LLVM that rustc uses; rustup sees Debian's toolchain as `debian-bpf`. Each step checks
+//! first and only acts when something is missing.
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{Step, output, require_root, run_checked};
+
+/// Debian packages the build, the tests and the demo need. `llvm-<N>-dev` is added with N read
+/// from Debian's rustc.
+const APT_PACKAGES: &[&str] = &[
+    // Rust for the BPF target.
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    // bpf-linker's build.
+    "zlib1g-dev",
+    "libzstd-dev",
+    // The testbed and inspection.
+    "iproute2",
+    "bpftool",
+    "python3",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const TOOLCHAIN: &str = "debian-bpf";
+
+pub fn run() -> anyhow::Result<()> {
+    require_root("setup")?;
+    let start = Instant::now();
+    install_apt(APT_PACKAGES)?;
+    let llvm = rustc_llvm_major()?;
+    install_apt(&[&format!("llvm-{llvm}-dev")])?;
+    install_bpf_linker(llvm)?;
+    link_toolchain()?;
+    mount_bpffs()?;
+    println!(
+        "setup complete in {:.1}s (LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION}, toolchain {TOOLCHAIN})",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn is_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn install_apt(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let step = Step::start(&format!("apt-get install {}", missing.join(" ")));
+    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    step.done();
+    Ok(())
+}
+
+/// The LLVM major version of Debian's rustc (`LLVM version: 22.1.8` → 22).
+fn rustc_llvm_major() -> anyhow::Result<u32> {
+    let info = output(Command::new("/usr/bin/rustc").arg("-vV"))?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`/usr/bin/rustc -vV` does not name its LLVM version")?;
+    version
+        .split('.')
+        .next()
+        .and_then(|major| major.parse().ok())
+        .with_context(|| format!("unparsable LLVM version {version:?}"))
+}
+
+fn cargo_bin() -> std::path::PathBuf {
+    let home = std::env::var_os("CARGO_HOME").map_or_else(
+        || Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cargo"),
+        Into::into,
+    );
+    home.join("bin")
+}
+
+/// Whether the installed bpf-linker has the right version and links the LLVM rustc uses.
+fn bpf_linker_ok(llvm: u32) -> bool {
+    let linker = cargo_bin().join("bpf-linker");
+    let version = Command::new(&linker).arg("--version").output();
+    let version_ok =
+        version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    let ldd = Command::new("ldd").arg(&linker).output();
+    let llvm_ok = ldd.is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout).contains(&format!("libLLVM.so.{llvm}"))
+            || String::from_utf8_lossy(&o.stdout).contains(&format!("libLLVM-{llvm}"))
+    });
+    version_ok && llvm_ok
+}
+
+fn install_bpf_linker(llvm: u32) -> anyhow::Result<()> {
+    if bpf_linker_ok(llvm) {
+        return Ok(());
+    }
+    let step = Step::start(&format!(
+        "cargo install bpf-linker@{BPF_LINKER_VERSION} against LLVM {llvm} (about a minute)"
+    ));
+    run_checked(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "--force",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm}"),
+            ])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
+    )?;
+    if !bpf_linker_ok(llvm) {
+        bail!("bpf-linker was installed but does not link libLLVM {llvm}");
+    }
+    step.done();
+    Ok(())
+}
+
+fn link_toolchain() -> anyhow::Result<()> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(TOOLCHAIN))
+    {
+        return Ok(());
+    }
+    let step = Step::start(&format!("rustup toolchain link {TOOLCHAIN} /usr"));
+    run_checked(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))?;
+    step.done();
+    Ok(())
+}
+
+/// bpffs at /sys/fs/bpf (systemd mounts it on most hosts; minimal machines lack it).
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    let step = Step::start("mount -t bpf bpf /sys/fs/bpf");
+    run_checked(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    step.done();
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! `cargo xtask test`: what CI runs. Format check, clippy with warnings denied, the unit and
+//! in-process tests, then the namespaced tests (real namespaces, real eBPF), which may not skip.
+
+use anyhow::bail;
+
+use crate::util::{Step, cargo, require_root, run_checked, run_streaming};
+
+/// Environment variable that would let namespaced tests skip; never passed on from here.
+const ALLOW_SKIP_ENV: &str = mesh_tests::ALLOW_SKIP_ENV;
+
+#[derive(Debug, Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// Passed tests of the namespaced tier (integration tests of `mesh-tests`).
+    namespaced: u64,
+    namespaced_binaries: Vec<String>,
+}
+
+impl Tally {
+    /// Reads cargo's `Running <target>` and libtest's `test result:` lines.
+    fn add(&mut self, lines: &[String], namespaced_package: bool) {
+        let mut current = String::new();
+        for line in lines {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("Running ") {
+                current = rest.split(' ').next().unwrap_or_default().to_owned();
+            } else if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |label: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(label))
+                        .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                let (passed, failed, ignored) =
+                    (count("passed"), count("failed"), count("ignored"));
+                self.passed += passed;
+                self.failed += failed;
+                self.ignored += ignored;
+                if namespaced_package && current.starts_with("tests/") {
+                    self.namespaced += passed;
+                    self.namespaced_binaries
+                        .push(format!("{current} ({passed})"));
+                }
+            }
+        }
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    require_root("test")?;
+
+    let step = Step::start("cargo fmt --check");
+    run_checked(&mut cargo(&["fmt", "--all", "--check"]))?;
+    step.done();
+
+    let step =
+        Step::start("cargo clippy --all-targets -- -D warnings (builds the kernel programs)");
+    run_checked(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step.done();
+
+    let mut tally = Tally::default();
+    let mut ok = true;
+
+    let step = Step::start("unit and in-process tests");
+    let (passed, lines) = run_streaming(
+        cargo(&[
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "mesh-tests",
+            "--no-fail-fast",
+        ])
+        .env_remove(ALLOW_SKIP_ENV),
+    )?;
+    tally.add(&lines, false);
+    ok &= passed;
+    step.done();
+
+    let step = Step::start("namespaced tests (network namespaces, cgroups, real eBPF)");
+    let (passed, lines) = run_streaming(
+        cargo(&[
+            "test",
+            "--release",
+            "--package",
+            "mesh-tests",
+            "--no-fail-fast",
+        ])
+        .env_remove(ALLOW_SKIP_ENV),
+    )?;
+    tally.add(&lines, true);
+    ok &= passed;
+    step.done();
+
+    println!(
+        "namespaced tests run: {} in {}",
+        tally.namespaced,
+        tally.namespaced_binaries.join(", ")
+    );
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
+    if !ok || tally.failed > 0 {
+        bail!("tests failed");
+    }
+    if tally.ignored > 0 {
+        bail!("{} tests were ignored; every test must run", tally.ignored);
+    }
+    if tally.namespaced == 0 {
+        bail!("no namespaced test ran");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_cargo_output() {
+        let lines: Vec<String> = [
+            "     Running unittests src/lib.rs (target/release/deps/mesh_tests-1)",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "     Running tests/kernel.rs (target/release/deps/kernel-2)",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "     Running tests/testbed.rs (target/release/deps/testbed-3)",
+            "test result: FAILED. 4 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut tally = Tally::default();
+        tally.add(&lines, true);
+        assert_eq!((tally.passed, tally.failed, tally.ignored), (8, 1, 2));
+        assert_eq!(tally.namespaced, 7);
+        assert_eq!(tally.namespaced_binaries.len(), 2);
+    }
+}
