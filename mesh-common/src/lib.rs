@@ -12,7 +12,7 @@ use core::mem::size_of;
 /// never capture a marked socket, so the daemon cannot loop into itself.
 pub const DAEMON_MARK: u32 = 0x539;
 
-/// Outbound capture listener inside each enrolled pod netns (127.0.0.1 / ::1), as in Istio.
+/// Outbound capture listener inside each enrolled pod netns (`127.0.0.1` / `::1`), as in Istio.
 pub const PORT_OUTBOUND: u16 = 15001;
 /// Inbound plaintext capture listener inside each enrolled pod netns, as in Istio.
 pub const PORT_INBOUND_PLAINTEXT: u16 = 15006;

@@ -91,11 +91,12 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
-    #[error("{origin}: {source}")]
+    /// The YAML message already names the field, line and column; it is part of this error's
+    /// own message (not a separate cause) so that one log line says everything.
+    #[error("{origin}: {error}")]
     Parse {
         origin: Origin,
-        #[source]
-        source: serde_yaml_ng::Error,
+        error: serde_yaml_ng::Error,
     },
     #[error("{origin}: field `{field}`: {reason}")]
     Invalid {
@@ -159,9 +160,9 @@ impl Config {
     /// Parses and validates YAML text.
     pub fn parse(text: &str, origin: &Origin) -> Result<Self, ConfigError> {
         let config: Config =
-            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
                 origin: origin.clone(),
-                source,
+                error,
             })?;
         config.validate(origin)?;
         Ok(config)

@@ -17,6 +17,10 @@ use mesh_node::{
 /// in mutual TLS (HBONE, compatible with Istio ztunnel), enforces L4 authorization and exports
 /// node-level metrics. It needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and a Linux
 /// kernel >= 5.14 with cgroup v2.
+#[expect(
+    clippy::doc_markdown,
+    reason = "this text is the --help output, not rustdoc"
+)]
 #[derive(Debug, Parser)]
 #[command(name = "mesh-node", version, about, long_about)]
 struct Cli {

@@ -72,7 +72,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn print_topology(bed: &Testbed) {
-    println!("\n  {:<8} {:<16} {:<22} {}", "", "IPv4", "IPv6", "netns");
+    println!("\n  {:<8} {:<16} {:<22} netns", "", "IPv4", "IPv6");
     for node in bed.nodes() {
         println!(
             "  {:<8} {:<16} {:<22} {}",

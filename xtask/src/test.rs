@@ -24,8 +24,13 @@ impl Tally {
         let mut current = String::new();
         for line in lines {
             let line = line.trim();
-            if let Some(rest) = line.strip_prefix("Running ") {
-                current = rest.split(' ').next().unwrap_or_default().to_owned();
+            if line.starts_with("Doc-tests ") {
+                line.clone_into(&mut current);
+            } else if let Some(rest) = line.strip_prefix("Running ") {
+                rest.split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .clone_into(&mut current);
             } else if let Some(rest) = line.strip_prefix("test result: ") {
                 let count = |label: &str| {
                     rest.split(';')
@@ -136,12 +141,14 @@ mod tests {
             "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
             "     Running tests/testbed.rs (target/release/deps/testbed-3)",
             "test result: FAILED. 4 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out",
+            "   Doc-tests mesh_tests",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
         ]
         .map(String::from)
         .to_vec();
         let mut tally = Tally::default();
         tally.add(&lines, true);
-        assert_eq!((tally.passed, tally.failed, tally.ignored), (8, 1, 2));
+        assert_eq!((tally.passed, tally.failed, tally.ignored), (9, 1, 2));
         assert_eq!(tally.namespaced, 7);
         assert_eq!(tally.namespaced_binaries.len(), 2);
     }

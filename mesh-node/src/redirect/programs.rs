@@ -104,7 +104,7 @@ impl Programs {
     ///
     /// On kernels >= 5.7 aya attaches through a BPF link, and cgroup links always join the
     /// cgroup's multi-program list (the kernel rejects the `BPF_F_ALLOW_MULTI` flag on
-    /// `BPF_LINK_CREATE`, hence `Single` here): other sock_addr programs on the same cgroup, such
+    /// `BPF_LINK_CREATE`, hence `Single` here): other `sock_addr` programs on the same cgroup, such
     /// as a CNI's socket load balancer, keep running, in attach order.
     pub fn attach_connect(&mut self, cgroup: &Path) -> Result<(), RedirectError> {
         let dir = File::open(cgroup).map_err(|source| RedirectError::Cgroup {

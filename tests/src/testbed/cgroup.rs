@@ -65,7 +65,6 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     const BPFFS: &str = "/sys/fs/bpf";
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let stat = nix::sys::statfs::statfs(BPFFS).with_context(|| format!("statfs {BPFFS}"))?;
-    #[expect(clippy::cast_possible_wrap, reason = "comparing the raw magic number")]
     if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
         return Ok(());
     }

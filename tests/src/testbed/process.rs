@@ -56,7 +56,7 @@ pub struct Proc {
 }
 
 fn prepare(place: &Place, argv: &[&str]) -> anyhow::Result<(Command, PathBuf, PathBuf, String)> {
-    let (program, args) = argv.split_first().context("empty command")?;
+    let (program, rest) = argv.split_first().context("empty command")?;
     let base = Path::new(program)
         .file_name()
         .map_or_else(|| "cmd".into(), |s| s.to_string_lossy().into_owned());
@@ -76,7 +76,7 @@ fn prepare(place: &Place, argv: &[&str]) -> anyhow::Result<(Command, PathBuf, Pa
     let zero = CString::new("0").expect("no NUL");
 
     let mut cmd = Command::new(program);
-    cmd.args(args)
+    cmd.args(rest)
         .stdin(Stdio::null())
         .stdout(File::create(&stdout)?)
         .stderr(File::create(&stderr)?);
