@@ -33,7 +33,16 @@ fn main() -> anyhow::Result<()> {
             "cargo:warning={missing}: building mesh-node WITHOUT kernel programs \
              (it will refuse to run); run `cargo xtask setup` and rebuild"
         );
-        // Rebuild as soon as the linker appears.
+        // A path that does not exist makes cargo rerun this script on every build, so the real
+        // object replaces the empty one as soon as `cargo xtask setup` has run.
+        let cargo_home = env::var_os("CARGO_HOME").map_or_else(
+            || PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"),
+            PathBuf::from,
+        );
+        println!(
+            "cargo:rerun-if-changed={}",
+            cargo_home.join("bin/bpf-linker").display()
+        );
         println!("cargo:rerun-if-changed={ebpf_dir}");
         fs::write(out_dir.join(OBJECT), [])?;
         return Ok(());
