@@ -3,7 +3,8 @@
 //!
 //! Every type that crosses the kernel boundary is `#[repr(C)]` with explicit padding, and its
 //! size is asserted at compile time so that a change on one side cannot silently disagree with
-//! the other.
+//! the other. Addresses are kept as the kernel hands them over: IPv4 and IPv6 addresses as
+//! 32-bit words in network byte order (an IPv4 address in word 0), ports in host byte order.
 #![no_std]
 
 use core::mem::size_of;
@@ -18,61 +19,167 @@ pub const PORT_OUTBOUND: u16 = 15001;
 pub const PORT_INBOUND_PLAINTEXT: u16 = 15006;
 /// Inbound HBONE (mTLS + HTTP/2 CONNECT) listener on the pod IP, as in Istio ztunnel.
 pub const PORT_INBOUND_HBONE: u16 = 15008;
-/// Node admin endpoint (127.0.0.1 only).
+/// Node admin endpoint (`127.0.0.1` only).
 pub const PORT_ADMIN: u16 = 15000;
 /// Node Prometheus endpoint.
 pub const PORT_METRICS: u16 = 15020;
 /// Node readiness endpoint.
 pub const PORT_READINESS: u16 = 15021;
 
-/// Name of the hash map of enrolled network namespaces (`netns cookie -> NetnsInfo`).
+/// `AF_INET`, as stored in [`SockAddr::family`] and [`IpKey::family`].
+pub const FAMILY_V4: u16 = 2;
+/// `AF_INET6`.
+pub const FAMILY_V6: u16 = 10;
+
+/// Enrolled network namespaces: `u64` netns cookie → [`NetnsInfo`].
 pub const MAP_ENROLLED_NETNS: &str = "MESH_ENROLLED";
-/// Name of the per-CPU array of counters (indexed by [`Counter`]).
+/// Pod addresses on this node: [`IpKey`] → owning netns cookie (`u64`). Used by `sk_lookup`
+/// (fail closed for a known pod address without a listener) and by `connect` (a pod dialling
+/// its own address is not captured).
+pub const MAP_POD_ADDRS: &str = "MESH_POD_ADDRS";
+/// Inbound capture listeners: [`IpKey`] (pod address) → the pod's 15006 listening socket
+/// (`SOCKHASH`).
+pub const MAP_INBOUND_LISTENERS: &str = "MESH_INBOUND";
+/// Original destination per captured socket: `u64` socket cookie → [`SockAddr`]. Written by
+/// `connect`, read by `getpeername` and `sockops`, removed when the socket closes.
+pub const MAP_SOCK_ORIG_DST: &str = "MESH_SOCK_DST";
+/// Original destination per captured connection as the daemon sees it: [`ConnKey`] (netns
+/// cookie and the client's local address) → [`SockAddr`]. Written by `sockops` before the SYN
+/// leaves; the daemon takes the entry when it accepts the connection.
+pub const MAP_CONN_ORIG_DST: &str = "MESH_CONN_DST";
+/// Destination CIDRs never captured: LPM trie over 16-byte addresses (IPv4 as `::ffff:a.b.c.d`,
+/// prefix length + 96) → `u32` (unused).
+pub const MAP_EXCLUDED_CIDRS: &str = "MESH_EXCL_CIDRS";
+/// Destination ports never captured: `u16` (host order) → `u32` (unused).
+pub const MAP_EXCLUDED_PORTS: &str = "MESH_EXCL_PORTS";
+/// Per-CPU counters indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "MESH_COUNTERS";
+
 /// Capacity of [`MAP_ENROLLED_NETNS`]: enrolled pods on one node. Kubernetes' default pod limit
 /// per node is 110; 4096 leaves room for dense nodes and VMs.
 pub const MAX_ENROLLED_NETNS: u32 = 4096;
+/// Capacity of [`MAP_POD_ADDRS`] and [`MAP_INBOUND_LISTENERS`]: a few addresses per pod.
+pub const MAX_POD_ADDRS: u32 = 4 * MAX_ENROLLED_NETNS;
+/// Capacity of the original-destination maps: open captured connections on one node. LRU, so a
+/// leak can never fill them; entries are also removed when sockets close.
+pub const MAX_CAPTURED_CONNECTIONS: u32 = 262_144;
+/// Capacity of the exclusion maps.
+pub const MAX_EXCLUSIONS: u32 = 1024;
 
-/// Value of the enrolled-netns map, keyed by the netns cookie (`u64`, from
-/// `bpf_get_netns_cookie` in the kernel and `SO_NETNS_COOKIE` in user space).
+/// Value of the enrolled-netns map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetnsInfo {
-    /// Index of the workload in the daemon's table (opaque to the kernel, shown in counters
-    /// and logs).
+    /// The daemon's index for the workload (opaque to the kernel).
     pub workload_id: u32,
     /// Reserved flag bits (zero for now).
     pub flags: u32,
 }
 const _: () = assert!(size_of::<NetnsInfo>() == 8);
 
+/// An IPv4 or IPv6 socket address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAddr {
+    /// Address words in network byte order; IPv4 uses word 0, the rest are zero.
+    pub ip: [u32; 4],
+    /// Port, host byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u16,
+}
+const _: () = assert!(size_of::<SockAddr>() == 20);
+
+/// A pod address (key of [`MAP_POD_ADDRS`] and [`MAP_INBOUND_LISTENERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    /// Address words in network byte order; IPv4 uses word 0.
+    pub ip: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (as `u32`, so the key has no padding).
+    pub family: u32,
+}
+const _: () = assert!(size_of::<IpKey>() == 20);
+
+/// Key of [`MAP_CONN_ORIG_DST`]: the captured client socket's netns and local address, which
+/// is the peer address of the connection the daemon accepts on 15001 in that netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Netns cookie of the client socket.
+    pub netns: u64,
+    /// Client's local address words (network byte order; IPv4 in word 0).
+    pub ip: [u32; 4],
+    /// Client's local port, host byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u16,
+    /// Explicit padding (zero).
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConnKey>() == 32);
+
 /// Indices into the per-CPU counter array. The kernel only counts; the daemon sums the CPUs.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// `connect()` on a TCP socket whose netns is enrolled.
-    ConnectEnrolled = 0,
-    /// `connect()` on a socket whose netns is not enrolled (left untouched).
+    /// `connect()` from an enrolled netns steered to the outbound listener.
+    ConnectCaptured = 0,
+    /// `connect()` from a netns that is not enrolled (left alone).
     ConnectNotEnrolled = 1,
-    /// `connect()` on a socket carrying [`DAEMON_MARK`] (the daemon's own; left untouched).
+    /// `connect()` on a socket carrying the daemon's mark (left alone).
     ConnectMarked = 2,
+    /// `connect()` from an enrolled netns that is excluded: not TCP, loopback, the pod's own
+    /// address, an excluded CIDR or port.
+    ConnectExcluded = 3,
+    /// `connect()` that should have been captured but its original destination could not be
+    /// recorded (map full); it is refused rather than let through uncaptured.
+    ConnectFailed = 4,
+    /// `sockops` recorded a captured connection's original destination for the daemon.
+    OrigDstRecorded = 5,
+    /// `sockops` found no original destination for a connection to the outbound listener.
+    OrigDstMissing = 6,
+    /// `getpeername()` answered with the original destination.
+    PeerRewritten = 7,
+    /// `sk_lookup` handed a connection to a pod's inbound listener.
+    LookupCaptured = 8,
+    /// `sk_lookup` left a connection alone (loopback, HBONE port, not a pod address, not TCP).
+    LookupBypassed = 9,
+    /// `sk_lookup` found a pod address without a listener (daemon absent) and dropped it.
+    LookupFailed = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 3] = [
-        Counter::ConnectEnrolled,
+    pub const ALL: [Counter; 11] = [
+        Counter::ConnectCaptured,
         Counter::ConnectNotEnrolled,
         Counter::ConnectMarked,
+        Counter::ConnectExcluded,
+        Counter::ConnectFailed,
+        Counter::OrigDstRecorded,
+        Counter::OrigDstMissing,
+        Counter::PeerRewritten,
+        Counter::LookupCaptured,
+        Counter::LookupBypassed,
+        Counter::LookupFailed,
     ];
 
     /// Stable, label-friendly name.
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::ConnectEnrolled => "connect_enrolled",
+            Counter::ConnectCaptured => "connect_captured",
             Counter::ConnectNotEnrolled => "connect_not_enrolled",
             Counter::ConnectMarked => "connect_marked",
+            Counter::ConnectExcluded => "connect_excluded",
+            Counter::ConnectFailed => "connect_failed",
+            Counter::OrigDstRecorded => "orig_dst_recorded",
+            Counter::OrigDstMissing => "orig_dst_missing",
+            Counter::PeerRewritten => "getpeername_rewritten",
+            Counter::LookupCaptured => "lookup_captured",
+            Counter::LookupBypassed => "lookup_bypassed",
+            Counter::LookupFailed => "lookup_failed",
         }
     }
 }
@@ -82,6 +189,11 @@ impl Counter {
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
 #[cfg(feature = "user")]
-// SAFETY: `NetnsInfo` is `repr(C)`, `Copy`, has no padding (asserted above) and every bit
-// pattern is valid.
-unsafe impl aya::Pod for NetnsInfo {}
+mod user {
+    // SAFETY (all impls): `repr(C)`, `Copy`, no implicit padding (sizes asserted above), and
+    // every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::NetnsInfo {}
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}

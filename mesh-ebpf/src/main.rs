@@ -1,4 +1,5 @@
-//! mesh's kernel programs: one module per attach point, shared maps in `maps`.
+//! mesh's kernel programs: one module per attach point, shared maps in `maps`, address helpers
+//! in `addr`.
 //!
 //! The kernel side only classifies, steers and counts; anything that needs identities or policy
 //! lives in the daemon. The crate also builds (to nothing) on the host so that workspace-wide
@@ -7,9 +8,17 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod addr;
+#[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod getpeername;
+#[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
+#[cfg(target_arch = "bpf")]
+mod sockops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,15 +1,31 @@
 //! Wiring: the one place that builds the daemon's parts from the configuration, runs them, and
 //! shuts them down in order.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
-use tokio::signal::unix::{SignalKind, signal};
+use mesh_common::{PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{info, warn};
 
 use crate::{
     config::Config,
-    redirect::{Programs, RedirectError},
+    inpod::InPod,
+    proxy::Proxy,
+    redirect::{Attachment, LoadOptions, PodPorts, Programs, RedirectError},
+    state,
 };
+
+/// How often the configuration file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// How often enrollments that failed are retried.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -23,8 +39,8 @@ pub enum AppError {
     Serialize(#[source] serde_json::Error),
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> Result<(), AppError> {
+/// Runs the daemon until SIGINT or SIGTERM. `config_file` is watched for workload changes.
+pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), AppError> {
     let effective = serde_json::to_string(&config).map_err(AppError::Serialize)?;
     info!(config = %effective, version = env!("CARGO_PKG_VERSION"), "mesh-node starting");
 
@@ -35,25 +51,78 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Some(dir) => dir.clone(),
         None => cgroup2_root()?,
     };
-    let mut programs = Programs::load(config.redirect.mark)?;
-    programs.attach_connect(&cgroup)?;
-    let names: Vec<&str> = programs.program_names().collect();
-    info!(node = %config.node, cgroup = %cgroup.display(), programs = ?names, "kernel programs attached; ready");
+    let mut programs = Programs::load(&LoadOptions {
+        bpffs: config.redirect.bpffs.clone(),
+        mark: config.redirect.mark,
+        outbound_port: PORT_OUTBOUND,
+        hbone_port: PORT_INBOUND_HBONE,
+    })?;
+    programs.set_exclusions(
+        &config.redirect.exclude_cidrs,
+        &config.redirect.exclude_ports,
+    )?;
+    let attachment = programs.attach_cgroup(&cgroup)?;
+    let orig_dst = programs.take_orig_dst_table()?;
+    let proxy = Arc::new(Proxy::new(
+        config.redirect.mark,
+        orig_dst,
+        Duration::from_millis(config.proxy.connect_timeout_ms),
+        [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE],
+    ));
+    let mut inpod = InPod::new(
+        config.node.clone(),
+        programs,
+        proxy,
+        config.redirect.mark,
+        PodPorts {
+            outbound: PORT_OUTBOUND,
+            inbound: PORT_INBOUND_PLAINTEXT,
+        },
+    );
 
-    let signal = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+    let (tx, mut workloads) = watch::channel(Arc::new(config.workloads.clone()));
+    let _watcher = config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, tx));
+    inpod.reconcile(&workloads.borrow_and_update());
+    info!(
+        node = %config.node,
+        cgroup = %cgroup.display(),
+        adopted = attachment == Attachment::Adopted,
+        enrolled = inpod.enrolled(),
+        failed = ?inpod.failed(),
+        "ready"
+    );
+
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    retry.tick().await;
+    let signal = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            changed = workloads.changed() => {
+                if changed.is_ok() {
+                    let current = Arc::clone(&workloads.borrow_and_update());
+                    inpod.reconcile(&current);
+                }
+            }
+            _ = retry.tick(), if !inpod.failed().is_empty() => {
+                let current = Arc::clone(&workloads.borrow());
+                inpod.reconcile(&current);
+            }
+        }
     };
     info!(signal, "shutting down");
-    match programs.counters() {
+    match inpod.programs().counters() {
         Ok(counters) => {
             let counters: Vec<_> = counters.iter().collect();
             info!(?counters, "kernel counters at shutdown");
         }
         Err(error) => warn!(error = %error, "could not read kernel counters"),
     }
-    drop(programs);
-    info!("kernel programs detached; stopped");
+    inpod.stop_serving();
+    info!(
+        "listeners closed; kernel programs stay pinned (enrolled pods fail closed until a daemon \
+         runs again; `mesh-node cleanup` removes them); stopped"
+    );
     Ok(())
 }
 

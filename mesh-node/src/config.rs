@@ -8,6 +8,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::{Workload, validate_workloads};
+
 /// The embedded default configuration (`mesh-node config default`).
 pub const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
 
@@ -26,6 +28,27 @@ pub struct Config {
     pub log: LogConfig,
     /// Kernel redirection.
     pub redirect: RedirectConfig,
+    /// Proxy behaviour.
+    pub proxy: ProxyConfig,
+    /// The workloads of the mesh (file state source). The daemon enrolls the ones placed on
+    /// its node with `enrolled: true`. Re-read when the file changes.
+    pub workloads: Vec<Workload>,
+}
+
+/// Proxy settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// Time limit for connecting to a destination, in milliseconds. Default: 10000.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// How the daemon logs.
@@ -70,6 +93,14 @@ pub struct RedirectConfig {
     /// `SO_MARK` set on every socket the daemon opens; the kernel programs never capture a
     /// marked socket. Default: `0x539` (1337, as Istio).
     pub mark: u32,
+    /// bpffs directory where the daemon pins its maps and links, so that a restarted daemon
+    /// adopts them. Default: `/sys/fs/bpf/mesh`.
+    pub bpffs: PathBuf,
+    /// Destination CIDRs that enrolled pods reach directly, never through the daemon.
+    /// Default: none (loopback is always excluded).
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+    /// Destination ports that enrolled pods reach directly. Default: none.
+    pub exclude_ports: Vec<u16>,
 }
 
 impl Default for RedirectConfig {
@@ -77,6 +108,9 @@ impl Default for RedirectConfig {
         Self {
             cgroup: None,
             mark: mesh_common::DAEMON_MARK,
+            bpffs: PathBuf::from("/sys/fs/bpf/mesh"),
+            exclude_cidrs: Vec::new(),
+            exclude_ports: Vec::new(),
         }
     }
 }
@@ -101,7 +135,7 @@ pub enum ConfigError {
     #[error("{origin}: field `{field}`: {reason}")]
     Invalid {
         origin: Origin,
-        field: &'static str,
+        field: String,
         reason: String,
     },
 }
@@ -159,19 +193,18 @@ impl Config {
 
     /// Parses and validates YAML text.
     pub fn parse(text: &str, origin: &Origin) -> Result<Self, ConfigError> {
-        let config: Config =
-            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
-                origin: origin.clone(),
-                error,
-            })?;
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
+            origin: origin.clone(),
+            error,
+        })?;
         config.validate(origin)?;
         Ok(config)
     }
 
     fn validate(&self, origin: &Origin) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| ConfigError::Invalid {
+        let invalid = |field: &str, reason: &str| ConfigError::Invalid {
             origin: origin.clone(),
-            field,
+            field: field.to_owned(),
             reason: reason.to_owned(),
         };
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
@@ -187,6 +220,22 @@ impl Config {
             && !cgroup.is_absolute()
         {
             return Err(invalid("redirect.cgroup", "must be an absolute path"));
+        }
+        if !self.redirect.bpffs.is_absolute() {
+            return Err(invalid("redirect.bpffs", "must be an absolute path"));
+        }
+        if self.redirect.exclude_ports.contains(&0) {
+            return Err(invalid("redirect.excludePorts", "0 is not a port"));
+        }
+        if self.proxy.connect_timeout_ms == 0 {
+            return Err(invalid("proxy.connectTimeoutMs", "must be positive"));
+        }
+        if let Err((field, reason)) = validate_workloads(&self.workloads) {
+            return Err(ConfigError::Invalid {
+                origin: origin.clone(),
+                field,
+                reason,
+            });
         }
         Ok(())
     }
@@ -248,11 +297,50 @@ mod tests {
             ("redirect:\n  mark: 0\n", "redirect.mark"),
             ("redirect:\n  cgroup: relative/dir\n", "redirect.cgroup"),
             ("log:\n  filter: \"info,[\"\n", "log.filter"),
+            ("redirect:\n  bpffs: pins\n", "redirect.bpffs"),
+            ("redirect:\n  excludePorts: [0]\n", "redirect.excludePorts"),
+            (
+                "workloads:\n- {name: a, node: n, ips: [198.18.0.1]}\n- {name: a, node: n, ips: [198.18.0.2]}\n",
+                "workloads[1].name",
+            ),
+            (
+                "workloads:\n- {name: a, node: n, ips: [198.18.0.1]}\n- {name: b, node: n, ips: [198.18.0.1]}\n",
+                "workloads[1].ips",
+            ),
+            (
+                "workloads:\n- {name: a, node: n, ips: []}\n",
+                "workloads[0].ips",
+            ),
         ] {
             let err = Config::parse(text, &origin).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?}: {err}");
             assert!(err.contains("/etc/mesh.yaml"), "{err}");
         }
+    }
+
+    #[test]
+    fn bad_cidr_names_its_line() {
+        let text = "redirect:\n  excludeCidrs:\n    - 10.0.0.0/33\n";
+        let err = Config::parse(text, &Origin::Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("excludeCidrs") && err.contains("line 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn workload_defaults_apply() {
+        let text = "workloads:\n- name: a\n  node: n1\n  ips: [198.18.1.2, fd6d::2]\n";
+        let config = Config::parse(text, &Origin::Embedded).expect("parse");
+        let w = &config.workloads[0];
+        assert_eq!(
+            (w.namespace.as_str(), w.service_account.as_str()),
+            ("default", "default")
+        );
+        assert!(w.enrolled);
+        assert_eq!(w.uid(), "default/a");
     }
 
     #[test]
@@ -266,7 +354,22 @@ mod tests {
             redirect: RedirectConfig {
                 cgroup: Some("/sys/fs/cgroup/test".into()),
                 mark: 42,
+                bpffs: "/sys/fs/bpf/x".into(),
+                exclude_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+                exclude_ports: vec![22],
             },
+            proxy: ProxyConfig {
+                connect_timeout_ms: 500,
+            },
+            workloads: vec![Workload {
+                name: "web-1".into(),
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                ips: vec!["198.18.1.2".parse().unwrap()],
+                node: "n1".into(),
+                netns: Some("/run/netns/web-1".into()),
+                enrolled: true,
+            }],
         };
         let text = serde_yaml_ng::to_string(&config).expect("serialize");
         assert_eq!(

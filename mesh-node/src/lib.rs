@@ -1,10 +1,28 @@
 //! `mesh-node`: the per-node data plane of the mesh service mesh.
 //!
 //! Modules follow the architecture (`docs/architecture.md`): `redirect` owns the kernel programs
-//! and network-namespace plumbing, `config` the daemon's configuration, `logging` the tracing
-//! set-up, and `app` wires them together. `main.rs` only parses the command line.
+//! and network-namespace plumbing, `state` what the mesh knows (workloads) and where it comes
+//! from, `inpod` keeps enrolled pods in line with the state, `proxy` forwards captured
+//! connections, `config` and `logging` are what they say, and `app` wires them together.
+//! `main.rs` only parses the command line.
 
 pub mod app;
+pub mod cli;
 pub mod config;
+pub mod inpod;
 pub mod logging;
+pub mod proxy;
 pub mod redirect;
+pub mod state;
+
+/// `error: cause: cause` on one line, for log records.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

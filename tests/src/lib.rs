@@ -5,8 +5,10 @@
 //! network namespaces, veth pairs and cgroup v2 directories, torn down on drop (including
 //! during a panic). See `docs/testing.md`.
 
+pub mod mesh;
 pub mod testbed;
 
+pub use mesh::Daemon;
 pub use testbed::{CmdOutput, Node, Pod, Proc, Testbed, Topology};
 
 /// Environment variable that lets a namespaced test skip (pass without running) when the

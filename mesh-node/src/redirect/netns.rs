@@ -1,55 +1,166 @@
-//! Running code inside another network namespace.
+//! Running code inside a pod's network namespace.
 //!
-//! `setns(2)` changes the namespace of the calling *thread*, so it never runs on a tokio worker:
-//! each call gets a dedicated short-lived thread that enters the namespace, runs the closure and
-//! exits (taking its namespace with it). Sockets created there stay in that namespace and can be
-//! used from any thread afterwards.
+//! `setns(2)` changes the namespace of the calling *thread*, so it never runs on a tokio worker.
+//! A [`NetnsWorker`] is a dedicated thread that enters one namespace once and then creates
+//! sockets there on request; sockets keep their namespace and are used from any thread
+//! afterwards. The thread ends when the worker is dropped.
 
 use std::{
     fs::File,
     io,
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::mpsc,
 };
 
 use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
 
-/// Runs `f` on a fresh thread inside the network namespace at `path` (for example
-/// `/run/netns/NAME` or `/proc/PID/ns/net`).
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread living in one network namespace.
+#[derive(Debug)]
+pub struct NetnsWorker {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+    cookie: u64,
+}
+
+fn enter(path: &Path) -> io::Result<()> {
+    let ns = File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| {
+        io::Error::new(
+            io::Error::from(errno).kind(),
+            format!("setns into {}: {errno}", path.display()),
+        )
+    })
+}
+
+impl NetnsWorker {
+    /// Starts a thread inside the network namespace at `path` and reads its cookie.
+    pub fn start(path: &Path) -> io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
+        let thread_path = path.to_owned();
+        std::thread::Builder::new()
+            .name("mesh-netns".to_owned())
+            .spawn(move || {
+                let entered = enter(&thread_path).and_then(|()| current_netns_cookie());
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    while let Ok(job) = queue.recv() {
+                        job();
+                    }
+                }
+            })?;
+        let cookie = ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("netns thread exited"))??;
+        Ok(Self {
+            jobs,
+            path: path.to_owned(),
+            cookie,
+        })
+    }
+
+    /// The namespace's cookie (the key of the enrolled-netns map).
+    #[must_use]
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// The namespace's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the namespace thread and waits for its result without blocking the runtime.
+    pub async fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("netns thread is gone"))?;
+        rx.await
+            .map_err(|_| io::Error::other("netns thread dropped the job"))
+    }
+
+    /// Runs `f` on the namespace thread, blocking the caller (not for async contexts).
+    pub fn run_blocking<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("netns thread is gone"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("netns thread dropped the job"))
+    }
+
+    /// A non-blocking TCP socket created in the namespace, carrying `mark`, ready to connect.
+    pub async fn tcp_socket(&self, v6: bool, mark: u32) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.run(move || marked_socket(v6, mark)).await??;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+/// A non-blocking, close-on-exec TCP socket with `SO_MARK` set, in the calling thread's netns.
+pub fn marked_socket(v6: bool, mark: u32) -> io::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    Ok(socket)
+}
+
+/// A marked, non-blocking listening socket bound to `addr` in the calling thread's netns.
+/// `dual_stack` makes an IPv6 wildcard socket accept IPv4 too.
+pub fn marked_listener(addr: SocketAddr, mark: u32, dual_stack: bool) -> io::Result<Socket> {
+    let socket = marked_socket(addr.is_ipv6(), mark)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// Runs `f` on a fresh thread inside the network namespace at `path` (one-off work; for repeated
+/// work keep a [`NetnsWorker`]).
 pub fn in_netns<T, F>(path: &Path, f: F) -> io::Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let ns = File::open(path)?;
-    let path: PathBuf = path.to_owned();
+    let path = path.to_owned();
     std::thread::Builder::new()
         .name("mesh-netns".to_owned())
-        .spawn(move || {
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                io::Error::new(
-                    io::Error::from(errno).kind(),
-                    format!("setns into {}: {errno}", path.display()),
-                )
-            })?;
-            Ok(f())
-        })?
+        .spawn(move || enter(&path).map(|()| f()))?
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
-/// The cookie the kernel gives the network namespace at `path`: the key of the enrolled-netns
-/// map, and what `bpf_get_netns_cookie` returns for sockets in it.
+/// The cookie of the network namespace at `path`.
 pub fn netns_cookie(path: &Path) -> io::Result<u64> {
-    in_netns(path, || {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-            .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-        socket_netns_cookie(&sock)
-    })?
+    in_netns(path, current_netns_cookie)?
 }
 
-/// `SO_NETNS_COOKIE` (Linux 5.14+) of a socket.
-fn socket_netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+/// `SO_NETNS_COOKIE` (Linux 5.14) of a socket made in the calling thread's namespace.
+fn current_netns_cookie() -> io::Result<u64> {
+    let sock = Socket::new(Domain::UNIX, Type::DGRAM, None)?;
     let mut cookie: u64 = 0;
     let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
     // SAFETY: valid fd, and `cookie`/`len` describe a writable 8-byte buffer.

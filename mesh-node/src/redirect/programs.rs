@@ -1,23 +1,47 @@
-//! The embedded kernel object: load it once with node-specific globals, attach its programs and
-//! read and write its maps.
+//! The embedded kernel object: load it once with node-specific globals and pinned maps, attach
+//! (or adopt) its programs, and read and write its maps.
+//!
+//! Pinned layout under the bpffs directory (`redirect.bpffs`):
+//! - `maps/<MAP>`: every map, pinned by name (aya reuses an existing pin on load);
+//! - `links/<program>`: the cgroup links (`connect4`, `connect6`, `getpeername4`,
+//!   `getpeername6`, `sockops`);
+//! - `netns/<cookie>`: the `sk_lookup` link of each enrolled pod's netns.
+//!
+//! A restarted daemon finds the links pinned and adopts them instead of attaching a second copy;
+//! the programs they hold use the pinned maps, which the new daemon reuses.
 
-use std::{fs::File, io, path::Path};
+use std::{
+    fs::{self, File},
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key as LpmKey},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use mesh_common::{
-    COUNTER_COUNT, Counter, DAEMON_MARK, MAP_COUNTERS, MAP_ENROLLED_NETNS, NetnsInfo,
+    COUNTER_COUNT, ConnKey, Counter, IpKey, MAP_CONN_ORIG_DST, MAP_COUNTERS, MAP_ENROLLED_NETNS,
+    MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_POD_ADDRS, NetnsInfo,
+    SockAddr,
 };
-use tracing::debug;
+use tracing::{debug, info};
+
+use super::addr;
 
 /// The object built from `mesh-ebpf` by `build.rs` (empty when the BPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-programs"));
 
-/// Names of the `cgroup/connect*` programs in the object.
-const CONNECT_PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+/// `cgroup/*` sock_addr programs in the object.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
+const SOCKOPS_PROGRAM: &str = "capture_sockops";
+const SK_LOOKUP_PROGRAM: &str = "inbound_lookup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -26,6 +50,14 @@ pub enum RedirectError {
          at build time); run `cargo xtask setup` and rebuild"
     )]
     NotBuilt,
+    #[error("bpffs directory {path}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs { path: PathBuf },
     #[error("loading the kernel programs")]
     Load(#[source] aya::EbpfError),
     #[error("program `{name}` is not in the kernel object")]
@@ -38,15 +70,21 @@ pub enum RedirectError {
         #[source]
         source: ProgramError,
     },
+    #[error("pinned link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("map `{name}`")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("opening cgroup {path}")]
-    Cgroup {
-        path: String,
+    #[error("opening {path}")]
+    Open {
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -69,30 +107,88 @@ impl CounterSnapshot {
     }
 }
 
-/// The loaded kernel object. Dropping it detaches everything it attached (pinning comes with
-/// the redirection work).
+/// Node-specific values the programs are loaded with.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// bpffs directory for pins.
+    pub bpffs: PathBuf,
+    /// `SO_MARK` of the daemon's sockets.
+    pub mark: u32,
+    /// In-pod outbound listener port.
+    pub outbound_port: u16,
+    /// In-pod HBONE port (left to the regular lookup by `sk_lookup`).
+    pub hbone_port: u16,
+}
+
+/// Whether links were found pinned (a previous daemon attached them) or attached now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    Adopted,
+    Attached,
+}
+
+/// The loaded kernel object and the links this daemon holds.
 pub struct Programs {
     ebpf: Ebpf,
+    bpffs: PathBuf,
+    cgroup_links: Vec<PinnedLink>,
+    netns_links: std::collections::HashMap<u64, PinnedLink>,
+}
+
+/// Shared handle to the original-destination table, for the proxy's accept loops.
+pub struct OrigDstTable(std::sync::Mutex<HashMap<MapData, ConnKey, SockAddr>>);
+
+impl OrigDstTable {
+    /// Takes the original destination of the connection accepted from `peer` by a listener in
+    /// the netns with `netns` cookie.
+    pub fn take(&self, netns: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = addr::conn_key(netns, peer);
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        addr::to_socket_addr(&dst)
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> RedirectError {
+    move |source| RedirectError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> RedirectError {
+    move |source| RedirectError::Program { name, source }
 }
 
 impl Programs {
-    /// Loads the embedded object into the kernel with this node's socket mark.
-    pub fn load(mark: u32) -> Result<Self, RedirectError> {
+    /// Loads the embedded object, reusing maps pinned under `options.bpffs` by a previous run.
+    pub fn load(options: &LoadOptions) -> Result<Self, RedirectError> {
         if OBJECT.is_empty() {
             return Err(RedirectError::NotBuilt);
         }
+        let bpffs = options.bpffs.clone();
+        for dir in ["maps", "links", "netns"] {
+            let path = bpffs.join(dir);
+            fs::create_dir_all(&path).map_err(|source| RedirectError::Bpffs { path, source })?;
+        }
+        if !is_bpffs(&bpffs) {
+            return Err(RedirectError::NotBpffs { path: bpffs });
+        }
         raise_memlock_limit();
         let ebpf = EbpfLoader::new()
-            .override_global("MESH_DAEMON_MARK", &mark, true)
+            .default_map_pin_directory(bpffs.join("maps"))
+            .override_global("MESH_DAEMON_MARK", &options.mark, true)
+            .override_global("MESH_OUTBOUND_PORT", &options.outbound_port, true)
+            .override_global("MESH_HBONE_PORT", &options.hbone_port, true)
             .load(OBJECT)
             .map_err(RedirectError::Load)?;
-        if mark != DAEMON_MARK {
-            debug!(
-                mark,
-                "kernel programs loaded with a non-default daemon mark"
-            );
-        }
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            bpffs,
+            cgroup_links: Vec::new(),
+            netns_links: std::collections::HashMap::new(),
+        })
     }
 
     /// Names of the programs in the object.
@@ -100,53 +196,280 @@ impl Programs {
         self.ebpf.programs().map(|(name, _)| name)
     }
 
-    /// Loads and attaches `connect4`/`connect6` to the cgroup v2 directory `cgroup`.
+    /// The bpffs directory holding this node's pins.
+    #[must_use]
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// Attaches the cgroup programs to `cgroup`, or adopts the links a previous daemon pinned.
     ///
-    /// On kernels >= 5.7 aya attaches through a BPF link, and cgroup links always join the
-    /// cgroup's multi-program list (the kernel rejects the `BPF_F_ALLOW_MULTI` flag on
-    /// `BPF_LINK_CREATE`, hence `Single` here): other `sock_addr` programs on the same cgroup, such
-    /// as a CNI's socket load balancer, keep running, in attach order.
-    pub fn attach_connect(&mut self, cgroup: &Path) -> Result<(), RedirectError> {
-        let dir = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
-            path: cgroup.display().to_string(),
+    /// Links are BPF links (kernel >= 5.7); cgroup links always join the cgroup's multi-program
+    /// list (the kernel rejects `BPF_F_ALLOW_MULTI` on `BPF_LINK_CREATE`, hence `Single` here),
+    /// so programs a CNI attaches to the same cgroup keep running, in attach order.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<Attachment, RedirectError> {
+        let names: Vec<&'static str> = SOCK_ADDR_PROGRAMS
+            .iter()
+            .copied()
+            .chain([SOCKOPS_PROGRAM])
+            .collect();
+        let pins: Vec<PathBuf> = names
+            .iter()
+            .map(|n| self.bpffs.join("links").join(n))
+            .collect();
+        if pins.iter().all(|p| p.exists()) {
+            for pin in &pins {
+                let link = PinnedLink::from_pin(pin).map_err(|e| RedirectError::Link {
+                    path: pin.clone(),
+                    source: io::Error::other(e),
+                })?;
+                self.cgroup_links.push(link);
+            }
+            info!(cgroup = %cgroup.display(), "adopted pinned cgroup programs");
+            return Ok(Attachment::Adopted);
+        }
+        // A partial set is the leftover of an interrupted start: replace it.
+        for pin in &pins {
+            unpin_link(pin)?;
+        }
+        let dir = File::open(cgroup).map_err(|source| RedirectError::Open {
+            path: cgroup.to_owned(),
             source,
         })?;
-        for name in CONNECT_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(RedirectError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| RedirectError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| RedirectError::Program { name, source })?;
-            program
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|source| RedirectError::Program { name, source })?;
+        for (name, pin) in names.iter().copied().zip(&pins) {
+            let link = self.attach_one(name, &dir)?;
+            let pinned = link.pin(pin).map_err(|e| RedirectError::Link {
+                path: pin.clone(),
+                source: io::Error::other(e),
+            })?;
+            self.cgroup_links.push(pinned);
+        }
+        info!(cgroup = %cgroup.display(), "attached cgroup programs");
+        Ok(Attachment::Attached)
+    }
+
+    fn attach_one(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, RedirectError> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(RedirectError::MissingProgram { name })?;
+        if name == SOCKOPS_PROGRAM {
+            let program: &mut SockOps = program.try_into().map_err(prog_err(name))?;
+            program.load().map_err(prog_err(name))?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = program.take_link(id).map_err(prog_err(name))?;
+            FdLink::try_from(link).map_err(|e| RedirectError::Link {
+                path: PathBuf::from(name),
+                source: io::Error::other(e),
+            })
+        } else {
+            let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
+            program.load().map_err(prog_err(name))?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = program.take_link(id).map_err(prog_err(name))?;
+            FdLink::try_from(link).map_err(|e| RedirectError::Link {
+                path: PathBuf::from(name),
+                source: io::Error::other(e),
+            })
+        }
+    }
+
+    /// Attaches `sk_lookup` to the netns at `netns` (cookie `cookie`), or adopts its pinned
+    /// link.
+    pub fn attach_netns(&mut self, netns: &Path, cookie: u64) -> Result<Attachment, RedirectError> {
+        let pin = self.netns_pin(cookie);
+        if self.netns_links.contains_key(&cookie) {
+            return Ok(Attachment::Adopted);
+        }
+        if pin.exists()
+            && let Ok(link) = PinnedLink::from_pin(&pin)
+        {
+            self.netns_links.insert(cookie, link);
+            return Ok(Attachment::Adopted);
+        }
+        unpin_link(&pin)?;
+        let name = SK_LOOKUP_PROGRAM;
+        let program: &mut SkLookup = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(RedirectError::MissingProgram { name })?
+            .try_into()
+            .map_err(prog_err(name))?;
+        if program.fd().is_err() {
+            program.load().map_err(prog_err(name))?;
+        }
+        let ns = File::open(netns).map_err(|source| RedirectError::Open {
+            path: netns.to_owned(),
+            source,
+        })?;
+        let id = program.attach(ns).map_err(prog_err(name))?;
+        let link: FdLink = program.take_link(id).map_err(prog_err(name))?.into();
+        let pinned = link.pin(&pin).map_err(|e| RedirectError::Link {
+            path: pin.clone(),
+            source: io::Error::other(e),
+        })?;
+        self.netns_links.insert(cookie, pinned);
+        Ok(Attachment::Attached)
+    }
+
+    /// Detaches and unpins the `sk_lookup` link of the netns with `cookie`.
+    pub fn detach_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
+        self.netns_links.remove(&cookie);
+        unpin_link(&self.netns_pin(cookie))
+    }
+
+    /// Detaches pinned `sk_lookup` links of namespaces not in `keep` (pods that went away
+    /// while no daemon ran). Returns how many were removed.
+    pub fn prune_netns_links(&mut self, keep: &[u64]) -> usize {
+        let Ok(entries) = fs::read_dir(self.bpffs.join("netns")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let cookie = entry.file_name().to_string_lossy().parse::<u64>().ok();
+            if cookie.is_some_and(|c| !keep.contains(&c)) {
+                if let Some(c) = cookie {
+                    self.netns_links.remove(&c);
+                }
+                if unpin_link(&entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    fn netns_pin(&self, cookie: u64) -> PathBuf {
+        self.bpffs.join("netns").join(cookie.to_string())
+    }
+
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, RedirectError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(RedirectError::MissingMap { name })?;
+        HashMap::try_from(map).map_err(map_err(name))
+    }
+
+    /// Marks the netns with `cookie` as enrolled: its outbound connections are captured.
+    pub fn enroll_netns(&mut self, cookie: u64, info: NetnsInfo) -> Result<(), RedirectError> {
+        self.hash_map::<u64, NetnsInfo>(MAP_ENROLLED_NETNS)?
+            .insert(cookie, info, 0)
+            .map_err(map_err(MAP_ENROLLED_NETNS))
+    }
+
+    /// Stops capturing the netns with `cookie` (absent is fine).
+    pub fn unenroll_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
+        ignore_missing(
+            self.hash_map::<u64, NetnsInfo>(MAP_ENROLLED_NETNS)?
+                .remove(&cookie),
+            MAP_ENROLLED_NETNS,
+        )
+    }
+
+    /// Cookies of every enrolled netns (including ones a previous daemon enrolled).
+    pub fn enrolled_netns(&mut self) -> Result<Vec<u64>, RedirectError> {
+        let map = self.hash_map::<u64, NetnsInfo>(MAP_ENROLLED_NETNS)?;
+        Ok(map.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Records `ip` as an address of the pod in netns `cookie`.
+    pub fn add_pod_addr(&mut self, ip: IpAddr, cookie: u64) -> Result<(), RedirectError> {
+        self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?
+            .insert(addr::ip_key(ip), cookie, 0)
+            .map_err(map_err(MAP_POD_ADDRS))
+    }
+
+    pub fn remove_pod_addr(&mut self, ip: IpAddr) -> Result<(), RedirectError> {
+        ignore_missing(
+            self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?
+                .remove(&addr::ip_key(ip)),
+            MAP_POD_ADDRS,
+        )
+    }
+
+    /// Pod addresses recorded in the kernel, with their netns cookies.
+    pub fn pod_addrs(&mut self) -> Result<Vec<(IpKey, u64)>, RedirectError> {
+        let map = self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes a pod address by its raw key (for pruning stale entries).
+    pub fn remove_pod_key(&mut self, key: &IpKey) -> Result<(), RedirectError> {
+        ignore_missing(
+            self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?.remove(key),
+            MAP_POD_ADDRS,
+        )
+    }
+
+    /// Makes `listener` the inbound capture socket for connections to `ip`. The entry goes away
+    /// by itself when the socket closes.
+    pub fn set_inbound_listener(
+        &mut self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), RedirectError> {
+        let name = MAP_INBOUND_LISTENERS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(RedirectError::MissingMap { name })?;
+        let mut hash: SockHash<&mut MapData, IpKey> =
+            SockHash::try_from(map).map_err(map_err(name))?;
+        hash.insert(addr::ip_key(ip), listener.as_raw_fd(), 0)
+            .map_err(map_err(name))
+    }
+
+    /// Replaces the excluded destination CIDRs and ports.
+    pub fn set_exclusions(
+        &mut self,
+        cidrs: &[ipnet::IpNet],
+        ports: &[u16],
+    ) -> Result<(), RedirectError> {
+        let name = MAP_EXCLUDED_CIDRS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(RedirectError::MissingMap { name })?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+            LpmTrie::try_from(map).map_err(map_err(name))?;
+        let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
+        for key in old {
+            let _ = trie.remove(&key);
+        }
+        for net in cidrs {
+            let (data, len) = addr::lpm_key(net);
+            trie.insert(&LpmKey::new(len, data), 1, 0)
+                .map_err(map_err(name))?;
+        }
+        let mut map = self.hash_map::<u16, u32>(MAP_EXCLUDED_PORTS)?;
+        let old: Vec<u16> = map.keys().filter_map(Result::ok).collect();
+        for port in old {
+            let _ = map.remove(&port);
+        }
+        for port in ports {
+            map.insert(port, 1, 0)
+                .map_err(map_err(MAP_EXCLUDED_PORTS))?;
         }
         Ok(())
     }
 
-    /// Marks the network namespace with `cookie` as enrolled.
-    pub fn enroll_netns(&mut self, cookie: u64, info: NetnsInfo) -> Result<(), RedirectError> {
-        self.enrolled_map()?
-            .insert(cookie, info, 0)
-            .map_err(|source| RedirectError::Map {
-                name: MAP_ENROLLED_NETNS,
-                source,
-            })
-    }
-
-    /// Removes the network namespace with `cookie` from the enrolled set (absent is fine).
-    pub fn unenroll_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
-        match self.enrolled_map()?.remove(&cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(RedirectError::Map {
-                name: MAP_ENROLLED_NETNS,
-                source,
-            }),
-        }
+    /// Moves the original-destination map out for the proxy's accept loops.
+    pub fn take_orig_dst_table(&mut self) -> Result<OrigDstTable, RedirectError> {
+        let name = MAP_CONN_ORIG_DST;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(RedirectError::MissingMap { name })?;
+        let map = HashMap::try_from(map).map_err(map_err(name))?;
+        Ok(OrigDstTable(std::sync::Mutex::new(map)))
     }
 
     /// Reads the per-CPU counters and sums them.
@@ -156,32 +479,68 @@ impl Programs {
             .ebpf
             .map(name)
             .ok_or(RedirectError::MissingMap { name })?;
-        let counters = PerCpuArray::<_, u64>::try_from(map)
-            .map_err(|source| RedirectError::Map { name, source })?;
+        let counters = PerCpuArray::<_, u64>::try_from(map).map_err(map_err(name))?;
         let mut snapshot = CounterSnapshot::default();
         for counter in Counter::ALL {
-            let per_cpu = counters
-                .get(&(counter as u32), 0)
-                .map_err(|source| RedirectError::Map { name, source })?;
+            let per_cpu = counters.get(&(counter as u32), 0).map_err(map_err(name))?;
             snapshot.0[counter as usize] = per_cpu.iter().sum();
         }
         Ok(snapshot)
     }
+}
 
-    fn enrolled_map(
-        &mut self,
-    ) -> Result<HashMap<&mut aya::maps::MapData, u64, NetnsInfo>, RedirectError> {
-        let name = MAP_ENROLLED_NETNS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(RedirectError::MissingMap { name })?;
-        HashMap::try_from(map).map_err(|source| RedirectError::Map { name, source })
+fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<(), RedirectError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(RedirectError::Map { name, source }),
     }
 }
 
+/// Removes a pinned link; the link is detached once no file descriptor holds it.
+fn unpin_link(path: &Path) -> Result<(), RedirectError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            debug!(pin = %path.display(), "unpinned link");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RedirectError::Link {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Removes everything the daemon pinned under `bpffs` (uninstall): links first, which detaches
+/// the programs, then the maps. Returns how many pins were removed.
+pub fn remove_pins(bpffs: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for dir in ["links", "netns", "maps"] {
+        let path = bpffs.join(dir);
+        let Ok(entries) = fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+        fs::remove_dir(&path)?;
+    }
+    match fs::remove_dir(bpffs) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+}
+
 /// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; newer ones use memcg accounting.
-/// Raising the limit needs `CAP_SYS_RESOURCE`, which the daemon may lack: warn, don't fail.
+/// Raising the limit needs `CAP_SYS_RESOURCE`, which the daemon may lack: don't fail.
 fn raise_memlock_limit() {
     let limit = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -207,6 +566,6 @@ mod tests {
         let names: Vec<_> = s.iter().collect();
         assert_eq!(names.len(), Counter::ALL.len());
         assert_eq!(names[2], ("connect_marked", 7));
-        assert_eq!(s.get(Counter::ConnectEnrolled), 0);
+        assert_eq!(s.get(Counter::ConnectCaptured), 0);
     }
 }

@@ -1,0 +1,175 @@
+//! Running `mesh-node` on testbed nodes: per-node configuration files listing the testbed's
+//! pods as workloads, starting and restarting daemons, and reading their JSON logs.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{Proc, Testbed};
+
+/// A `mesh-node` process on one testbed node.
+pub struct Daemon {
+    proc: Proc,
+    node: String,
+    exe: PathBuf,
+    config: PathBuf,
+}
+
+/// The namespace every testbed workload lives in.
+pub const NAMESPACE: &str = "default";
+
+/// The YAML configuration of `node`, listing every pod of the testbed as a workload (with its
+/// service account named after the pod) and enrolling the pods named in `enrolled`.
+pub fn config_yaml(bed: &Testbed, node: &str, enrolled: &[&str]) -> anyhow::Result<String> {
+    let n = bed.node(node);
+    let bpffs = bed.bpffs_dir()?.join(node);
+    let mut yaml = format!(
+        "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
+         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\nworkloads:\n",
+        n.cgroup().display(),
+        bpffs.display()
+    );
+    for pod in bed.pods() {
+        writeln!(
+            yaml,
+            "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  \
+             ips: [{v4}, \"{v6}\"]\n  node: {node}\n  netns: {netns}\n  enrolled: {enrolled}",
+            name = pod.name(),
+            v4 = pod.ipv4(),
+            v6 = pod.ipv6(),
+            node = pod.node(),
+            netns = pod.netns_path().display(),
+            enrolled = enrolled.contains(&pod.name()),
+        )?;
+    }
+    Ok(yaml)
+}
+
+/// Replaces a file atomically (write beside it, then rename), as a careful operator would.
+pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+impl Daemon {
+    /// Writes `node`'s configuration and starts `exe run` in the node's netns and cgroup;
+    /// returns once it logged `ready`.
+    pub fn start(bed: &Testbed, node: &str, exe: &Path, enrolled: &[&str]) -> anyhow::Result<Self> {
+        let config = bed.tmp_dir().join(format!("{node}.yaml"));
+        write_atomically(&config, &config_yaml(bed, node, enrolled)?)?;
+        Self::start_with(bed, node, exe, &config)
+    }
+
+    /// Starts a daemon with an existing configuration file.
+    pub fn start_with(
+        bed: &Testbed,
+        node: &str,
+        exe: &Path,
+        config: &Path,
+    ) -> anyhow::Result<Self> {
+        let exe_str = exe.to_str().context("non-UTF-8 path")?;
+        let config_str = config.to_str().context("non-UTF-8 path")?;
+        let mut proc = bed
+            .node(node)
+            .spawn(&[exe_str, "run", "--config", config_str])?;
+        proc.wait_for_output("\"message\":\"ready\"", Duration::from_secs(15))
+            .with_context(|| format!("mesh-node on {node}"))?;
+        Ok(Self {
+            proc,
+            node: node.to_owned(),
+            exe: exe.to_owned(),
+            config: config.to_owned(),
+        })
+    }
+
+    /// Rewrites the configuration with a new set of enrolled pods (the daemon picks it up).
+    pub fn set_enrolled(&self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
+        write_atomically(&self.config, &config_yaml(bed, &self.node, enrolled)?)
+    }
+
+    /// The configuration file.
+    #[must_use]
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// The process.
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Every JSON log record so far.
+    #[must_use]
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.proc
+            .stderr()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Log records with this message.
+    #[must_use]
+    pub fn records(&self, message: &str) -> Vec<serde_json::Value> {
+        self.logs()
+            .into_iter()
+            .filter(|r| r["message"] == message)
+            .collect()
+    }
+
+    /// `connection captured` records of one direction.
+    #[must_use]
+    pub fn captured(&self, direction: &str) -> Vec<serde_json::Value> {
+        self.records("connection captured")
+            .into_iter()
+            .filter(|r| r["direction"] == direction)
+            .collect()
+    }
+
+    /// Waits until `count` records with `message` exist.
+    pub fn wait_for_records(
+        &self,
+        message: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.records(message).len();
+            if n >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mesh-node on {}: {n} `{message}` records after {timeout:?}, wanted {count}; log:\n{}",
+                    self.node,
+                    self.proc.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM (SIGKILL after 5 s).
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.proc.stop(Duration::from_secs(5))
+    }
+
+    /// Kills the daemon outright (SIGKILL), as a crash would.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.proc.signal(nix::sys::signal::Signal::SIGKILL);
+        self.proc.wait(Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// Starts a new daemon with the same binary and configuration.
+    pub fn restart(&self, bed: &Testbed) -> anyhow::Result<Self> {
+        Self::start_with(bed, &self.node, &self.exe, &self.config)
+    }
+}
