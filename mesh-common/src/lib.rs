@@ -115,7 +115,7 @@ pub struct ConnKey {
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u16,
     /// Explicit padding (zero).
-    pub _pad: u32,
+    pub pad: u32,
 }
 const _: () = assert!(size_of::<ConnKey>() == 32);
 

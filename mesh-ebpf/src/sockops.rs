@@ -57,7 +57,7 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
         ip: local.ip,
         port,
         family: local.family,
-        _pad: 0,
+        pad: 0,
     }
 }
 

@@ -159,7 +159,7 @@ impl InPod {
         match redirect::unenroll(&mut self.programs, &pod.workload, pod.cookie) {
             Ok(()) => info!(workload = %uid, "pod unenrolled"),
             Err(e) => {
-                warn!(workload = %uid, error = %crate::error_chain(&e), "unenrolling left kernel state behind")
+                warn!(workload = %uid, error = %crate::error_chain(&e), "unenrolling left kernel state behind");
             }
         }
     }

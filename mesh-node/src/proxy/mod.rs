@@ -207,7 +207,7 @@ impl Proxy {
                 "connection closed"
             ),
             Err(e) => {
-                debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+                debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
             }
         }
     }

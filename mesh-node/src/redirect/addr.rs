@@ -9,14 +9,14 @@ use mesh_common::{ConnKey, FAMILY_V4, FAMILY_V6, IpKey, SockAddr};
 fn words(ip: IpAddr) -> ([u32; 4], u16) {
     match ip {
         IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => words(IpAddr::V4(v4)),
-            None => {
-                let o = v6.octets();
-                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return words(IpAddr::V4(v4));
             }
-        },
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
     }
 }
 
@@ -35,7 +35,7 @@ pub fn conn_key(netns: u64, peer: SocketAddr) -> ConnKey {
         ip,
         port: peer.port(),
         family,
-        _pad: 0,
+        pad: 0,
     }
 }
 

@@ -37,7 +37,7 @@ pub enum PodError {
     Redirect {
         uid: String,
         #[source]
-        source: RedirectError,
+        source: Box<RedirectError>,
     },
 }
 
@@ -83,7 +83,7 @@ pub fn enroll(
     let cookie = worker.cookie();
     let redirect_err = |source| PodError::Redirect {
         uid: uid.clone(),
-        source,
+        source: Box::new(source),
     };
     let result = (|| {
         for ip in &workload.ips {

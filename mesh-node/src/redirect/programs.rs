@@ -38,7 +38,7 @@ use super::addr;
 /// The object built from `mesh-ebpf` by `build.rs` (empty when the BPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-programs"));
 
-/// `cgroup/*` sock_addr programs in the object.
+/// `cgroup/*` `sock_addr` programs in the object.
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
 const SOCKOPS_PROGRAM: &str = "capture_sockops";
 const SK_LOOKUP_PROGRAM: &str = "inbound_lookup";
@@ -536,6 +536,10 @@ pub fn remove_pins(bpffs: &Path) -> io::Result<usize> {
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    #[expect(
+        clippy::useless_conversion,
+        reason = "`__fsword_t` differs across architectures"
+    )]
     nix::sys::statfs::statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
 }
 

@@ -1,7 +1,7 @@
 //! The file state source: the configuration file's `workloads`, re-read when the file changes.
 //!
 //! The file is polled (every 250 ms by default): cheap for one small file, and robust to the
-//! ways editors and Kubernetes ConfigMaps replace files (rename, symlink swap), which inotify
+//! ways editors and Kubernetes `ConfigMap`s replace files (rename, symlink swap), which inotify
 //! watches lose. A change that does not parse is logged with the field and line, and the last
 //! good state stays in force.
 
@@ -35,6 +35,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+#[must_use = "dropping the handle does not stop the watcher; keep it to abort it"]
 /// Watches `path` and publishes its workloads on `tx` whenever a changed file parses.
 pub fn spawn_watcher(
     path: PathBuf,
