@@ -2,10 +2,13 @@
 //! of the pod's addresses go to the daemon's in-pod inbound listener (15006), whose accepted
 //! socket keeps the original destination as its local address.
 //!
-//! Left to the regular socket lookup: non-TCP, anything arriving on loopback (the pod talking
-//! to itself, and the daemon's own connections to the application, which it makes from inside
-//! the pod), the HBONE port (the daemon's 15008 listener owns it), and addresses that are not a
-//! known pod address. A known pod address without a listener means the daemon is absent: the
+//! Left to the regular socket lookup: non-TCP, the pod talking to itself (and the daemon's own
+//! connections to the application, which it makes from inside the pod), the HBONE port (the
+//! daemon's 15008 listener owns it), and addresses that are not a known pod address.
+//!
+//! "Talking to itself" is recognised by the source: a loopback address, or an address of the
+//! same pod. `ingress_ifindex` is not enough: on 6.18 a connection from a pod to its own
+//! non-loopback address showed the pod's `eth0` there, not `lo`, and was captured again. A known pod address without a listener means the daemon is absent: the
 //! connection is dropped rather than delivered around the mesh (fail closed). sk_lookup runs
 //! only for packets routed for local delivery (kernel 5.9, `Documentation/bpf/prog_sk_lookup`).
 
@@ -66,7 +69,19 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<(), ()> {
         }
     };
     let key = addr::ip_key(&local);
-    if lookup_pod_addr(&key).is_none() {
+    let Some(pod) = lookup_pod_addr(&key) else {
+        count(Counter::LookupBypassed);
+        return Ok(());
+    };
+    // SAFETY: as above.
+    let remote = unsafe {
+        if family == AF_INET {
+            addr::from_v4((*l).remote_ip4, 0)
+        } else {
+            addr::from_v6((*l).remote_ip6, 0)
+        }
+    };
+    if addr::is_loopback(&remote) || lookup_pod_addr(&addr::ip_key(&remote)) == Some(pod) {
         count(Counter::LookupBypassed);
         return Ok(());
     }

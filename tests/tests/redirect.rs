@@ -89,3 +89,82 @@ fn outbound_connections_of_an_enrolled_pod_pass_through_the_daemon() {
         assert_eq!(record["src_workload"], "default/a1", "{record}");
     }
 }
+
+#[test]
+fn inbound_connections_to_an_enrolled_pod_are_captured_on_15006() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["b1"]);
+    let daemon = Daemon::start(&bed, "node-b", Path::new(DUT), &["b1"]).expect("daemon");
+    for v6 in [false, true] {
+        let target = bed.pod("b1").addr(v6, PORT);
+        let report = client(&bed, "a1", target, 100_000);
+        assert_intact(&report, target, 100_000);
+    }
+    let captured = daemon.captured("inbound");
+    assert_eq!(captured.len(), 2, "{captured:?}");
+    for (record, v6) in captured.iter().zip([false, true]) {
+        assert_eq!(record["dst_workload"], "default/b1", "{record}");
+        assert_eq!(record["orig_dst"], bed.pod("b1").addr(v6, PORT).to_string(), "{record}");
+        let client: SocketAddr = record["client"].as_str().unwrap().parse().unwrap();
+        assert_eq!(client.ip(), bed.pod("a1").addr(v6, 0).ip(), "the client's own address");
+    }
+}
+
+#[test]
+fn traffic_of_other_pods_and_of_the_node_is_untouched_and_the_daemon_never_loops() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["a2", "b1", "b2"]);
+    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "a2"]).expect("daemon a");
+    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &["b1"]).expect("daemon b");
+
+    // A pod that is not enrolled, to a pod that is not enrolled: no daemon sees it.
+    let target = bed.pod("b2").addr(false, PORT);
+    let b_in = b.records("connection captured").len();
+    assert_intact(&client(&bed, "b2", target, 1000), target, 1000);
+    assert_eq!(b.records("connection captured").len(), b_in, "b2 -> b2 is nobody's business");
+    let before = (a.captured("outbound").len(), b.captured("outbound").len());
+    let out = bed.node("node-a").exec(&[APP, "client", &target.to_string(), "1000"]).expect("node client");
+    assert!(out.status.success(), "node-a -> b2: {}", out.stderr);
+    assert_eq!(
+        (a.captured("outbound").len(), b.captured("outbound").len()),
+        before,
+        "the node's own connection is not captured"
+    );
+
+    // b1 is enrolled on node-b: b1 -> a2 is captured once outbound on node-b and once inbound
+    // on node-a; the daemons' own sockets (marked) are never captured again.
+    let a_in = a.captured("inbound").len();
+    let b_out = b.captured("outbound").len();
+    let target = bed.pod("a2").addr(true, PORT);
+    assert_intact(&client(&bed, "b1", target, 50_000), target, 50_000);
+    // Both enrolled on node-a: a1 -> a2 is one outbound and one inbound capture.
+    let target = bed.pod("a2").addr(false, PORT);
+    assert_intact(&client(&bed, "a1", target, 50_000), target, 50_000);
+    // Not enrolled destination b2 from enrolled a1: only the outbound side.
+    let target = bed.pod("b2").addr(false, PORT);
+    assert_intact(&client(&bed, "a1", target, 50_000), target, 50_000);
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(b.captured("outbound").len() - b_out, 1, "node-b outbound");
+    assert_eq!(b.captured("inbound").len(), 0, "nothing came in to b1");
+    assert_eq!(a.captured("inbound").len() - a_in, 2, "node-a inbound: b1->a2 and a1->a2");
+    let outbound_a: Vec<String> = a
+        .captured("outbound")
+        .iter()
+        .map(|r| format!("{} {}", r["src_workload"].as_str().unwrap(), r["orig_dst"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        outbound_a,
+        [
+            format!("default/a1 {}", bed.pod("a2").addr(false, PORT)),
+            format!("default/a1 {}", bed.pod("b2").addr(false, PORT)),
+        ],
+        "node-a outbound captures"
+    );
+}

@@ -259,10 +259,13 @@ pub fn dump_logs(dir: &Path) {
             continue;
         }
         let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(40)..];
-        eprintln!("---- {} (last {} lines)", file.display(), tail.len());
-        for line in tail {
-            eprintln!("{line}");
+        eprintln!("---- {} ({} lines)", file.display(), lines.len());
+        if lines.len() <= 60 {
+            lines.iter().for_each(|l| eprintln!("{l}"));
+        } else {
+            lines[..30].iter().for_each(|l| eprintln!("{l}"));
+            eprintln!("[... {} lines ...]", lines.len() - 60);
+            lines[lines.len() - 30..].iter().for_each(|l| eprintln!("{l}"));
         }
     }
 }
