@@ -88,6 +88,21 @@ fn outbound_connections_of_an_enrolled_pod_pass_through_the_daemon() {
     for record in &captured {
         assert_eq!(record["src_workload"], "default/a1", "{record}");
     }
+
+    // The kernel side agrees: four captures, four destinations handed over, and at least one
+    // getpeername per client answered with the dialled address.
+    let mut daemon = daemon;
+    assert!(daemon.stop().expect("stop").success(), "clean exit on SIGTERM");
+    let counters = &daemon.records("kernel counters at shutdown")[0]["counters"];
+    let counters = counters.as_str().expect("counters");
+    for expected in [
+        "(\"connect_captured\", 4)",
+        "(\"orig_dst_recorded\", 4)",
+        "(\"orig_dst_missing\", 0)",
+        "(\"connect_failed\", 0)",
+    ] {
+        assert!(counters.contains(expected), "{expected} in {counters}");
+    }
 }
 
 #[test]
@@ -167,4 +182,134 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_the_daemon_never_loops
         ],
         "node-a outbound captures"
     );
+}
+
+/// `bpftool -j <args>` parsed.
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool runs");
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+fn map_entries(bed: &Testbed, node: &str, map: &str) -> usize {
+    let pin = bed.bpffs_dir().unwrap().join(node).join("maps").join(map);
+    bpftool(&["map", "dump", "pinned", pin.to_str().unwrap()])
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// Programs attached to a cgroup, by name.
+fn cgroup_programs(cgroup: &Path) -> Vec<String> {
+    bpftool(&["cgroup", "show", cgroup.to_str().unwrap()])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `sk_lookup` links attached to the netns of `pod`.
+fn netns_links(bed: &Testbed, pod: &str) -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(bed.pod(pod).netns_path()).unwrap().ino();
+    bpftool(&["link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["type"] == "netns" && l["netns_ino"] == ino)
+        .count()
+}
+
+fn listening_ports(bed: &Testbed, pod: &str) -> String {
+    bed.pod(pod).exec(&["ss", "-Hltn"]).expect("ss").ok().expect("ss ok").stdout
+}
+
+#[test]
+fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["b1"]);
+    let target = bed.pod("b1").addr(false, PORT);
+    let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
+    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_eq!(daemon.captured("outbound").len(), 1);
+    assert!(listening_ports(&bed, "a1").contains(":15001"));
+    assert_eq!(netns_links(&bed, "a1"), 1);
+    assert_eq!(map_entries(&bed, "node-a", "MESH_ENROLLED"), 1);
+    assert_eq!(map_entries(&bed, "node-a", "MESH_POD_ADDRS"), 2, "a1's IPv4 and IPv6");
+
+    daemon.set_enrolled(&bed, &[]).expect("rewrite config");
+    daemon
+        .wait_for_records("pod unenrolled", 1, Duration::from_secs(5))
+        .expect("unenrolled");
+    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_eq!(daemon.captured("outbound").len(), 1, "no longer captured");
+    let ports = listening_ports(&bed, "a1");
+    assert!(!ports.contains(":15001") && !ports.contains(":15006"), "listeners closed: {ports}");
+    assert_eq!(netns_links(&bed, "a1"), 0, "sk_lookup link detached");
+    for map in ["MESH_ENROLLED", "MESH_POD_ADDRS", "MESH_INBOUND"] {
+        assert_eq!(map_entries(&bed, "node-a", map), 0, "{map} emptied");
+    }
+    let pins = bed.bpffs_dir().unwrap().join("node-a/netns");
+    assert_eq!(std::fs::read_dir(pins).unwrap().count(), 0, "no sk_lookup pin left");
+
+    // And enrolling again captures again.
+    daemon.set_enrolled(&bed, &["a1"]).expect("rewrite config");
+    daemon
+        .wait_for_records("pod enrolled", 2, Duration::from_secs(5))
+        .expect("re-enrolled");
+    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_eq!(daemon.captured("outbound").len(), 2);
+}
+
+#[test]
+fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["a1", "b1"]);
+    let out_target = bed.pod("b1").addr(false, PORT);
+    let mut daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
+    assert_intact(&client(&bed, "a1", out_target, 1000), out_target, 1000);
+
+    daemon.kill().expect("kill -9");
+    // Outbound: refused at once, no hang.
+    let started = std::time::Instant::now();
+    let out = bed
+        .pod("a1")
+        .exec(&[APP, "client", &out_target.to_string(), "1000"])
+        .expect("client runs");
+    assert!(!out.status.success(), "connection must fail while no daemon runs");
+    assert!(out.stderr.contains("refused"), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(1), "failed in {:?}", started.elapsed());
+    // Inbound: not delivered around the mesh.
+    let in_target = bed.pod("a1").addr(false, PORT);
+    let out = bed
+        .pod("b1")
+        .exec(&[APP, "client", &in_target.to_string(), "1000"])
+        .expect("client runs");
+    assert!(!out.status.success(), "inbound must not bypass the mesh: {}", out.stdout);
+    assert!(out.stderr.contains("refused"), "sk_lookup's drop answers with a reset: {}", out.stderr);
+
+    let daemon = daemon.restart(&bed).expect("restart");
+    let ready = &daemon.records("ready")[0];
+    assert_eq!(ready["adopted"], true, "{ready}");
+    assert_eq!(daemon.records("pod enrolled")[0]["adopted"], true);
+    let programs = cgroup_programs(bed.node("node-a").cgroup());
+    for name in ["connect4", "connect6", "getpeername4", "getpeername6", "capture_sockops"] {
+        let n = programs.iter().filter(|p| p.as_str() == name).count();
+        assert_eq!(n, 1, "{name} attached exactly once: {programs:?}");
+    }
+    assert_eq!(netns_links(&bed, "a1"), 1, "one sk_lookup link");
+    assert_intact(&client(&bed, "a1", out_target, 1000), out_target, 1000);
+    assert_intact(&client(&bed, "b1", in_target, 1000), in_target, 1000);
+    assert_eq!(daemon.captured("outbound").len(), 1);
+    assert_eq!(daemon.captured("inbound").len(), 1);
 }
