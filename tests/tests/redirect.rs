@@ -92,7 +92,10 @@ fn outbound_connections_of_an_enrolled_pod_pass_through_the_daemon() {
     // The kernel side agrees: four captures, four destinations handed over, and at least one
     // getpeername per client answered with the dialled address.
     let mut daemon = daemon;
-    assert!(daemon.stop().expect("stop").success(), "clean exit on SIGTERM");
+    assert!(
+        daemon.stop().expect("stop").success(),
+        "clean exit on SIGTERM"
+    );
     let counters = &daemon.records("kernel counters at shutdown")[0]["counters"];
     let counters = counters.as_str().expect("counters");
     for expected in [
@@ -122,9 +125,17 @@ fn inbound_connections_to_an_enrolled_pod_are_captured_on_15006() {
     assert_eq!(captured.len(), 2, "{captured:?}");
     for (record, v6) in captured.iter().zip([false, true]) {
         assert_eq!(record["dst_workload"], "default/b1", "{record}");
-        assert_eq!(record["orig_dst"], bed.pod("b1").addr(v6, PORT).to_string(), "{record}");
+        assert_eq!(
+            record["orig_dst"],
+            bed.pod("b1").addr(v6, PORT).to_string(),
+            "{record}"
+        );
         let client: SocketAddr = record["client"].as_str().unwrap().parse().unwrap();
-        assert_eq!(client.ip(), bed.pod("a1").addr(v6, 0).ip(), "the client's own address");
+        assert_eq!(
+            client.ip(),
+            bed.pod("a1").addr(v6, 0).ip(),
+            "the client's own address"
+        );
     }
 }
 
@@ -142,9 +153,16 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_the_daemon_never_loops
     let target = bed.pod("b2").addr(false, PORT);
     let b_in = b.records("connection captured").len();
     assert_intact(&client(&bed, "b2", target, 1000), target, 1000);
-    assert_eq!(b.records("connection captured").len(), b_in, "b2 -> b2 is nobody's business");
+    assert_eq!(
+        b.records("connection captured").len(),
+        b_in,
+        "b2 -> b2 is nobody's business"
+    );
     let before = (a.captured("outbound").len(), b.captured("outbound").len());
-    let out = bed.node("node-a").exec(&[APP, "client", &target.to_string(), "1000"]).expect("node client");
+    let out = bed
+        .node("node-a")
+        .exec(&[APP, "client", &target.to_string(), "1000"])
+        .expect("node client");
     assert!(out.status.success(), "node-a -> b2: {}", out.stderr);
     assert_eq!(
         (a.captured("outbound").len(), b.captured("outbound").len()),
@@ -168,11 +186,21 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_the_daemon_never_loops
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(b.captured("outbound").len() - b_out, 1, "node-b outbound");
     assert_eq!(b.captured("inbound").len(), 0, "nothing came in to b1");
-    assert_eq!(a.captured("inbound").len() - a_in, 2, "node-a inbound: b1->a2 and a1->a2");
+    assert_eq!(
+        a.captured("inbound").len() - a_in,
+        2,
+        "node-a inbound: b1->a2 and a1->a2"
+    );
     let outbound_a: Vec<String> = a
         .captured("outbound")
         .iter()
-        .map(|r| format!("{} {}", r["src_workload"].as_str().unwrap(), r["orig_dst"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["src_workload"].as_str().unwrap(),
+                r["orig_dst"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(
         outbound_a,
@@ -191,7 +219,11 @@ fn bpftool(args: &[&str]) -> serde_json::Value {
         .args(args)
         .output()
         .expect("bpftool runs");
-    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
 
@@ -225,7 +257,12 @@ fn netns_links(bed: &Testbed, pod: &str) -> usize {
 }
 
 fn listening_ports(bed: &Testbed, pod: &str) -> String {
-    bed.pod(pod).exec(&["ss", "-Hltn"]).expect("ss").ok().expect("ss ok").stdout
+    bed.pod(pod)
+        .exec(&["ss", "-Hltn"])
+        .expect("ss")
+        .ok()
+        .expect("ss ok")
+        .stdout
 }
 
 #[test]
@@ -242,7 +279,11 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
     assert!(listening_ports(&bed, "a1").contains(":15001"));
     assert_eq!(netns_links(&bed, "a1"), 1);
     assert_eq!(map_entries(&bed, "node-a", "MESH_ENROLLED"), 1);
-    assert_eq!(map_entries(&bed, "node-a", "MESH_POD_ADDRS"), 2, "a1's IPv4 and IPv6");
+    assert_eq!(
+        map_entries(&bed, "node-a", "MESH_POD_ADDRS"),
+        2,
+        "a1's IPv4 and IPv6"
+    );
 
     daemon.set_enrolled(&bed, &[]).expect("rewrite config");
     daemon
@@ -251,13 +292,20 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
     assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 1, "no longer captured");
     let ports = listening_ports(&bed, "a1");
-    assert!(!ports.contains(":15001") && !ports.contains(":15006"), "listeners closed: {ports}");
+    assert!(
+        !ports.contains(":15001") && !ports.contains(":15006"),
+        "listeners closed: {ports}"
+    );
     assert_eq!(netns_links(&bed, "a1"), 0, "sk_lookup link detached");
     for map in ["MESH_ENROLLED", "MESH_POD_ADDRS", "MESH_INBOUND"] {
         assert_eq!(map_entries(&bed, "node-a", map), 0, "{map} emptied");
     }
     let pins = bed.bpffs_dir().unwrap().join("node-a/netns");
-    assert_eq!(std::fs::read_dir(pins).unwrap().count(), 0, "no sk_lookup pin left");
+    assert_eq!(
+        std::fs::read_dir(pins).unwrap().count(),
+        0,
+        "no sk_lookup pin left"
+    );
 
     // And enrolling again captures again.
     daemon.set_enrolled(&bed, &["a1"]).expect("rewrite config");
@@ -286,24 +334,45 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
         .pod("a1")
         .exec(&[APP, "client", &out_target.to_string(), "1000"])
         .expect("client runs");
-    assert!(!out.status.success(), "connection must fail while no daemon runs");
+    assert!(
+        !out.status.success(),
+        "connection must fail while no daemon runs"
+    );
     assert!(out.stderr.contains("refused"), "{}", out.stderr);
-    assert!(started.elapsed() < Duration::from_secs(1), "failed in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "failed in {:?}",
+        started.elapsed()
+    );
     // Inbound: not delivered around the mesh.
     let in_target = bed.pod("a1").addr(false, PORT);
     let out = bed
         .pod("b1")
         .exec(&[APP, "client", &in_target.to_string(), "1000"])
         .expect("client runs");
-    assert!(!out.status.success(), "inbound must not bypass the mesh: {}", out.stdout);
-    assert!(out.stderr.contains("refused"), "sk_lookup's drop answers with a reset: {}", out.stderr);
+    assert!(
+        !out.status.success(),
+        "inbound must not bypass the mesh: {}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("refused"),
+        "sk_lookup's drop answers with a reset: {}",
+        out.stderr
+    );
 
     let daemon = daemon.restart(&bed).expect("restart");
     let ready = &daemon.records("ready")[0];
     assert_eq!(ready["adopted"], true, "{ready}");
     assert_eq!(daemon.records("pod enrolled")[0]["adopted"], true);
     let programs = cgroup_programs(bed.node("node-a").cgroup());
-    for name in ["connect4", "connect6", "getpeername4", "getpeername6", "capture_sockops"] {
+    for name in [
+        "connect4",
+        "connect6",
+        "getpeername4",
+        "getpeername6",
+        "capture_sockops",
+    ] {
         let n = programs.iter().filter(|p| p.as_str() == name).count();
         assert_eq!(n, 1, "{name} attached exactly once: {programs:?}");
     }

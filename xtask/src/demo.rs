@@ -1,10 +1,10 @@
 //! `cargo xtask demo`: a live 2-node, 4-pod mesh on this machine, narrated.
 //!
 //! Builds the daemon (and its kernel programs) and the test application, brings up the netns
-//! testbed, runs one `mesh-node` per node with the kernel programs attached to that node's
-//! cgroup, sends real traffic between pods within and across nodes over IPv4 and IPv6, stops
-//! the daemons, prints what their kernel programs saw, tears everything down and checks that
-//! nothing was left behind.
+//! testbed, runs one `mesh-node` per node (a1 and b1 enrolled, a2 and b2 not), sends real
+//! traffic between pods within and across nodes over IPv4 and IPv6 and shows which daemon
+//! captured what, unenrolls a pod at run time, kills a daemon and restarts it, prints the kernel
+//! counters, tears everything down and checks that nothing was left behind.
 
 use std::{
     collections::BTreeSet,
@@ -13,17 +13,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mesh_tests::{Proc, Testbed, Topology};
+use mesh_tests::{Daemon, Testbed, Topology};
 
 use crate::util::{Step, cargo, require_root, run_checked, workspace_root};
 
-/// (from, to, IPv6?, bytes)
-const FLOWS: &[(&str, &str, bool, u64)] = &[
-    ("a1", "b1", false, 1 << 20),
-    ("a2", "b2", true, 1 << 20),
-    ("b1", "a2", false, 256 << 10),
-    ("a1", "a2", true, 256 << 10),
-];
 const APP_PORT: u16 = 7000;
 
 pub fn run() -> anyhow::Result<()> {
@@ -36,14 +29,15 @@ pub fn run() -> anyhow::Result<()> {
         "mesh-node",
         "--package",
         "mesh-tests",
-        "--bins",
+        "--bin",
+        "mesh-node",
+        "--bin",
+        "mesh-testapp",
     ]))?;
     step.done();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
         .join("release");
-    let daemon = target.join("mesh-node");
-    let app = target.join("mesh-testapp");
 
     let before = MachineState::read();
     let step = Step::start("bringing up the testbed: 2 nodes, 4 pods");
@@ -55,10 +49,14 @@ pub fn run() -> anyhow::Result<()> {
     step.done();
     print_topology(&bed);
 
-    let result = run_mesh(&bed, &daemon, &app);
+    let result = Demo {
+        bed: &bed,
+        daemon: &target.join("mesh-node"),
+        app: &target.join("mesh-testapp"),
+    }
+    .run();
     drop(bed);
-    let after = MachineState::read();
-    let leftovers = after.minus(&before);
+    let leftovers = MachineState::read().minus(&before);
     if leftovers.is_empty() {
         println!("\nteardown: no namespace, cgroup or bpffs entry left behind");
     } else {
@@ -94,86 +92,165 @@ fn print_topology(bed: &Testbed) {
     println!();
 }
 
-fn run_mesh(bed: &Testbed, daemon: &Path, app: &Path) -> anyhow::Result<()> {
-    let app = app.to_str().context("non-UTF-8 path")?;
-    let mut daemons = Vec::new();
-    for node in bed.nodes() {
-        let config = bed.tmp_dir().join(format!("{}.yaml", node.name()));
-        std::fs::write(
-            &config,
-            format!(
-                "node: {}\nlog:\n  format: text\n  filter: info\nredirect:\n  cgroup: {}\n",
-                node.name(),
-                node.cgroup().display()
-            ),
-        )?;
-        let mut proc = node.spawn(&[
-            daemon.to_str().context("non-UTF-8 path")?,
-            "run",
-            "--config",
-            config.to_str().context("non-UTF-8 path")?,
-        ])?;
-        proc.wait_for_output("ready", Duration::from_secs(10))
-            .with_context(|| format!("mesh-node on {}", node.name()))?;
-        println!("mesh-node running on {} (pid {})", node.name(), proc.pid());
-        daemons.push((node.name().to_owned(), proc));
+struct Demo<'a> {
+    bed: &'a Testbed,
+    daemon: &'a Path,
+    app: &'a Path,
+}
+
+/// Log records each daemon had before a flow, to show only what the flow added.
+struct Marks(Vec<usize>);
+
+impl Demo<'_> {
+    fn run(&self) -> anyhow::Result<()> {
+        let bed = self.bed;
+        let app = self.app.to_str().context("non-UTF-8 path")?;
+        let mut servers = Vec::new();
+        for pod in bed.pods() {
+            let mut server = pod.spawn(&[app, "echo", &format!("[::]:{APP_PORT}")])?;
+            server.wait_for_output("listening", Duration::from_secs(5))?;
+            servers.push(server);
+        }
+        println!("echo servers listening on port {APP_PORT} in every pod");
+
+        let enrolled = ["a1", "b1"];
+        let mut daemons = Vec::new();
+        for node in ["node-a", "node-b"] {
+            let daemon = Daemon::start(bed, node, self.daemon, &enrolled)?;
+            let ready = &daemon.records("ready")[0];
+            println!(
+                "mesh-node running on {node}: {} pod(s) enrolled, kernel programs attached to {}",
+                ready["enrolled"],
+                ready["cgroup"].as_str().unwrap_or("?")
+            );
+            daemons.push(daemon);
+        }
+        println!("enrolled: a1 (node-a) and b1 (node-b); a2 and b2 are not in the mesh\n");
+
+        println!("traffic (each client sends a pattern, half-closes and checks the echo):");
+        for (from, to, v6) in [
+            ("a1", "b1", false),
+            ("a1", "a2", true),
+            ("b2", "a1", false),
+            ("a2", "b2", true),
+        ] {
+            self.flow(&daemons, from, to, v6, 256 << 10)?;
+        }
+
+        println!("\nunenrolling a1 at run time (editing node-a's configuration file):");
+        daemons[0].set_enrolled(bed, &["b1"])?;
+        daemons[0].wait_for_records("pod unenrolled", 1, Duration::from_secs(5))?;
+        let record = &daemons[0].records("pod unenrolled")[0];
+        println!(
+            "  node-a: {} unenrolled",
+            record["workload"].as_str().unwrap_or("?")
+        );
+        self.flow(&daemons, "a1", "b1", false, 64 << 10)?;
+
+        println!("\nkilling mesh-node on node-b (kill -9): b1 fails closed");
+        daemons[1].kill()?;
+        let target = bed.pod("b1").addr(false, APP_PORT);
+        let out = bed
+            .pod("b2")
+            .exec(&[app, "client", &target.to_string(), "1024"])?;
+        println!(
+            "  b2 -> b1 {target}: {}",
+            if out.status.success() {
+                "CONNECTED (unexpected)".to_owned()
+            } else {
+                out.stderr.trim().to_owned()
+            }
+        );
+        let restarted = daemons[1].restart(bed)?;
+        daemons[1] = restarted;
+        println!(
+            "restarted mesh-node on node-b: adopted the pinned programs = {}",
+            daemons[1].records("ready")[0]["adopted"]
+        );
+        self.flow(&daemons, "b2", "b1", false, 64 << 10)?;
+
+        println!("\nstopping the daemons (SIGTERM):");
+        for (node, daemon) in ["node-a", "node-b"].iter().zip(&mut daemons) {
+            let status = daemon.stop()?;
+            let counters = daemon
+                .records("kernel counters at shutdown")
+                .first()
+                .and_then(|r| r["counters"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "(not logged)".to_owned());
+            println!(
+                "  {node}: exited {}; kernel counters {counters}",
+                if status.success() {
+                    "cleanly"
+                } else {
+                    "WITH AN ERROR"
+                }
+            );
+        }
+        drop(servers);
+        Ok(())
     }
 
-    let mut servers = Vec::new();
-    for pod in bed.pods() {
-        let mut server = pod.spawn(&[app, "echo", &format!("[::]:{APP_PORT}")])?;
-        server.wait_for_output("listening", Duration::from_secs(5))?;
-        servers.push(server);
+    fn marks(daemons: &[Daemon]) -> Marks {
+        Marks(
+            daemons
+                .iter()
+                .map(|d| d.records("connection captured").len())
+                .collect(),
+        )
     }
-    println!("echo servers listening on port {APP_PORT} in every pod\n");
 
-    println!("traffic (each client sends a pattern, half-closes, and checks the echo):");
-    for &(from, to, v6, bytes) in FLOWS {
-        let src = bed.pod(from);
-        let dst = bed.pod(to);
-        let addr = dst.addr(v6, APP_PORT);
-        let path = if src.node() == dst.node() {
-            "same node "
-        } else {
-            "cross-node"
-        };
-        let out = src
+    /// Runs one client and prints its result and what each daemon captured for it.
+    fn flow(
+        &self,
+        daemons: &[Daemon],
+        from: &str,
+        to: &str,
+        v6: bool,
+        bytes: u64,
+    ) -> anyhow::Result<()> {
+        let bed = self.bed;
+        let app = self.app.to_str().context("non-UTF-8 path")?;
+        let before = Self::marks(daemons);
+        let addr = bed.pod(to).addr(v6, APP_PORT);
+        let out = bed
+            .pod(from)
             .exec(&[app, "client", &addr.to_string(), &bytes.to_string()])?
             .ok()
             .with_context(|| format!("{from} -> {addr}"))?;
         let report: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
         println!(
-            "  {from} ({}) -> {to} {addr:<26} {path}  {:>5} KiB each way, intact={}, \
-             peer seen by the client: {}, {:.1} ms",
-            src.node(),
+            "  {from} -> {to} {addr:<24} {:>4} KiB each way, intact={}, client's getpeername={}",
             bytes / 1024,
             report["intact"],
             report["peer"].as_str().unwrap_or("?"),
-            report["total_us"].as_f64().unwrap_or(0.0) / 1000.0
         );
+        std::thread::sleep(Duration::from_millis(50));
+        let mut seen = false;
+        for (i, daemon) in daemons.iter().enumerate() {
+            let node = if i == 0 { "node-a" } else { "node-b" };
+            for record in daemon
+                .records("connection captured")
+                .iter()
+                .skip(before.0[i])
+            {
+                seen = true;
+                let workload = record
+                    .get("src_workload")
+                    .or_else(|| record.get("dst_workload"))
+                    .and_then(|w| w.as_str())
+                    .unwrap_or("?");
+                println!(
+                    "      captured by mesh-node on {node}: {:<8} workload {workload}, original destination {}",
+                    record["direction"].as_str().unwrap_or("?"),
+                    record["orig_dst"].as_str().unwrap_or("?"),
+                );
+            }
+        }
+        if !seen {
+            println!("      not captured: neither pod is enrolled, traffic went direct");
+        }
+        Ok(())
     }
-
-    println!("\nstopping the daemons (SIGTERM):");
-    for (node, proc) in &mut daemons {
-        let status = proc.stop(Duration::from_secs(5))?;
-        print_daemon_summary(node, proc, status.success());
-    }
-    drop(servers);
-    Ok(())
-}
-
-/// Prints the daemon's shutdown lines: its kernel counters and the clean exit.
-fn print_daemon_summary(node: &str, proc: &Proc, clean: bool) {
-    let log = proc.stderr();
-    let counters = log
-        .lines()
-        .find(|l| l.contains("kernel counters at shutdown"))
-        .and_then(|l| l.split("counters=").nth(1))
-        .unwrap_or("(not logged)");
-    println!(
-        "  mesh-node on {node}: exited {}; its connect programs saw {counters}",
-        if clean { "cleanly" } else { "WITH AN ERROR" }
-    );
 }
 
 /// What the demo must leave as it found: named netns, cgroups at the v2 root, bpffs entries.

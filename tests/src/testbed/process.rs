@@ -260,12 +260,19 @@ pub fn dump_logs(dir: &Path) {
         }
         let lines: Vec<&str> = text.lines().collect();
         eprintln!("---- {} ({} lines)", file.display(), lines.len());
-        if lines.len() <= 60 {
-            lines.iter().for_each(|l| eprintln!("{l}"));
+        let (head, tail) = if lines.len() <= 60 {
+            (&lines[..], &lines[..0])
         } else {
-            lines[..30].iter().for_each(|l| eprintln!("{l}"));
+            (&lines[..30], &lines[lines.len() - 30..])
+        };
+        for line in head {
+            eprintln!("{line}");
+        }
+        if !tail.is_empty() {
             eprintln!("[... {} lines ...]", lines.len() - 60);
-            lines[lines.len() - 30..].iter().for_each(|l| eprintln!("{l}"));
+        }
+        for line in tail {
+            eprintln!("{line}");
         }
     }
 }
