@@ -224,6 +224,10 @@ fn bpftool(args: &[&str]) -> serde_json::Value {
         "bpftool {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    if out.stdout.trim_ascii().is_empty() {
+        // `bpftool cgroup show` prints nothing at all when nothing is attached.
+        return serde_json::Value::Array(Vec::new());
+    }
     serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
 
@@ -381,4 +385,57 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
     assert_intact(&client(&bed, "b1", in_target, 1000), in_target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 1);
     assert_eq!(daemon.captured("inbound").len(), 1);
+}
+
+#[test]
+fn a_broken_config_edit_keeps_the_last_good_state_and_cleanup_uninstalls() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["b1"]);
+    let target = bed.pod("b1").addr(true, PORT);
+    let mut daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
+
+    let good = std::fs::read_to_string(daemon.config()).unwrap();
+    let broken = good.replacen("enrolled: true", "enrolled: maybe", 1);
+    mesh_tests::mesh::write_atomically(daemon.config(), &broken).unwrap();
+    daemon
+        .wait_for_records(
+            "rejected configuration change; keeping the last good state",
+            1,
+            Duration::from_secs(5),
+        )
+        .expect("rejection logged");
+    let rejection =
+        &daemon.records("rejected configuration change; keeping the last good state")[0];
+    let error = rejection["error"].as_str().unwrap();
+    assert!(
+        error.contains("workloads[0].enrolled") && error.contains("line"),
+        "{error}"
+    );
+    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_eq!(daemon.captured("outbound").len(), 1, "a1 is still enrolled");
+    assert!(daemon.records("pod unenrolled").is_empty());
+
+    // Uninstall: stop, then `mesh-node cleanup` removes every pin, which detaches everything.
+    mesh_tests::mesh::write_atomically(daemon.config(), &good).unwrap();
+    assert!(daemon.stop().expect("stop").success());
+    let config = daemon.config().to_str().unwrap().to_owned();
+    let out = bed
+        .node("node-a")
+        .exec(&[DUT, "cleanup", "--config", &config])
+        .expect("cleanup");
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        !bed.bpffs_dir().unwrap().join("node-a").exists(),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        cgroup_programs(bed.node("node-a").cgroup()).is_empty(),
+        "cgroup programs detached"
+    );
+    assert_eq!(netns_links(&bed, "a1"), 0, "sk_lookup detached");
+    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
 }
