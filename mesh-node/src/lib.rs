@@ -9,11 +9,13 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod inpod;
 pub mod logging;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod tls;
 
 /// `error: cause: cause` on one line, for log records.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

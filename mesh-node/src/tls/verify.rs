@@ -1,0 +1,228 @@
+//! Certificate verification for both ends: a webpki chain check against the mesh roots, then a
+//! SPIFFE identity check (trust domain for clients, exact identity for servers).
+
+use std::sync::Arc;
+
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
+    pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+
+use super::TlsError;
+use crate::identity::Identity;
+
+/// What the peer's identity must satisfy.
+#[derive(Debug)]
+enum Expect {
+    /// A client: any workload of this trust domain.
+    TrustDomain(String),
+    /// A server: exactly this workload identity.
+    Exactly(Identity),
+}
+
+/// Verifies peer chains against the mesh roots and checks the SPIFFE identity.
+#[derive(Debug)]
+pub struct PeerVerifier {
+    provider: Arc<CryptoProvider>,
+    anchors: Vec<TrustAnchor<'static>>,
+    expect: Expect,
+}
+
+impl PeerVerifier {
+    fn new(
+        provider: &Arc<CryptoProvider>,
+        roots: &[CertificateDer<'static>],
+        expect: Expect,
+    ) -> Result<Self, TlsError> {
+        let anchors = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .collect::<Result<_, _>>()
+            .map_err(TlsError::Roots)?;
+        Ok(Self {
+            provider: Arc::clone(provider),
+            anchors,
+            expect,
+        })
+    }
+
+    /// For a server: accept clients of `trust_domain`.
+    pub fn client(
+        provider: &Arc<CryptoProvider>,
+        roots: &[CertificateDer<'static>],
+        trust_domain: &str,
+    ) -> Result<Self, TlsError> {
+        Self::new(provider, roots, Expect::TrustDomain(trust_domain.to_owned()))
+    }
+
+    /// For a client: accept only a server with `identity`.
+    pub fn server(
+        provider: &Arc<CryptoProvider>,
+        roots: &[CertificateDer<'static>],
+        identity: Identity,
+    ) -> Result<Self, TlsError> {
+        Self::new(provider, roots, Expect::Exactly(identity))
+    }
+
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
+        let ids = uri_sans(end_entity)?;
+        let ok = match &self.expect {
+            Expect::TrustDomain(td) => ids.iter().any(|id| id.trust_domain == *td),
+            Expect::Exactly(expected) => ids.contains(expected),
+        };
+        if ok {
+            Ok(())
+        } else {
+            let shown: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            let wanted = match &self.expect {
+                Expect::TrustDomain(td) => format!("an identity in trust domain {td}"),
+                Expect::Exactly(id) => id.to_string(),
+            };
+            Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+                WrongIdentity { shown, wanted },
+            )))))
+        }
+    }
+}
+
+/// The peer presented a valid chain for the wrong identity.
+#[derive(Debug, thiserror::Error)]
+#[error("peer identity {shown:?} is not {wanted}")]
+pub struct WrongIdentity {
+    pub shown: Vec<String>,
+    pub wanted: String,
+}
+
+fn pki_error(error: webpki::Error) -> Error {
+    use webpki::Error as E;
+    let cert_error = match error {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => {
+            CertificateError::BadSignature
+        }
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    };
+    Error::InvalidCertificate(cert_error)
+}
+
+/// The SPIFFE ids among a certificate's URI SANs.
+fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Error> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The SPIFFE identity of a verified peer (the first SPIFFE URI SAN of its leaf).
+#[must_use]
+pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<Identity> {
+    uri_sans(chain.first()?).ok()?.into_iter().next()
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.verify_chain(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // The name is not used: HBONE identifies servers by SPIFFE URI SAN only.
+        self.verify_chain(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
