@@ -16,10 +16,11 @@ use tracing::{info, warn};
 
 use crate::{
     config::Config,
+    identity::{CaError, CertManager, LocalCa},
     inpod::InPod,
-    proxy::Proxy,
+    proxy::{MeshTls, Proxy, ProxyOptions},
     redirect::{Attachment, LoadOptions, PodPorts, Programs, RedirectError},
-    state,
+    state, tls,
 };
 
 /// How often the configuration file is checked for changes.
@@ -33,6 +34,8 @@ pub enum AppError {
     Redirect(#[from] RedirectError),
     #[error("no cgroup v2 hierarchy found (looked at {tried:?}); set `redirect.cgroup`")]
     NoCgroup2 { tried: Vec<PathBuf> },
+    #[error("loading the CA (create a development CA with `mesh-node ca init --dir DIR`)")]
+    Ca(#[source] CaError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("serializing the configuration")]
@@ -63,11 +66,23 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
     )?;
     let attachment = programs.attach_cgroup(&cgroup)?;
     let orig_dst = programs.take_orig_dst_table()?;
+    let ca = LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
+        .map_err(AppError::Ca)?;
+    let provider = tls::provider();
+    let certs = CertManager::new(
+        Arc::new(ca),
+        Duration::from_secs(config.identity.cert_lifetime_seconds),
+        Arc::clone(&provider),
+    );
     let proxy = Arc::new(Proxy::new(
-        config.redirect.mark,
+        ProxyOptions {
+            node: config.node.clone(),
+            mark: config.redirect.mark,
+            connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
+            reserved_ports: [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE],
+        },
         orig_dst,
-        Duration::from_millis(config.proxy.connect_timeout_ms),
-        [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE],
+        MeshTls::new(config.identity.trust_domain.clone(), certs, provider),
     ));
     let mut inpod = InPod::new(
         config.node.clone(),
@@ -77,6 +92,7 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
         PodPorts {
             outbound: PORT_OUTBOUND,
             inbound: PORT_INBOUND_PLAINTEXT,
+            hbone: PORT_INBOUND_HBONE,
         },
     );
 

@@ -3,11 +3,26 @@
 
 use std::path::PathBuf;
 
+use std::time::{Duration, SystemTime};
+
 use crate::{
     app,
     config::{self, Config, LogFormat},
+    identity::{CA_CERT_FILE, CA_KEY_FILE, Identity, LocalCa},
     logging,
 };
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -48,9 +63,47 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Manage a local (development) certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Inspect configuration without running anything.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a development root CA (ECDSA P-256) in DIR: ca-cert.pem and ca-key.pem (0600).
+    Init {
+        /// Directory to write to; existing files are never overwritten.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain the CA is for (recorded in its subject).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Issue a workload certificate and key from the CA in DIR (for VMs, tests and debugging).
+    Issue {
+        /// Directory holding ca-cert.pem and ca-key.pem.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// SPIFFE id, e.g. spiffe://cluster.local/ns/default/sa/web.
+        #[arg(long)]
+        identity: String,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the private key (PEM, 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        lifetime_seconds: u64,
+        /// Start the validity this many seconds in the past (a negative lifetime end makes an
+        /// expired certificate: use with --lifetime-seconds smaller than this).
+        #[arg(long, default_value_t = 60)]
+        backdate_seconds: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +133,35 @@ pub fn main() -> anyhow::Result<()> {
             let removed = crate::redirect::remove_pins(dir)
                 .with_context(|| format!("removing pins under {}", dir.display()))?;
             println!("removed {removed} pins under {}", dir.display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+            let (cert, key) = LocalCa::init(&dir, &trust_domain)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Issue {
+            ca_dir,
+            identity,
+            cert,
+            key,
+            lifetime_seconds,
+            backdate_seconds,
+        }) => {
+            let identity: Identity = identity.parse()?;
+            let ca = LocalCa::load(&ca_dir.join(CA_CERT_FILE), &ca_dir.join(CA_KEY_FILE))?;
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let now = SystemTime::now();
+            let not_before = now - Duration::from_secs(backdate_seconds);
+            let issued = ca.issue_for_key(
+                &identity,
+                &pair,
+                not_before,
+                not_before + Duration::from_secs(lifetime_seconds),
+            )?;
+            std::fs::write(&cert, issued.pem())?;
+            write_private(&key, &pair.serialize_pem())?;
+            println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
         Command::Config(ConfigCommand::Check { file }) => {

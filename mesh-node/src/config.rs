@@ -30,9 +30,39 @@ pub struct Config {
     pub redirect: RedirectConfig,
     /// Proxy behaviour.
     pub proxy: ProxyConfig,
+    /// Workload identities and certificates.
+    pub identity: IdentityConfig,
     /// The workloads of the mesh (file state source). The daemon enrolls the ones placed on
     /// its node with `enrolled: true`. Re-read when the file changes.
     pub workloads: Vec<Workload>,
+}
+
+/// Identity and certificate settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityConfig {
+    /// SPIFFE trust domain: identities are `spiffe://<trustDomain>/ns/<ns>/sa/<sa>`, and only
+    /// peers of this trust domain are accepted. Default: `cluster.local`.
+    pub trust_domain: String,
+    /// Local CA certificate (PEM). `mesh-node ca init --dir DIR` creates a development CA.
+    /// Default: `/etc/mesh/ca/ca-cert.pem`.
+    pub ca_cert_file: PathBuf,
+    /// Local CA private key (PEM). Default: `/etc/mesh/ca/ca-key.pem`.
+    pub ca_key_file: PathBuf,
+    /// Lifetime of workload certificates, in seconds; they are renewed at half-life.
+    /// Default: 86400 (24 h).
+    pub cert_lifetime_seconds: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".to_owned(),
+            ca_cert_file: PathBuf::from("/etc/mesh/ca/ca-cert.pem"),
+            ca_key_file: PathBuf::from("/etc/mesh/ca/ca-key.pem"),
+            cert_lifetime_seconds: 86_400,
+        }
+    }
 }
 
 /// Proxy settings.
@@ -227,6 +257,13 @@ impl Config {
         if self.redirect.exclude_ports.contains(&0) {
             return Err(invalid("redirect.excludePorts", "0 is not a port"));
         }
+        let td = &self.identity.trust_domain;
+        if td.is_empty() || td.contains('/') || td.contains(':') {
+            return Err(invalid("identity.trustDomain", "must be a non-empty name without `/` or `:`"));
+        }
+        if self.identity.cert_lifetime_seconds < 2 {
+            return Err(invalid("identity.certLifetimeSeconds", "must be at least 2"));
+        }
         if self.proxy.connect_timeout_ms == 0 {
             return Err(invalid("proxy.connectTimeoutMs", "must be positive"));
         }
@@ -360,6 +397,12 @@ mod tests {
             },
             proxy: ProxyConfig {
                 connect_timeout_ms: 500,
+            },
+            identity: IdentityConfig {
+                trust_domain: "example.org".into(),
+                ca_cert_file: "/ca/cert.pem".into(),
+                ca_key_file: "/ca/key.pem".into(),
+                cert_lifetime_seconds: 60,
             },
             workloads: vec![Workload {
                 name: "web-1".into(),

@@ -72,6 +72,7 @@ impl InPod {
 
     /// Brings the enrolled set in line with `workloads`.
     pub fn reconcile(&mut self, workloads: &[Workload]) {
+        self.proxy.set_workloads(workloads);
         let desired: HashMap<String, &Workload> = workloads
             .iter()
             .filter(|w| w.node == self.node && w.enrolled)

@@ -9,6 +9,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod logging;

@@ -17,21 +17,66 @@ pub struct Daemon {
     node: String,
     exe: PathBuf,
     config: PathBuf,
+    ca: PathBuf,
+    settings: NodeSettings,
 }
 
 /// The namespace every testbed workload lives in.
 pub const NAMESPACE: &str = "default";
 
+/// Trust domain of testbed meshes.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// The testbed's CA directory (shared by all nodes), created on first use with `exe ca init`.
+pub fn ca_dir(bed: &Testbed, exe: &Path) -> anyhow::Result<PathBuf> {
+    let dir = bed.tmp_dir().join("ca");
+    if !dir.join("ca-cert.pem").exists() {
+        let out = std::process::Command::new(exe)
+            .args(["ca", "init", "--dir"])
+            .arg(&dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(dir)
+}
+
+/// Per-node settings that tests vary.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    /// Lifetime of workload certificates.
+    pub cert_lifetime_seconds: u64,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            cert_lifetime_seconds: 86_400,
+        }
+    }
+}
+
 /// The YAML configuration of `node`, listing every pod of the testbed as a workload (with its
 /// service account named after the pod) and enrolling the pods named in `enrolled`.
-pub fn config_yaml(bed: &Testbed, node: &str, enrolled: &[&str]) -> anyhow::Result<String> {
+pub fn config_yaml(
+    bed: &Testbed,
+    node: &str,
+    ca: &Path,
+    settings: &NodeSettings,
+    enrolled: &[&str],
+) -> anyhow::Result<String> {
     let n = bed.node(node);
     let bpffs = bed.bpffs_dir()?.join(node);
     let mut yaml = format!(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
-         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\nworkloads:\n",
+         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n\
+         identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
+         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\nworkloads:\n",
         n.cgroup().display(),
-        bpffs.display()
+        bpffs.display(),
+        settings.cert_lifetime_seconds,
+        ca = ca.display(),
     );
     for pod in bed.pods() {
         writeln!(
@@ -61,9 +106,23 @@ impl Daemon {
     /// Writes `node`'s configuration and starts `exe run` in the node's netns and cgroup;
     /// returns once it logged `ready`.
     pub fn start(bed: &Testbed, node: &str, exe: &Path, enrolled: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_settings(bed, node, exe, enrolled, &NodeSettings::default())
+    }
+
+    /// [`Daemon::start`] with non-default settings.
+    pub fn start_with_settings(
+        bed: &Testbed,
+        node: &str,
+        exe: &Path,
+        enrolled: &[&str],
+        settings: &NodeSettings,
+    ) -> anyhow::Result<Self> {
+        let ca = ca_dir(bed, exe)?;
         let config = bed.tmp_dir().join(format!("{node}.yaml"));
-        write_atomically(&config, &config_yaml(bed, node, enrolled)?)?;
-        Self::start_with(bed, node, exe, &config)
+        write_atomically(&config, &config_yaml(bed, node, &ca, settings, enrolled)?)?;
+        let mut daemon = Self::start_with(bed, node, exe, &config)?;
+        daemon.settings = settings.clone();
+        Ok(daemon)
     }
 
     /// Starts a daemon with an existing configuration file.
@@ -85,12 +144,17 @@ impl Daemon {
             node: node.to_owned(),
             exe: exe.to_owned(),
             config: config.to_owned(),
+            ca: ca_dir(bed, exe)?,
+            settings: NodeSettings::default(),
         })
     }
 
     /// Rewrites the configuration with a new set of enrolled pods (the daemon picks it up).
     pub fn set_enrolled(&self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
-        write_atomically(&self.config, &config_yaml(bed, &self.node, enrolled)?)
+        write_atomically(
+            &self.config,
+            &config_yaml(bed, &self.node, &self.ca, &self.settings, enrolled)?,
+        )
     }
 
     /// The configuration file.
@@ -170,6 +234,14 @@ impl Daemon {
 
     /// Starts a new daemon with the same binary and configuration.
     pub fn restart(&self, bed: &Testbed) -> anyhow::Result<Self> {
-        Self::start_with(bed, &self.node, &self.exe, &self.config)
+        let mut daemon = Self::start_with(bed, &self.node, &self.exe, &self.config)?;
+        daemon.settings = self.settings.clone();
+        Ok(daemon)
+    }
+
+    /// The CA directory this daemon's configuration points at.
+    #[must_use]
+    pub fn ca(&self) -> &Path {
+        &self.ca
     }
 }

@@ -140,7 +140,7 @@ fn inbound_connections_to_an_enrolled_pod_are_captured_on_15006() {
 }
 
 #[test]
-fn traffic_of_other_pods_and_of_the_node_is_untouched_and_the_daemon_never_loops() {
+fn traffic_of_other_pods_and_of_the_node_is_untouched_and_paths_are_chosen_without_loops() {
     if !namespaced_test_can_run() {
         return;
     }
@@ -170,45 +170,49 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_the_daemon_never_loops
         "the node's own connection is not captured"
     );
 
-    // b1 is enrolled on node-b: b1 -> a2 is captured once outbound on node-b and once inbound
-    // on node-a; the daemons' own sockets (marked) are never captured again.
+    // b1 is enrolled on node-b, a2 on node-a: b1 -> a2 is captured once outbound on node-b and
+    // carried over HBONE to node-a's daemon; the daemons' own sockets (marked) are never
+    // captured again.
     let a_in = a.captured("inbound").len();
     let b_out = b.captured("outbound").len();
     let target = bed.pod("a2").addr(true, PORT);
     assert_intact(&client(&bed, "b1", target, 50_000), target, 50_000);
-    // Both enrolled on node-a: a1 -> a2 is one outbound and one inbound capture.
+    // Both enrolled on node-a: a1 -> a2 takes the same-node path (one outbound capture, no
+    // TLS, no second capture at a2).
     let target = bed.pod("a2").addr(false, PORT);
     assert_intact(&client(&bed, "a1", target, 50_000), target, 50_000);
-    // Not enrolled destination b2 from enrolled a1: only the outbound side.
+    // Destination b2 is not in the mesh: passthrough.
     let target = bed.pod("b2").addr(false, PORT);
     assert_intact(&client(&bed, "a1", target, 50_000), target, 50_000);
 
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(b.captured("outbound").len() - b_out, 1, "node-b outbound");
+    let b_outbound = b.captured("outbound");
+    assert_eq!(b_outbound.len() - b_out, 1, "node-b outbound");
+    assert_eq!(b_outbound[b_out]["path"], "hbone", "{:?}", b_outbound[b_out]);
     assert_eq!(b.captured("inbound").len(), 0, "nothing came in to b1");
-    assert_eq!(
-        a.captured("inbound").len() - a_in,
-        2,
-        "node-a inbound: b1->a2 and a1->a2"
-    );
+    let a_inbound = a.captured("inbound");
+    assert_eq!(a_inbound.len() - a_in, 1, "node-a inbound: b1->a2 over HBONE only");
+    assert_eq!(a_inbound[a_in]["path"], "hbone");
+    assert_eq!(a_inbound[a_in]["peer_identity"], "spiffe://cluster.local/ns/default/sa/b1");
     let outbound_a: Vec<String> = a
         .captured("outbound")
         .iter()
         .map(|r| {
             format!(
-                "{} {}",
+                "{} {} {}",
                 r["src_workload"].as_str().unwrap(),
-                r["orig_dst"].as_str().unwrap()
+                r["orig_dst"].as_str().unwrap(),
+                r["path"].as_str().unwrap()
             )
         })
         .collect();
     assert_eq!(
         outbound_a,
         [
-            format!("default/a1 {}", bed.pod("a2").addr(false, PORT)),
-            format!("default/a1 {}", bed.pod("b2").addr(false, PORT)),
+            format!("default/a1 {} same-node", bed.pod("a2").addr(false, PORT)),
+            format!("default/a1 {} passthrough", bed.pod("b2").addr(false, PORT)),
         ],
-        "node-a outbound captures"
+        "node-a outbound captures and their paths"
     );
 }
 

@@ -149,12 +149,10 @@ impl LocalCa {
         public_key: &impl rcgen::PublicKeyData,
         not_before: SystemTime,
         not_after: SystemTime,
-    ) -> Result<CertificateDer<'static>, CaError> {
-        let params = leaf_params(identity, not_before, not_after)?;
-        let cert = params
+    ) -> Result<rcgen::Certificate, CaError> {
+        leaf_params(identity, not_before, not_after)?
             .signed_by(public_key, &self.issuer)
-            .map_err(cert_err("signing the workload certificate"))?;
-        Ok(cert.der().clone())
+            .map_err(cert_err("signing the workload certificate"))
     }
 }
 
@@ -206,7 +204,7 @@ impl CertSource for LocalCa {
                 now - Duration::from_secs(60),
                 now + lifetime,
             )?;
-            Ok(vec![leaf])
+            Ok(vec![leaf.der().clone()])
         })
     }
 

@@ -6,7 +6,7 @@ mod manager;
 
 use std::{fmt, str::FromStr};
 
-pub use ca::{CaError, CertSource, LocalCa};
+pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError, CertSource, LocalCa};
 pub use manager::{CertManager, CertState, WorkloadCert};
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.

@@ -1,35 +1,57 @@
-//! Per-connection plumbing: connecting upstream from a pod's netns, the copy loop, resets.
+//! Per-connection plumbing: connecting from inside a pod's netns, the plaintext copy loop,
+//! resets.
 
 use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpStream;
+use tracing::debug;
 
 use crate::redirect::NetnsWorker;
 
 /// Connects to `dst` with a marked socket created inside the worker's netns.
-pub async fn connect(
+pub async fn connect_in_netns(
     worker: &NetnsWorker,
     dst: SocketAddr,
     mark: u32,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = worker.tcp_socket(dst.is_ipv6(), mark).await?;
-    match tokio::time::timeout(timeout, socket.connect(dst)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect to {dst} timed out after {timeout:?}"),
-        )),
-    }
+    let stream = match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out after {timeout:?}"),
+            ));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Copies both directions until each side has sent EOF; an EOF from one side is passed on as a
-/// half-close (`shutdown(SHUT_WR)`) to the other. Returns (client→upstream, upstream→client)
-/// byte counts.
-pub async fn copy_both(mut client: TcpStream, mut upstream: TcpStream) -> io::Result<(u64, u64)> {
+/// half-close (`shutdown(SHUT_WR)`) to the other. Logs the byte counts at debug level.
+pub async fn copy_logged(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    direction: &'static str,
+    uid: &str,
+    dst: SocketAddr,
+) {
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    let started = std::time::Instant::now();
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => debug!(
+            direction,
+            workload = %uid,
+            orig_dst = %dst,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = started.elapsed().as_millis(),
+            "connection closed"
+        ),
+        Err(e) => debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error"),
+    }
 }
 
 /// Closes a connection with a reset, so the application fails at once instead of seeing a

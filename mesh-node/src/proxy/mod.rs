@@ -1,44 +1,121 @@
-//! The L4 proxy: accept loops on each enrolled pod's capture listeners and the per-connection
-//! forwarding.
+//! The L4 proxy: accept loops on each enrolled pod's listeners and the per-connection paths.
 //!
-//! Outbound (15001): the kernel steered an application's `connect()` here; the original
-//! destination comes from the kernel's table, keyed by the pod's netns and the client's
-//! address. Until the tunnel lands, the daemon connects to it directly from inside the source
-//! pod's netns (the path that stays for destinations outside the mesh).
-//! Inbound (15006): `sk_lookup` handed a new connection for the pod here; the accepted socket's
-//! local address is the original destination, and the daemon connects to the application from
-//! inside the pod's netns.
+//! - Outbound (15001): the kernel steered an application's `connect()` here; the original
+//!   destination comes from the kernel's table. Destination an enrolled pod on another node →
+//!   HBONE (mTLS) to `podIP:15008`, opened from inside the source pod's netns; on this node →
+//!   the same-node path (no TLS: straight into the destination pod's netns); outside the mesh →
+//!   plaintext passthrough from inside the source pod's netns.
+//! - Inbound HBONE (15008 on each pod IP): see `hbone::server`.
+//! - Inbound plaintext (15006): `sk_lookup` handed a connection for the pod here; admitted
+//!   (PERMISSIVE) and forwarded to the application from inside the pod's netns.
 
 mod forward;
+mod inbound;
+mod outbound;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::Duration,
+};
 
+pub use forward::connect_in_netns;
+use rustls::crypto::CryptoProvider;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{debug, error, warn};
+use tokio_rustls::TlsAcceptor;
+use tracing::error;
 
 use crate::{
+    hbone::{self, InboundTarget, Pool},
+    identity::{CertManager, Identity},
     redirect::{EnrolledPod, NetnsWorker, OrigDstTable},
     state::Workload,
+    tls,
 };
+
+/// Mesh identity settings shared by every connection.
+pub struct MeshTls {
+    pub trust_domain: String,
+    pub certs: CertManager,
+    pub provider: Arc<CryptoProvider>,
+    client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
+}
+
+impl MeshTls {
+    #[must_use]
+    pub fn new(trust_domain: String, certs: CertManager, provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            trust_domain,
+            certs,
+            provider,
+            client_configs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The SPIFFE identity of a workload.
+    #[must_use]
+    pub fn identity(&self, workload: &Workload) -> Identity {
+        Identity::new(&self.trust_domain, &workload.namespace, &workload.service_account)
+    }
+
+    fn client_config(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, tls::TlsError> {
+        let key = (source.clone(), destination.clone());
+        let mut configs = self.client_configs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(config) = configs.get(&key) {
+            return Ok(Arc::clone(config));
+        }
+        let config = tls::client_config(
+            &self.provider,
+            &self.certs,
+            source,
+            destination,
+            &self.certs.roots(),
+        )?;
+        configs.insert(key, Arc::clone(&config));
+        Ok(config)
+    }
+}
 
 /// Settings and shared state of the proxy.
 pub struct Proxy {
+    node: String,
     mark: u32,
     orig_dst: OrigDstTable,
     connect_timeout: Duration,
     /// Ports a connection may never be forwarded to (the daemon's own listeners).
     reserved_ports: [u16; 3],
+    mesh: MeshTls,
+    pool: Pool,
+    directory: RwLock<Directory>,
+}
+
+/// What the proxy knows about workloads: all of them by address, and the enrolled pods of this
+/// node.
+#[derive(Default)]
+struct Directory {
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    local: HashMap<String, Arc<PodContext>>,
 }
 
 /// One enrolled pod as the proxy sees it.
 pub struct PodContext {
     pub workload: Arc<Workload>,
+    pub identity: Identity,
     pub worker: Arc<NetnsWorker>,
 }
 
-/// The accept loops serving one pod; dropping it stops them and closes the listeners.
+/// The accept loops serving one pod; dropping it stops them, closes the listeners and releases
+/// the pod's certificate.
 pub struct PodServing {
     tasks: Vec<JoinHandle<()>>,
+    proxy: Arc<Proxy>,
+    uid: String,
+    identity: Identity,
 }
 
 impl Drop for PodServing {
@@ -46,168 +123,148 @@ impl Drop for PodServing {
         for task in &self.tasks {
             task.abort();
         }
+        self.proxy
+            .directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .local
+            .remove(&self.uid);
+        self.proxy.mesh.certs.release(&self.identity);
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Direction {
-    Outbound,
-    Inbound,
+/// Options of a [`Proxy`].
+pub struct ProxyOptions {
+    pub node: String,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub reserved_ports: [u16; 3],
 }
 
 impl Proxy {
-    pub fn new(
-        mark: u32,
-        orig_dst: OrigDstTable,
-        connect_timeout: Duration,
-        reserved_ports: [u16; 3],
-    ) -> Self {
+    pub fn new(options: ProxyOptions, orig_dst: OrigDstTable, mesh: MeshTls) -> Self {
         Self {
-            mark,
+            node: options.node,
+            mark: options.mark,
             orig_dst,
-            connect_timeout,
-            reserved_ports,
+            connect_timeout: options.connect_timeout,
+            reserved_ports: options.reserved_ports,
+            mesh,
+            pool: Pool::new(),
+            directory: RwLock::new(Directory::default()),
         }
     }
 
-    /// Starts the accept loops of an enrolled pod.
+    /// Replaces the set of known workloads (all nodes).
+    pub fn set_workloads(&self, workloads: &[Workload]) {
+        let by_ip = workloads
+            .iter()
+            .flat_map(|w| {
+                let w = Arc::new(w.clone());
+                w.ips.clone().into_iter().map(move |ip| (ip, Arc::clone(&w)))
+            })
+            .collect();
+        self.directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_ip = by_ip;
+    }
+
+    /// HBONE connections dialled since start.
+    #[must_use]
+    pub fn hbone_connections_opened(&self) -> u64 {
+        self.pool.opened()
+    }
+
+    /// Starts serving an enrolled pod: its certificate (prefetched now), its accept loops.
     pub fn serve(self: &Arc<Self>, pod: EnrolledPod) -> std::io::Result<PodServing> {
+        let identity = self.mesh.identity(&pod.workload);
+        let uid = pod.workload.uid();
+        self.mesh.certs.acquire(&identity);
         let ctx = Arc::new(PodContext {
             workload: pod.workload,
+            identity: identity.clone(),
             worker: pod.worker,
         });
-        let mut tasks = Vec::new();
+        let mut serving = PodServing {
+            tasks: Vec::new(),
+            proxy: Arc::clone(self),
+            uid: uid.clone(),
+            identity: identity.clone(),
+        };
+        let server = tls::server_config(
+            &self.mesh.provider,
+            &self.mesh.certs,
+            &identity,
+            &self.mesh.trust_domain,
+            &self.mesh.certs.roots(),
+        )
+        .map_err(std::io::Error::other)?;
+        let target = Arc::new(InboundTarget {
+            pod: Arc::clone(&ctx),
+            mark: self.mark,
+            connect_timeout: self.connect_timeout,
+            reserved_ports: self.reserved_ports,
+        });
+        for listener in pod.hbone {
+            let listener = tokio_listener(listener)?;
+            let acceptor = TlsAcceptor::from(Arc::clone(&server));
+            let target = Arc::clone(&target);
+            serving.tasks.push(tokio::spawn(accept_loop(listener, uid.clone(), move |tcp, peer| {
+                tokio::spawn(hbone::serve_connection(acceptor.clone(), tcp, peer, Arc::clone(&target)));
+            })));
+        }
         for listener in pod.outbound {
-            listener.set_nonblocking(true)?;
-            let listener = TcpListener::from_std(listener)?;
-            tasks.push(tokio::spawn(Arc::clone(self).accept_loop(
-                listener,
-                Arc::clone(&ctx),
-                Direction::Outbound,
-            )));
+            let listener = tokio_listener(listener)?;
+            let (this, ctx) = (Arc::clone(self), Arc::clone(&ctx));
+            serving.tasks.push(tokio::spawn(accept_loop(listener, uid.clone(), move |tcp, peer| {
+                let (this, ctx) = (Arc::clone(&this), Arc::clone(&ctx));
+                tokio::spawn(async move { this.outbound(&ctx, tcp, peer).await });
+            })));
         }
-        pod.inbound.set_nonblocking(true)?;
-        let inbound = TcpListener::from_std(pod.inbound)?;
-        tasks.push(tokio::spawn(Arc::clone(self).accept_loop(
-            inbound,
-            ctx,
-            Direction::Inbound,
-        )));
-        Ok(PodServing { tasks })
+        let listener = tokio_listener(pod.inbound)?;
+        let (this, inbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
+        serving.tasks.push(tokio::spawn(accept_loop(listener, uid.clone(), move |tcp, peer| {
+            let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
+            tokio::spawn(async move { this.inbound(&ctx, tcp, peer).await });
+        })));
+        self.directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .local
+            .insert(uid, ctx);
+        Ok(serving)
     }
 
-    async fn accept_loop(
-        self: Arc<Self>,
-        listener: TcpListener,
-        ctx: Arc<PodContext>,
-        dir: Direction,
-    ) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let this = Arc::clone(&self);
-                    let ctx = Arc::clone(&ctx);
-                    tokio::spawn(async move {
-                        match dir {
-                            Direction::Outbound => this.outbound(&ctx, stream, peer).await,
-                            Direction::Inbound => this.inbound(&ctx, stream, peer).await,
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors or memory: back off instead of spinning.
-                    error!(workload = %ctx.workload.uid(), error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+    fn workload_at(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        let directory = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        directory.by_ip.get(&ip).cloned()
     }
 
-    async fn outbound(&self, ctx: &PodContext, client: tokio::net::TcpStream, peer: SocketAddr) {
-        let uid = ctx.workload.uid();
-        let Some(dst) = self.orig_dst.take(ctx.worker.cookie(), peer) else {
-            warn!(
-                direction = "outbound",
-                src_workload = %uid,
-                client = %peer,
-                "no original destination recorded for a captured connection; closing it"
-            );
-            forward::reset(client);
-            return;
-        };
-        tracing::info!(
-            direction = "outbound",
-            src_workload = %uid,
-            client = %peer,
-            orig_dst = %dst,
-            "connection captured"
-        );
-        self.forward(ctx, client, dst, "outbound", &uid).await;
+    fn local_pod(&self, uid: &str) -> Option<Arc<PodContext>> {
+        let directory = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        directory.local.get(uid).cloned()
     }
+}
 
-    async fn inbound(&self, ctx: &PodContext, client: tokio::net::TcpStream, peer: SocketAddr) {
-        let uid = ctx.workload.uid();
-        let dst = match client.local_addr() {
-            Ok(dst) => forward::unmap(dst),
+fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Accepts connections until aborted, handing each to `handle`. Errors (out of file
+/// descriptors or memory) back off instead of spinning.
+async fn accept_loop(
+    listener: TcpListener,
+    uid: String,
+    handle: impl Fn(tokio::net::TcpStream, SocketAddr),
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => handle(stream, peer),
             Err(e) => {
-                warn!(direction = "inbound", dst_workload = %uid, error = %e, "getsockname failed");
-                return;
-            }
-        };
-        if self.reserved_ports.contains(&dst.port()) {
-            warn!(
-                direction = "inbound",
-                dst_workload = %uid,
-                client = %peer,
-                orig_dst = %dst,
-                "connection to a reserved port refused"
-            );
-            forward::reset(client);
-            return;
-        }
-        tracing::info!(
-            direction = "inbound",
-            dst_workload = %uid,
-            client = %forward::unmap(peer),
-            orig_dst = %dst,
-            "connection captured"
-        );
-        self.forward(ctx, client, dst, "inbound", &uid).await;
-    }
-
-    /// Connects to `dst` from inside the pod's netns and copies both ways until both sides
-    /// are done.
-    async fn forward(
-        &self,
-        ctx: &PodContext,
-        client: tokio::net::TcpStream,
-        dst: SocketAddr,
-        direction: &'static str,
-        uid: &str,
-    ) {
-        let upstream = match forward::connect(&ctx.worker, dst, self.mark, self.connect_timeout)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(direction, workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
-                forward::reset(client);
-                return;
-            }
-        };
-        let started = std::time::Instant::now();
-        match forward::copy_both(client, upstream).await {
-            Ok((sent, received)) => debug!(
-                direction,
-                workload = %uid,
-                orig_dst = %dst,
-                bytes_sent = sent,
-                bytes_received = received,
-                duration_ms = started.elapsed().as_millis(),
-                "connection closed"
-            ),
-            Err(e) => {
-                debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
+                error!(workload = %uid, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }

@@ -50,6 +50,8 @@ pub struct EnrolledPod {
     pub outbound: Vec<std::net::TcpListener>,
     /// `[::]:15006` (dual-stack), or `0.0.0.0:15006` without IPv6.
     pub inbound: std::net::TcpListener,
+    /// `<pod IP>:15008` for each pod address (HBONE).
+    pub hbone: Vec<std::net::TcpListener>,
     /// Whether the `sk_lookup` link was adopted from a previous daemon.
     pub attachment: Attachment,
 }
@@ -59,6 +61,7 @@ pub struct EnrolledPod {
 pub struct PodPorts {
     pub outbound: u16,
     pub inbound: u16,
+    pub hbone: u16,
 }
 
 /// Enrolls `workload`: see the module docs for the order of steps. On failure, whatever was
@@ -80,6 +83,22 @@ pub fn enroll(
         source,
     })?;
     let (outbound, inbound) = open_listeners(&worker, &uid, mark, ports)?;
+    let hbone = workload
+        .ips
+        .iter()
+        .map(|ip| {
+            let addr = SocketAddr::new(*ip, ports.hbone);
+            worker
+                .run_blocking(move || marked_listener(addr, mark, false))
+                .and_then(|r| r)
+                .map(std::net::TcpListener::from)
+                .map_err(|source| PodError::Listen {
+                    uid: uid.clone(),
+                    addr,
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let cookie = worker.cookie();
     let redirect_err = |source| PodError::Redirect {
         uid: uid.clone(),
@@ -106,6 +125,7 @@ pub fn enroll(
             worker: Arc::new(worker),
             outbound,
             inbound,
+            hbone,
             attachment,
         }),
         Err(e) => {

@@ -1,0 +1,33 @@
+//! HBONE: one HTTP/2 `CONNECT` stream per application connection, inside mutual TLS to the
+//! destination pod's port 15008. Wire facts (settings, status codes) follow Istio ztunnel so
+//! that the two interoperate in both directions.
+
+mod pipe;
+mod pool;
+mod server;
+
+use std::time::Duration;
+
+pub use pipe::pipe;
+pub use pool::{HboneError, Pool, PoolKey, Stream};
+pub use server::{InboundTarget, serve_connection};
+
+/// Stream flow-control window (4 MiB).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Connection flow-control window (4x the stream window, avoids cross-stream stalls).
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame (1 MiB).
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Concurrent streams a server allows on one connection.
+pub const SERVER_MAX_STREAMS: u32 = 200;
+/// Streams after which the client pool opens another connection.
+pub const CLIENT_MAX_STREAMS: usize = 100;
+/// Keepalive PING interval, and how long a PONG may take before the connection is dropped.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pooled connections without streams for this long are closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time limit for a TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HBONE port.
+pub const PORT: u16 = mesh_common::PORT_INBOUND_HBONE;

@@ -1,0 +1,101 @@
+//! Copies between an application TCP connection and an HTTP/2 stream: a FIN becomes
+//! END_STREAM and the other way round (half-close), a reset becomes RST_STREAM and the other way
+//! round, and the HTTP/2 receive window is released as bytes are written out.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+
+/// Read buffer for the TCP → HTTP/2 direction.
+const CHUNK: usize = 256 * 1024;
+
+/// Pipes `tcp` and an HTTP/2 stream until both directions are done. Returns (bytes from TCP to
+/// the stream, bytes from the stream to TCP). A reset on either side ends both directions at
+/// once (dropping the other half closes the socket, with a RST if the peer reset).
+pub async fn pipe(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> io::Result<(u64, u64)> {
+    let (read, write) = tcp.into_split();
+    let up = tcp_to_h2(read, send);
+    let down = h2_to_tcp(recv, write);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (None, None);
+    while up_done.is_none() || down_done.is_none() {
+        tokio::select! {
+            r = &mut up, if up_done.is_none() => up_done = Some(r?),
+            r = &mut down, if down_done.is_none() => down_done = Some(r?),
+        }
+    }
+    Ok((up_done.unwrap_or(0), down_done.unwrap_or(0)))
+}
+
+async fn tcp_to_h2(mut read: OwnedReadHalf, mut send: SendStream<Bytes>) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        buf.reserve(CHUNK);
+        let n = match read.read_buf(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                // The application reset its connection: reset the stream.
+                send.send_reset(Reason::CANCEL);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            // Half-close: END_STREAM, the peer may keep sending.
+            let _ = send.send_data(Bytes::new(), true);
+            return Ok(total);
+        }
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => n,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+            };
+            let part = chunk.split_to(granted.min(chunk.len()));
+            total += part.len() as u64;
+            send.send_data(part, false).map_err(h2_io)?;
+        }
+    }
+}
+
+async fn h2_to_tcp(mut recv: RecvStream, mut write: OwnedWriteHalf) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        match recv.data().await {
+            Some(Ok(data)) => {
+                let n = data.len();
+                write.write_all(&data).await?;
+                total += n as u64;
+                let _ = recv.flow_control().release_capacity(n);
+            }
+            Some(Err(e)) => {
+                // The peer reset the stream: reset the application's connection.
+                let _ = write.as_ref().set_zero_linger();
+                return Err(h2_io(e));
+            }
+            None => {
+                write.shutdown().await?;
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
+    }
+}

@@ -1,0 +1,282 @@
+//! The HBONE client: a pool of HTTP/2-over-mTLS connections keyed by (source identity,
+//! destination identity, destination address). A new application connection takes a stream on
+//! a pooled connection with fewer than 100 open streams, or dials a new one. Each connection
+//! sends a PING every 10 s and is dropped when a PONG takes longer than 20 s; a connection
+//! without streams for 5 minutes is closed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+use super::{
+    CLIENT_MAX_STREAMS, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME_SIZE,
+    PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
+};
+use crate::{identity::Identity, redirect::NetnsWorker};
+
+/// Which pooled connections a request may share.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: Identity,
+    pub destination: Identity,
+    /// The destination pod's HBONE address (`podIP:15008`).
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {address}")]
+    Connect {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {address}")]
+    Tls {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {address} timed out")]
+    TlsTimeout { address: SocketAddr },
+    #[error("HTTP/2 with {address}")]
+    H2 {
+        address: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{address} answered the CONNECT with {status}")]
+    Status { address: SocketAddr, status: StatusCode },
+}
+
+struct Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+/// A stream on a pooled connection.
+pub struct Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Id of the pooled connection carrying it (for logs).
+    pub connection: u64,
+    /// Keeps the stream counted on its connection until dropped.
+    pub guard: StreamGuard,
+}
+
+/// Counts a stream on its pooled connection while alive.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The connection pool.
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
+    next_id: AtomicU64,
+    /// Connections dialled so far.
+    opened: AtomicU64,
+}
+
+impl Pool {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connections dialled since start.
+    #[must_use]
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Opens a CONNECT stream to `authority` through a pooled connection for `key`, dialling
+    /// one from the source pod's netns (`worker`, sockets marked `mark`) when needed.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        worker: &NetnsWorker,
+        mark: u32,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Stream, HboneError> {
+        let (send, streams, id) = match self.checkout(key) {
+            Some(found) => found,
+            None => self.dial(key, worker, mark, tls).await?,
+        };
+        let guard = StreamGuard(streams);
+        let (send, recv) = request(send, authority, key.address).await?;
+        Ok(Stream {
+            send,
+            recv,
+            connection: id,
+            guard,
+        })
+    }
+
+    /// A live pooled connection with room for one more stream (counted now).
+    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>, u64)> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Relaxed));
+        let conn = list
+            .iter()
+            .find(|c| c.streams.load(Ordering::Relaxed) < CLIENT_MAX_STREAMS)?;
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Some((conn.send.clone(), Arc::clone(&conn.streams), conn.id))
+    }
+
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        worker: &NetnsWorker,
+        mark: u32,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>, u64), HboneError> {
+        let address = key.address;
+        let socket = worker
+            .tcp_socket(address.is_ipv6(), mark)
+            .await
+            .map_err(|source| HboneError::Connect { address, source })?;
+        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.connect(address))
+            .await
+            .map_err(|_| HboneError::Connect {
+                address,
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| HboneError::Connect { address, source })?;
+        let _ = tcp.set_nodelay(true);
+        let server_name = ServerName::IpAddress(address.ip().into());
+        let tls_stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(Arc::clone(tls)).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| HboneError::TlsTimeout { address })?
+        .map_err(|source| HboneError::Tls { address, source })?;
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|source| HboneError::H2 { address, source })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let streams = Arc::new(AtomicUsize::new(1));
+        let closed = Arc::new(AtomicBool::new(false));
+        info!(
+            connection = id,
+            source = %key.source,
+            destination = %key.destination,
+            address = %address,
+            "HBONE connection opened"
+        );
+        let ping_pong = connection.ping_pong();
+        let driver_streams = Arc::clone(&streams);
+        let driver_closed = Arc::clone(&closed);
+        tokio::spawn(async move {
+            let reason = drive(&mut connection, ping_pong, &driver_streams).await;
+            driver_closed.store(true, Ordering::Relaxed);
+            debug!(connection = id, address = %address, reason, "HBONE connection closed");
+        });
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        conns.entry(key.clone()).or_default().push(Conn {
+            id,
+            send: send.clone(),
+            streams: Arc::clone(&streams),
+            closed,
+        });
+        Ok((send, streams, id))
+    }
+}
+
+/// Runs a client connection until it ends, pinging it and closing it when idle. Returns why it
+/// ended.
+async fn drive(
+    connection: &mut h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+    ping_pong: Option<h2::PingPong>,
+    streams: &AtomicUsize,
+) -> &'static str {
+    let mut ping_pong = ping_pong;
+    let mut ticker = tokio::time::interval(PING_INTERVAL);
+    ticker.tick().await;
+    let mut idle_for = Duration::ZERO;
+    loop {
+        tokio::select! {
+            result = &mut *connection => {
+                return if result.is_ok() { "closed by peer" } else { "connection error" };
+            }
+            _ = ticker.tick() => {
+                if streams.load(Ordering::Relaxed) == 0 {
+                    idle_for += PING_INTERVAL;
+                    if idle_for >= IDLE_TIMEOUT {
+                        return "idle";
+                    }
+                } else {
+                    idle_for = Duration::ZERO;
+                }
+                if let Some(pp) = ping_pong.as_mut() {
+                    let ping = pp.ping(h2::Ping::opaque());
+                    // Keep driving the connection while waiting for the PONG.
+                    let pong = tokio::time::timeout(PING_TIMEOUT, async {
+                        tokio::select! {
+                            r = ping => r.is_ok(),
+                            _ = &mut *connection => false,
+                        }
+                    });
+                    if !pong.await.unwrap_or(false) {
+                        warn!("HBONE peer did not answer a PING within {PING_TIMEOUT:?}; dropping the connection");
+                        return "ping timeout";
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn request(
+    send: SendRequest<Bytes>,
+    authority: SocketAddr,
+    address: SocketAddr,
+) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
+    let h2_err = |source| HboneError::H2 { address, source };
+    let mut send = send.ready().await.map_err(h2_err)?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .body(())
+        .map_err(|_| HboneError::Status {
+            address,
+            status: StatusCode::BAD_REQUEST,
+        })?;
+    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status {
+            address,
+            status: response.status(),
+        });
+    }
+    Ok((stream, response.into_body()))
+}

@@ -1,0 +1,167 @@
+//! The HBONE server on a pod's 15008 listener: TLS (client certificate required), HTTP/2, one
+//! `CONNECT` per stream, each answered only after the target was connected (and authorized):
+//! `200` then raw bytes, `400` bad request or authority, `401` denied, `503` upstream failure.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW,
+    pipe,
+};
+use crate::{
+    identity::Identity,
+    proxy::{PodContext, connect_in_netns},
+    tls::peer_identity,
+};
+
+/// What a pod's HBONE listener forwards to.
+pub struct InboundTarget {
+    pub pod: Arc<PodContext>,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub reserved_ports: [u16; 3],
+}
+
+/// Serves one accepted TCP connection: TLS handshake, then HTTP/2 until the client is done.
+pub async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    target: Arc<InboundTarget>,
+) {
+    let uid = target.pod.workload.uid();
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(direction = "inbound", dst_workload = %uid, client = %peer, error = %e, "HBONE TLS handshake rejected");
+            return;
+        }
+        Err(_) => {
+            warn!(direction = "inbound", dst_workload = %uid, client = %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(source) = tls.get_ref().1.peer_certificates().and_then(peer_identity) else {
+        warn!(dst_workload = %uid, client = %peer, "HBONE peer without a SPIFFE identity");
+        return;
+    };
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(e) => {
+            warn!(dst_workload = %uid, client = %peer, peer_identity = %source, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    debug!(dst_workload = %uid, client = %peer, peer_identity = %source, "HBONE connection accepted");
+    let source = Arc::new(source);
+    while let Some(request) = conn.accept().await {
+        match request {
+            Ok((request, respond)) => {
+                let target = Arc::clone(&target);
+                let source = Arc::clone(&source);
+                tokio::spawn(async move { handle(request, respond, peer, &source, &target).await });
+            }
+            Err(e) => {
+                debug!(dst_workload = %uid, client = %peer, error = %e, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+}
+
+/// Why a CONNECT was answered with something other than 200.
+fn reject(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder().status(status).body(()).unwrap_or_default();
+    let _ = respond.send_response(response, true);
+}
+
+async fn handle(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    source: &Identity,
+    target: &InboundTarget,
+) {
+    let uid = target.pod.workload.uid();
+    let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+    let bad = |reason: &str| {
+        warn!(
+            direction = "inbound",
+            dst_workload = %uid,
+            peer_identity = %source,
+            client = %peer,
+            authority = authority.as_deref().unwrap_or(""),
+            reason,
+            "HBONE request rejected (400)"
+        );
+    };
+    if request.method() != Method::CONNECT {
+        bad("not a CONNECT");
+        return reject(&mut respond, StatusCode::BAD_REQUEST);
+    }
+    let Some(dst) = authority.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        bad("authority is not ip:port");
+        return reject(&mut respond, StatusCode::BAD_REQUEST);
+    };
+    if !target.pod.workload.ips.contains(&dst.ip()) {
+        bad("authority IP is not this workload");
+        return reject(&mut respond, StatusCode::BAD_REQUEST);
+    }
+    if target.reserved_ports.contains(&dst.port()) {
+        bad("reserved port");
+        return reject(&mut respond, StatusCode::BAD_REQUEST);
+    }
+    let upstream =
+        match connect_in_netns(&target.pod.worker, dst, target.mark, target.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");
+                return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+    // Authorization is allow-all until the policy work: PERMISSIVE, every peer of the trust
+    // domain (already checked by TLS) may connect.
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            debug!(error = %e, "client went away before the 200");
+            return;
+        }
+    };
+    info!(
+        direction = "inbound",
+        path = "hbone",
+        dst_workload = %uid,
+        peer_identity = %source,
+        client = %peer,
+        orig_dst = %dst,
+        "connection captured"
+    );
+    let started = std::time::Instant::now();
+    match pipe(upstream, send, request.into_body()).await {
+        Ok((to_client, from_client)) => debug!(
+            direction = "inbound",
+            dst_workload = %uid,
+            orig_dst = %dst,
+            bytes_sent = to_client,
+            bytes_received = from_client,
+            duration_ms = started.elapsed().as_millis(),
+            "connection closed"
+        ),
+        Err(e) => debug!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error"),
+    }
+}

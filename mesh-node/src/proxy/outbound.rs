@@ -1,0 +1,148 @@
+//! Outbound (15001): choose the path for a captured connection and carry it.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::{PodContext, Proxy, forward};
+use crate::{
+    hbone::{self, PoolKey},
+    state::Workload,
+};
+
+/// How an outbound connection is carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// mTLS HBONE to the destination pod's node.
+    Hbone,
+    /// Destination pod on this node: straight into its netns, no TLS.
+    SameNode,
+    /// Destination outside the mesh: plaintext, from the source pod's netns.
+    Passthrough,
+}
+
+impl Path {
+    fn as_str(self) -> &'static str {
+        match self {
+            Path::Hbone => "hbone",
+            Path::SameNode => "same-node",
+            Path::Passthrough => "passthrough",
+        }
+    }
+}
+
+impl Proxy {
+    pub(super) async fn outbound(&self, ctx: &PodContext, client: TcpStream, peer: SocketAddr) {
+        let uid = ctx.workload.uid();
+        let Some(dst) = self.orig_dst.take(ctx.worker.cookie(), peer) else {
+            warn!(
+                direction = "outbound",
+                src_workload = %uid,
+                client = %peer,
+                "no original destination recorded for a captured connection; closing it"
+            );
+            forward::reset(client);
+            return;
+        };
+        let target = self.workload_at(dst.ip()).filter(|w| w.enrolled);
+        let (path, local_target) = match &target {
+            Some(w) if w.node == self.node => match self.local_pod(&w.uid()) {
+                Some(pod) => (Path::SameNode, Some(pod)),
+                // Enrolled here but not (yet) served: let its capture take it.
+                None => (Path::Passthrough, None),
+            },
+            Some(_) => (Path::Hbone, None),
+            None => (Path::Passthrough, None),
+        };
+        info!(
+            direction = "outbound",
+            path = path.as_str(),
+            src_workload = %uid,
+            src_identity = %ctx.identity,
+            dst_workload = target.as_ref().map(|w| w.uid()).unwrap_or_default(),
+            client = %peer,
+            orig_dst = %dst,
+            "connection captured"
+        );
+        match (path, target, local_target) {
+            (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w).await,
+            (Path::SameNode, _, Some(pod)) => {
+                // Same authorization as inbound (allow-all until the policy work).
+                self.direct(&pod, client, dst, &uid).await;
+            }
+            _ => self.direct(ctx, client, dst, &uid).await,
+        }
+    }
+
+    /// Connects to `dst` from inside `netns_of`'s namespace and copies.
+    async fn direct(&self, netns_of: &PodContext, client: TcpStream, dst: SocketAddr, uid: &str) {
+        match forward::connect_in_netns(&netns_of.worker, dst, self.mark, self.connect_timeout).await {
+            Ok(upstream) => forward::copy_logged(client, upstream, "outbound", uid, dst).await,
+            Err(e) => {
+                warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
+                forward::reset(client);
+            }
+        }
+    }
+
+    async fn via_hbone(&self, ctx: &PodContext, client: TcpStream, dst: SocketAddr, target: &Arc<Workload>) {
+        let uid = ctx.workload.uid();
+        let destination = self.mesh.identity(target);
+        let key = PoolKey {
+            source: ctx.identity.clone(),
+            destination: destination.clone(),
+            address: SocketAddr::new(dst.ip(), hbone::PORT),
+        };
+        // The first certificate may still be on its way from the CA.
+        if let Err(e) = self.mesh.certs.get(&ctx.identity).await {
+            warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "no certificate for the source workload");
+            forward::reset(client);
+            return;
+        }
+        let config = match self.mesh.client_config(&ctx.identity, &destination) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "TLS client configuration");
+                forward::reset(client);
+                return;
+            }
+        };
+        let stream = match self.pool.connect(&key, dst, &ctx.worker, self.mark, &config).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(
+                    direction = "outbound",
+                    src_workload = %uid,
+                    dst_identity = %destination,
+                    orig_dst = %dst,
+                    error = %crate::error_chain(&e),
+                    "HBONE connection failed"
+                );
+                forward::reset(client);
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let hbone::Stream {
+            send,
+            recv,
+            connection,
+            guard,
+        } = stream;
+        match hbone::pipe(client, send, recv).await {
+            Ok((sent, received)) => debug!(
+                direction = "outbound",
+                src_workload = %uid,
+                orig_dst = %dst,
+                connection,
+                bytes_sent = sent,
+                bytes_received = received,
+                duration_ms = started.elapsed().as_millis(),
+                "connection closed"
+            ),
+            Err(e) => debug!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error"),
+        }
+        drop(guard);
+    }
+}
