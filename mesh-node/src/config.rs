@@ -259,10 +259,16 @@ impl Config {
         }
         let td = &self.identity.trust_domain;
         if td.is_empty() || td.contains('/') || td.contains(':') {
-            return Err(invalid("identity.trustDomain", "must be a non-empty name without `/` or `:`"));
+            return Err(invalid(
+                "identity.trustDomain",
+                "must be a non-empty name without `/` or `:`",
+            ));
         }
         if self.identity.cert_lifetime_seconds < 2 {
-            return Err(invalid("identity.certLifetimeSeconds", "must be at least 2"));
+            return Err(invalid(
+                "identity.certLifetimeSeconds",
+                "must be at least 2",
+            ));
         }
         if self.proxy.connect_timeout_ms == 0 {
             return Err(invalid("proxy.connectTimeoutMs", "must be positive"));

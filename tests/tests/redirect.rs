@@ -146,8 +146,10 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_paths_are_chosen_witho
     }
     let bed = up();
     let _servers = echo_servers(&bed, &["a2", "b1", "b2"]);
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "a2"]).expect("daemon a");
-    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &["b1"]).expect("daemon b");
+    // Every node sees the same workload list; each enrolls its own pods.
+    let enrolled = ["a1", "a2", "b1"];
+    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
+    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
 
     // A pod that is not enrolled, to a pod that is not enrolled: no daemon sees it.
     let target = bed.pod("b2").addr(false, PORT);
@@ -188,12 +190,23 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_paths_are_chosen_witho
     std::thread::sleep(Duration::from_millis(200));
     let b_outbound = b.captured("outbound");
     assert_eq!(b_outbound.len() - b_out, 1, "node-b outbound");
-    assert_eq!(b_outbound[b_out]["path"], "hbone", "{:?}", b_outbound[b_out]);
+    assert_eq!(
+        b_outbound[b_out]["path"], "hbone",
+        "{:?}",
+        b_outbound[b_out]
+    );
     assert_eq!(b.captured("inbound").len(), 0, "nothing came in to b1");
     let a_inbound = a.captured("inbound");
-    assert_eq!(a_inbound.len() - a_in, 1, "node-a inbound: b1->a2 over HBONE only");
+    assert_eq!(
+        a_inbound.len() - a_in,
+        1,
+        "node-a inbound: b1->a2 over HBONE only"
+    );
     assert_eq!(a_inbound[a_in]["path"], "hbone");
-    assert_eq!(a_inbound[a_in]["peer_identity"], "spiffe://cluster.local/ns/default/sa/b1");
+    assert_eq!(
+        a_inbound[a_in]["peer_identity"],
+        "spiffe://cluster.local/ns/default/sa/b1"
+    );
     let outbound_a: Vec<String> = a
         .captured("outbound")
         .iter()

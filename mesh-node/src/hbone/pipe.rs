@@ -20,7 +20,11 @@ const CHUNK: usize = 256 * 1024;
 /// Pipes `tcp` and an HTTP/2 stream until both directions are done. Returns (bytes from TCP to
 /// the stream, bytes from the stream to TCP). A reset on either side ends both directions at
 /// once (dropping the other half closes the socket, with a RST if the peer reset).
-pub async fn pipe(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> io::Result<(u64, u64)> {
+pub async fn pipe(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> io::Result<(u64, u64)> {
     let (read, write) = tcp.into_split();
     let up = tcp_to_h2(read, send);
     let down = h2_to_tcp(recv, write);
@@ -94,7 +98,8 @@ async fn h2_to_tcp(mut recv: RecvStream, mut write: OwnedWriteHalf) -> io::Resul
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::new(io::ErrorKind::ConnectionReset, e)
     }

@@ -59,7 +59,10 @@ pub enum HboneError {
         source: h2::Error,
     },
     #[error("{address} answered the CONNECT with {status}")]
-    Status { address: SocketAddr, status: StatusCode },
+    Status {
+        address: SocketAddr,
+        status: StatusCode,
+    },
 }
 
 struct Conn {
@@ -214,7 +217,10 @@ impl Pool {
 /// Runs a client connection until it ends, pinging it and closing it when idle. Returns why it
 /// ended.
 async fn drive(
-    connection: &mut h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+    connection: &mut h2::client::Connection<
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        Bytes,
+    >,
     ping_pong: Option<h2::PingPong>,
     streams: &AtomicUsize,
 ) -> &'static str {

@@ -12,8 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW,
-    pipe,
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW, pipe,
 };
 use crate::{
     identity::Identity,
@@ -85,7 +84,10 @@ pub async fn serve_connection(
 
 /// Why a CONNECT was answered with something other than 200.
 fn reject(respond: &mut SendResponse<Bytes>, status: StatusCode) {
-    let response = Response::builder().status(status).body(()).unwrap_or_default();
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
     let _ = respond.send_response(response, true);
 }
 
@@ -113,7 +115,10 @@ async fn handle(
         bad("not a CONNECT");
         return reject(&mut respond, StatusCode::BAD_REQUEST);
     }
-    let Some(dst) = authority.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+    let Some(dst) = authority
+        .as_deref()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
         bad("authority is not ip:port");
         return reject(&mut respond, StatusCode::BAD_REQUEST);
     };
@@ -125,14 +130,20 @@ async fn handle(
         bad("reserved port");
         return reject(&mut respond, StatusCode::BAD_REQUEST);
     }
-    let upstream =
-        match connect_in_netns(&target.pod.worker, dst, target.mark, target.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");
-                return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            }
-        };
+    let upstream = match connect_in_netns(
+        &target.pod.worker,
+        dst,
+        target.mark,
+        target.connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");
+            return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     // Authorization is allow-all until the policy work: PERMISSIVE, every peer of the trust
     // domain (already checked by TLS) may connect.
     let send = match respond.send_response(Response::new(()), false) {
@@ -162,6 +173,8 @@ async fn handle(
             duration_ms = started.elapsed().as_millis(),
             "connection closed"
         ),
-        Err(e) => debug!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error"),
+        Err(e) => {
+            debug!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+        }
     }
 }

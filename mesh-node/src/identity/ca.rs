@@ -130,12 +130,11 @@ impl LocalCa {
         };
         let cert_pem = read(cert_path)?;
         let key = KeyPair::from_pem(&read(key_path)?).map_err(cert_err("parsing the CA key"))?;
-        let root = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
-            CaError::Pem {
+        let root =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Pem {
                 path: cert_path.to_owned(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let issuer =
             Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_err("loading the CA"))?;
         Ok(Self { issuer, root })

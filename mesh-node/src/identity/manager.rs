@@ -77,7 +77,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl CertManager {
     #[must_use]
-    pub fn new(source: Arc<dyn CertSource>, lifetime: Duration, provider: Arc<CryptoProvider>) -> Self {
+    pub fn new(
+        source: Arc<dyn CertSource>,
+        lifetime: Duration,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 source,
@@ -96,7 +100,11 @@ impl CertManager {
 
     /// A workload with `identity` was enrolled: start (or keep) its certificate.
     pub fn acquire(&self, identity: &Identity) {
-        let mut entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = entries.get_mut(identity) {
             entry.workloads += 1;
             return;
@@ -115,7 +123,11 @@ impl CertManager {
 
     /// A workload with `identity` left: drop the certificate when it was the last.
     pub fn release(&self, identity: &Identity) {
-        let mut entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = entries.get_mut(identity) else {
             return;
         };
@@ -131,14 +143,22 @@ impl CertManager {
     /// The current certificate, without waiting.
     #[must_use]
     pub fn current(&self, identity: &Identity) -> Option<Arc<WorkloadCert>> {
-        let entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         entries.get(identity)?.current.borrow().clone()
     }
 
     /// The current certificate, waiting (bounded) for the first one.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
         let mut rx = {
-            let entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            let entries = self
+                .inner
+                .entries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let entry = entries.get(identity).ok_or_else(|| CertError::NotManaged {
                 identity: identity.to_string(),
             })?;
@@ -158,8 +178,16 @@ impl CertManager {
     /// Every managed identity and its certificate's validity.
     #[must_use]
     pub fn states(&self) -> Vec<CertState> {
-        let entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let secs = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        };
         let mut states: Vec<CertState> = entries
             .iter()
             .map(|(id, e)| {
@@ -179,7 +207,11 @@ impl CertManager {
 
 impl Inner {
     /// Issues a certificate for `identity`, then renews it at half-life, forever.
-    async fn keep_fresh(self: Arc<Self>, identity: Identity, tx: watch::Sender<Option<Arc<WorkloadCert>>>) {
+    async fn keep_fresh(
+        self: Arc<Self>,
+        identity: Identity,
+        tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    ) {
         let mut backoff = BACKOFF_MIN;
         loop {
             match self.issue(&identity).await {
@@ -197,7 +229,9 @@ impl Inner {
                         "certificate issued"
                     );
                     tx.send_replace(Some(Arc::new(cert)));
-                    let wait = renew_at.duration_since(SystemTime::now()).unwrap_or_default();
+                    let wait = renew_at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
@@ -230,15 +264,20 @@ impl Inner {
             }
         })?;
         let mut params = CertificateParams::default();
-        let uri = identity.to_string().try_into().map_err(|source| CaError::Cert {
-            what: "the identity is not an IA5 string",
-            source,
-        })?;
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|source| CaError::Cert {
+                what: "the identity is not an IA5 string",
+                source,
+            })?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        let csr = params.serialize_request(&key).map_err(|source| CaError::Cert {
-            what: "building the CSR",
-            source,
-        })?;
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|source| CaError::Cert {
+                what: "building the CSR",
+                source,
+            })?;
         let chain = self
             .source
             .sign(identity, &csr.der().clone(), self.lifetime)
@@ -267,12 +306,16 @@ impl Inner {
 
 /// A certificate's validity period.
 pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), CaError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::Unavailable {
-        reason: format!("the CA returned an unparsable certificate: {e}"),
-    })?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::Unavailable {
+            reason: format!("the CA returned an unparsable certificate: {e}"),
+        })?;
     let at = |t: x509_parser::time::ASN1Time| {
         let secs = u64::try_from(t.timestamp()).unwrap_or(0);
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
     };
-    Ok((at(parsed.validity().not_before), at(parsed.validity().not_after)))
+    Ok((
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
 }

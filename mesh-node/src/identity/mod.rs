@@ -54,9 +54,7 @@ impl FromStr for Identity {
         let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts[..] {
-            [td, "ns", ns, "sa", sa]
-                if [td, ns, sa].iter().all(|p| !p.is_empty()) =>
-            {
+            [td, "ns", ns, "sa", sa] if [td, ns, sa].iter().all(|p| !p.is_empty()) => {
                 Ok(Self::new(td, ns, sa))
             }
             _ => Err(bad()),

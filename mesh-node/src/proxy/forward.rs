@@ -50,7 +50,9 @@ pub async fn copy_logged(
             duration_ms = started.elapsed().as_millis(),
             "connection closed"
         ),
-        Err(e) => debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error"),
+        Err(e) => {
+            debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+        }
     }
 }
 

@@ -33,7 +33,14 @@ impl Proxy {
             orig_dst = %dst,
             "connection captured"
         );
-        let upstream = match forward::connect_in_netns(&ctx.worker, dst, self.mark, self.connect_timeout).await {
+        let upstream = match forward::connect_in_netns(
+            &ctx.worker,
+            dst,
+            self.mark,
+            self.connect_timeout,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");

@@ -56,7 +56,11 @@ impl MeshTls {
     /// The SPIFFE identity of a workload.
     #[must_use]
     pub fn identity(&self, workload: &Workload) -> Identity {
-        Identity::new(&self.trust_domain, &workload.namespace, &workload.service_account)
+        Identity::new(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
     }
 
     fn client_config(
@@ -65,7 +69,10 @@ impl MeshTls {
         destination: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, tls::TlsError> {
         let key = (source.clone(), destination.clone());
-        let mut configs = self.client_configs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut configs = self
+            .client_configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(config) = configs.get(&key) {
             return Ok(Arc::clone(config));
         }
@@ -161,7 +168,10 @@ impl Proxy {
             .iter()
             .flat_map(|w| {
                 let w = Arc::new(w.clone());
-                w.ips.clone().into_iter().map(move |ip| (ip, Arc::clone(&w)))
+                w.ips
+                    .clone()
+                    .into_iter()
+                    .map(move |ip| (ip, Arc::clone(&w)))
             })
             .collect();
         self.directory
@@ -210,24 +220,41 @@ impl Proxy {
             let listener = tokio_listener(listener)?;
             let acceptor = TlsAcceptor::from(Arc::clone(&server));
             let target = Arc::clone(&target);
-            serving.tasks.push(tokio::spawn(accept_loop(listener, uid.clone(), move |tcp, peer| {
-                tokio::spawn(hbone::serve_connection(acceptor.clone(), tcp, peer, Arc::clone(&target)));
-            })));
+            serving.tasks.push(tokio::spawn(accept_loop(
+                listener,
+                uid.clone(),
+                move |tcp, peer| {
+                    tokio::spawn(hbone::serve_connection(
+                        acceptor.clone(),
+                        tcp,
+                        peer,
+                        Arc::clone(&target),
+                    ));
+                },
+            )));
         }
         for listener in pod.outbound {
             let listener = tokio_listener(listener)?;
             let (this, ctx) = (Arc::clone(self), Arc::clone(&ctx));
-            serving.tasks.push(tokio::spawn(accept_loop(listener, uid.clone(), move |tcp, peer| {
-                let (this, ctx) = (Arc::clone(&this), Arc::clone(&ctx));
-                tokio::spawn(async move { this.outbound(&ctx, tcp, peer).await });
-            })));
+            serving.tasks.push(tokio::spawn(accept_loop(
+                listener,
+                uid.clone(),
+                move |tcp, peer| {
+                    let (this, ctx) = (Arc::clone(&this), Arc::clone(&ctx));
+                    tokio::spawn(async move { this.outbound(&ctx, tcp, peer).await });
+                },
+            )));
         }
         let listener = tokio_listener(pod.inbound)?;
         let (this, inbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
-        serving.tasks.push(tokio::spawn(accept_loop(listener, uid.clone(), move |tcp, peer| {
-            let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
-            tokio::spawn(async move { this.inbound(&ctx, tcp, peer).await });
-        })));
+        serving.tasks.push(tokio::spawn(accept_loop(
+            listener,
+            uid.clone(),
+            move |tcp, peer| {
+                let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
+                tokio::spawn(async move { this.inbound(&ctx, tcp, peer).await });
+            },
+        )));
         self.directory
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -237,12 +264,18 @@ impl Proxy {
     }
 
     fn workload_at(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        let directory = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        let directory = self
+            .directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         directory.by_ip.get(&ip).cloned()
     }
 
     fn local_pod(&self, uid: &str) -> Option<Arc<PodContext>> {
-        let directory = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        let directory = self
+            .directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         directory.local.get(uid).cloned()
     }
 }

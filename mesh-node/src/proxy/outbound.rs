@@ -77,7 +77,9 @@ impl Proxy {
 
     /// Connects to `dst` from inside `netns_of`'s namespace and copies.
     async fn direct(&self, netns_of: &PodContext, client: TcpStream, dst: SocketAddr, uid: &str) {
-        match forward::connect_in_netns(&netns_of.worker, dst, self.mark, self.connect_timeout).await {
+        match forward::connect_in_netns(&netns_of.worker, dst, self.mark, self.connect_timeout)
+            .await
+        {
             Ok(upstream) => forward::copy_logged(client, upstream, "outbound", uid, dst).await,
             Err(e) => {
                 warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
@@ -86,7 +88,13 @@ impl Proxy {
         }
     }
 
-    async fn via_hbone(&self, ctx: &PodContext, client: TcpStream, dst: SocketAddr, target: &Arc<Workload>) {
+    async fn via_hbone(
+        &self,
+        ctx: &PodContext,
+        client: TcpStream,
+        dst: SocketAddr,
+        target: &Arc<Workload>,
+    ) {
         let uid = ctx.workload.uid();
         let destination = self.mesh.identity(target);
         let key = PoolKey {
@@ -108,7 +116,11 @@ impl Proxy {
                 return;
             }
         };
-        let stream = match self.pool.connect(&key, dst, &ctx.worker, self.mark, &config).await {
+        let stream = match self
+            .pool
+            .connect(&key, dst, &ctx.worker, self.mark, &config)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 warn!(
@@ -141,7 +153,9 @@ impl Proxy {
                 duration_ms = started.elapsed().as_millis(),
                 "connection closed"
             ),
-            Err(e) => debug!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error"),
+            Err(e) => {
+                debug!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+            }
         }
         drop(guard);
     }

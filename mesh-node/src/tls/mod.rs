@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use rustls::{
     ClientConfig, ServerConfig,
-    client::{Resumption, ResolvesClientCert},
+    client::{ResolvesClientCert, Resumption},
     crypto::CryptoProvider,
     pki_types::CertificateDer,
     server::{ClientHello, ResolvesServerCert},
@@ -58,7 +58,9 @@ struct IdentityCert {
 
 impl IdentityCert {
     fn key(&self) -> Option<Arc<CertifiedKey>> {
-        self.certs.current(&self.identity).map(|c| Arc::clone(&c.key))
+        self.certs
+            .current(&self.identity)
+            .map(|c| Arc::clone(&c.key))
     }
 }
 

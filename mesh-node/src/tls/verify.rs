@@ -4,8 +4,7 @@
 use std::sync::Arc;
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime},
@@ -56,7 +55,11 @@ impl PeerVerifier {
         roots: &[CertificateDer<'static>],
         trust_domain: &str,
     ) -> Result<Self, TlsError> {
-        Self::new(provider, roots, Expect::TrustDomain(trust_domain.to_owned()))
+        Self::new(
+            provider,
+            roots,
+            Expect::TrustDomain(trust_domain.to_owned()),
+        )
     }
 
     /// For a client: accept only a server with `identity`.
@@ -99,9 +102,9 @@ impl PeerVerifier {
                 Expect::TrustDomain(td) => format!("an identity in trust domain {td}"),
                 Expect::Exactly(id) => id.to_string(),
             };
-            Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-                WrongIdentity { shown, wanted },
-            )))))
+            Err(Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(WrongIdentity { shown, wanted })),
+            )))
         }
     }
 }
@@ -120,9 +123,7 @@ fn pki_error(error: webpki::Error) -> Error {
         E::CertExpired { .. } => CertificateError::Expired,
         E::CertNotValidYet { .. } => CertificateError::NotValidYet,
         E::UnknownIssuer => CertificateError::UnknownIssuer,
-        E::InvalidSignatureForPublicKey => {
-            CertificateError::BadSignature
-        }
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         other => CertificateError::Other(OtherError(Arc::new(other))),
     };
     Error::InvalidCertificate(cert_error)
@@ -163,7 +164,12 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.verify_chain(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        self.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -173,7 +179,12 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -182,11 +193,18 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -200,7 +218,12 @@ impl ServerCertVerifier for PeerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         // The name is not used: HBONE identifies servers by SPIFFE URI SAN only.
-        self.verify_chain(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        self.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -210,7 +233,12 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -219,10 +247,17 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
