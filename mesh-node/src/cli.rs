@@ -87,7 +87,7 @@ enum CaCommand {
         /// Directory holding ca-cert.pem and ca-key.pem.
         #[arg(long)]
         ca_dir: PathBuf,
-        /// SPIFFE id, e.g. spiffe://cluster.local/ns/default/sa/web.
+        /// SPIFFE id, e.g. `spiffe://cluster.local/ns/default/sa/web`.
         #[arg(long)]
         identity: String,
         /// Where to write the certificate (PEM).

@@ -1,5 +1,5 @@
 //! Copies between an application TCP connection and an HTTP/2 stream: a FIN becomes
-//! END_STREAM and the other way round (half-close), a reset becomes RST_STREAM and the other way
+//! `END_STREAM` and the other way round (half-close), a reset becomes `RST_STREAM` and the other way
 //! round, and the HTTP/2 receive window is released as bytes are written out.
 
 use std::io;

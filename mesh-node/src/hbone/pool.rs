@@ -245,13 +245,13 @@ async fn drive(
                 if let Some(pp) = ping_pong.as_mut() {
                     let ping = pp.ping(h2::Ping::opaque());
                     // Keep driving the connection while waiting for the PONG.
-                    let pong = tokio::time::timeout(PING_TIMEOUT, async {
+                    let answered = tokio::time::timeout(PING_TIMEOUT, async {
                         tokio::select! {
                             r = ping => r.is_ok(),
                             _ = &mut *connection => false,
                         }
                     });
-                    if !pong.await.unwrap_or(false) {
+                    if !answered.await.unwrap_or(false) {
                         warn!("HBONE peer did not answer a PING within {PING_TIMEOUT:?}; dropping the connection");
                         return "ping timeout";
                     }

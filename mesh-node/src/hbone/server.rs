@@ -174,7 +174,7 @@ async fn handle(
             "connection closed"
         ),
         Err(e) => {
-            debug!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+            debug!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
         }
     }
 }

@@ -103,8 +103,8 @@ impl LocalCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + Duration::from_secs(10 * 365 * 24 * 3600)).into();
+        params.not_before = (now - Duration::from_mins(1)).into();
+        params.not_after = (now + Duration::from_hours(10 * 365 * 24)).into();
         let cert = params
             .self_signed(&key)
             .map_err(cert_err("self-signing the CA certificate"))?;
@@ -200,7 +200,7 @@ impl CertSource for LocalCa {
             let leaf = self.issue_for_key(
                 identity,
                 &request.public_key,
-                now - Duration::from_secs(60),
+                now - Duration::from_mins(1),
                 now + lifetime,
             )?;
             Ok(vec![leaf.der().clone()])

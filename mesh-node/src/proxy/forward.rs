@@ -51,7 +51,7 @@ pub async fn copy_logged(
             "connection closed"
         ),
         Err(e) => {
-            debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+            debug!(direction, workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
         }
     }
 }

@@ -154,7 +154,7 @@ impl Proxy {
                 "connection closed"
             ),
             Err(e) => {
-                debug!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error")
+                debug!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
             }
         }
         drop(guard);
