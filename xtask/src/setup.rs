@@ -25,7 +25,12 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "python3",
+    // Wire captures in the mTLS tests.
+    "tcpdump",
 ];
+
+/// Python packages of the interop tests' HBONE peer (which shares no code with the project).
+const PIP_PACKAGES: &[(&str, &str)] = &[("h2", "h2")];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TOOLCHAIN: &str = "debian-bpf";
@@ -39,6 +44,7 @@ pub fn run() -> anyhow::Result<()> {
     install_bpf_linker(llvm)?;
     link_toolchain()?;
     mount_bpffs()?;
+    install_pip(PIP_PACKAGES)?;
     println!(
         "setup complete in {:.1}s (LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION}, toolchain {TOOLCHAIN})",
         start.elapsed().as_secs_f64()
@@ -147,6 +153,31 @@ fn link_toolchain() -> anyhow::Result<()> {
     }
     let step = Step::start(&format!("rustup toolchain link {TOOLCHAIN} /usr"));
     run_checked(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))?;
+    step.done();
+    Ok(())
+}
+
+/// Python packages, installed for the `python3` on PATH (the one the tests run).
+fn install_pip(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let step = Step::start(&format!("pip install {}", missing.join(" ")));
+    run_checked(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&missing),
+    )?;
     step.done();
     Ok(())
 }

@@ -95,6 +95,9 @@ impl Drop for StreamGuard {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
+    /// One dial at a time per key, so a burst of new connections shares the first dial instead
+    /// of each opening its own.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     next_id: AtomicU64,
     /// Connections dialled so far.
     opened: AtomicU64,
@@ -124,7 +127,17 @@ impl Pool {
     ) -> Result<Stream, HboneError> {
         let (send, streams, id) = match self.checkout(key) {
             Some(found) => found,
-            None => self.dial(key, worker, mark, tls).await?,
+            None => {
+                let lock = {
+                    let mut dialing = self.dialing.lock().unwrap_or_else(PoisonError::into_inner);
+                    Arc::clone(dialing.entry(key.clone()).or_default())
+                };
+                let _dialing = lock.lock().await;
+                match self.checkout(key) {
+                    Some(found) => found,
+                    None => self.dial(key, worker, mark, tls).await?,
+                }
+            }
         };
         let guard = StreamGuard(streams);
         let (send, recv) = request(send, authority, key.address).await?;

@@ -8,6 +8,9 @@
 //!   half-closes, reads the echo to EOF and prints one JSON line with the peer address the
 //!   kernel reports (`getpeername`), the byte counts, whether the bytes came back intact, and
 //!   timings. Exits 1 on any failure.
+//! - `mesh-testapp send ADDR TEXT`: sends TEXT once, half-closes, checks the echo.
+//! - `mesh-testapp trickle ADDR SECONDS`: sends a small chunk ten times a second for SECONDS,
+//!   then half-closes and checks the echo (a long-lived connection).
 
 use std::{
     io::{Read, Write},
@@ -16,7 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-const USAGE: &str = "usage: mesh-testapp echo ADDR | mesh-testapp client ADDR [BYTES]";
+const USAGE: &str = "usage: mesh-testapp echo ADDR | client ADDR [BYTES] | send ADDR TEXT | \
+                     trickle ADDR SECONDS";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,6 +30,17 @@ fn main() -> ExitCode {
         ["client", addr, bytes] => match bytes.parse() {
             Ok(n) => client(addr, n),
             Err(e) => Err(format!("BYTES: {e}")),
+        },
+        ["send", addr, text] => send(addr, text.as_bytes(), Duration::ZERO, 1),
+        ["trickle", addr, seconds] => match seconds.parse::<u64>() {
+            // 10 chunks a second.
+            Ok(s) => send(
+                addr,
+                b"0123456789abcdef",
+                Duration::from_millis(100),
+                s * 10,
+            ),
+            Err(e) => Err(format!("SECONDS: {e}")),
         },
         _ => Err(USAGE.to_owned()),
     };
@@ -68,6 +83,48 @@ fn echo_one(mut stream: TcpStream) -> std::io::Result<u64> {
     let n = std::io::copy(&mut reader, &mut stream)?;
     stream.shutdown(Shutdown::Write)?;
     Ok(n)
+}
+
+/// Sends `chunk` `times` times with `pause` between, half-closes, and checks that exactly the
+/// same bytes come back. Prints a JSON report like `client`.
+fn send(addr: &str, chunk: &[u8], pause: Duration, times: u64) -> Result<(), String> {
+    let target = parse(addr)?;
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
+    let mut sent = Vec::new();
+    for i in 0..times {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        stream.write_all(chunk).map_err(|e| format!("write: {e}"))?;
+        sent.extend_from_slice(chunk);
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut echo = Vec::new();
+    stream
+        .read_to_end(&mut echo)
+        .map_err(|e| format!("read: {e}"))?;
+    let intact = echo == sent;
+    println!(
+        "{{\"peer\":\"{peer}\",\"sent\":{},\"received\":{},\"intact\":{intact},\"total_us\":{}}}",
+        sent.len(),
+        echo.len(),
+        start.elapsed().as_micros()
+    );
+    if intact {
+        Ok(())
+    } else {
+        Err("echo mismatch".to_owned())
+    }
 }
 
 /// The byte at `offset` of the pattern the client sends: position-dependent, so reordered,

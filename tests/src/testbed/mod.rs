@@ -253,6 +253,17 @@ impl Testbed {
         &self.tmp
     }
 
+    /// Starts a long-lived process on the inter-node link (the fabric netns that holds the
+    /// bridge `br0`), e.g. a packet capture.
+    pub fn spawn_on_link(&self, argv: &[&str]) -> anyhow::Result<Proc> {
+        let place = Place {
+            netns: self.fabric_netns.clone(),
+            cgroup: self.cgroup.clone(),
+            logs: self.tmp.join("link"),
+        };
+        process::spawn(&place, argv, &[])
+    }
+
     /// Names of the network namespaces this testbed made.
     #[must_use]
     pub fn netns_names(&self) -> Vec<String> {
