@@ -296,3 +296,312 @@ fn certificates_rotate_under_a_running_connection() {
         Duration::from_secs(10),
     );
 }
+
+/// Issues a certificate for `id` from the CA in `ca_dir` into the testbed's directory.
+fn issue(bed: &Testbed, ca_dir: &Path, id: &str, name: &str, extra: &[&str]) -> (String, String) {
+    let cert = bed.tmp_dir().join(format!("{name}-cert.pem"));
+    let key = bed.tmp_dir().join(format!("{name}-key.pem"));
+    let out = std::process::Command::new(DUT)
+        .args(["ca", "issue", "--ca-dir"])
+        .arg(ca_dir)
+        .args(["--identity", id, "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(extra)
+        .output()
+        .expect("ca issue");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
+fn other_ca(bed: &Testbed) -> std::path::PathBuf {
+    let dir = bed.tmp_dir().join("other-ca");
+    let out = std::process::Command::new(DUT)
+        .args(["ca", "init", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("ca init");
+    assert!(out.status.success());
+    dir
+}
+
+/// Runs the Python HBONE client in `pod`; returns its JSON report.
+fn python_client(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec!["python3", PEER, "client"];
+    argv.extend_from_slice(args);
+    let out = bed.pod(pod).exec(&argv).expect("python3 runs");
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: stdout {} stderr {}", out.stdout, out.stderr))
+}
+
+#[test]
+fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_ones_are_rejected() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["a2"]);
+    let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2"]).expect("daemon");
+    let ca = daemon.ca().to_path_buf();
+    let ca_cert = ca.join("ca-cert.pem").to_str().unwrap().to_owned();
+    let hbone = format!("{}:15008", bed.pod("a2").ipv4());
+    let app = bed.pod("a2").addr(false, PORT).to_string();
+    let (cert, key) = issue(&bed, &ca, &identity("b1"), "b1", &[]);
+
+    // A well-behaved peer: 200 and the bytes echo back (IPv4 and IPv6 authority).
+    let ok = python_client(
+        &bed,
+        "b1",
+        &[
+            "--connect",
+            &hbone,
+            "--authority",
+            &app,
+            "--ca",
+            &ca_cert,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ],
+    );
+    assert_eq!(
+        (ok["status"].as_u64(), ok["echo_ok"].as_bool()),
+        (Some(200), Some(true)),
+        "{ok}"
+    );
+    let hbone6 = format!("[{}]:15008", bed.pod("a2").ipv6());
+    let app6 = bed.pod("a2").addr(true, PORT).to_string();
+    let ok = python_client(
+        &bed,
+        "b1",
+        &[
+            "--connect",
+            &hbone6,
+            "--authority",
+            &app6,
+            "--ca",
+            &ca_cert,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ],
+    );
+    assert_eq!(ok["status"], 200, "{ok}");
+    let inbound = daemon.captured("inbound");
+    assert_eq!(inbound.len(), 2);
+    assert_eq!(inbound[0]["peer_identity"], identity("b1"));
+
+    // Requests the server refuses: reserved port, an IP that is not this workload → 400;
+    // nothing listening → 503.
+    let statuses: Vec<u64> = [
+        format!("{}:15006", bed.pod("a2").ipv4()),
+        format!("{}:{PORT}", bed.pod("b2").ipv4()),
+        format!("{}:7999", bed.pod("a2").ipv4()),
+    ]
+    .iter()
+    .map(|authority| {
+        let r = python_client(
+            &bed,
+            "b1",
+            &[
+                "--connect",
+                &hbone,
+                "--authority",
+                authority,
+                "--ca",
+                &ca_cert,
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+            ],
+        );
+        r["status"].as_u64().unwrap_or_else(|| panic!("{r}"))
+    })
+    .collect();
+    assert_eq!(statuses, [400, 400, 503]);
+    assert_eq!(daemon.records("HBONE request rejected (400)").len(), 2);
+    assert_eq!(
+        daemon.records("HBONE upstream connect failed (503)").len(),
+        1
+    );
+
+    // Clients the TLS layer refuses, each logged with the reason.
+    let other = other_ca(&bed);
+    let (foreign_cert, foreign_key) = issue(&bed, &other, &identity("b1"), "foreign", &[]);
+    let (td_cert, td_key) = issue(
+        &bed,
+        &ca,
+        "spiffe://other.domain/ns/default/sa/b1",
+        "td",
+        &[],
+    );
+    let (old_cert, old_key) = issue(
+        &bed,
+        &ca,
+        &identity("b1"),
+        "expired",
+        &["--backdate-seconds", "7200", "--lifetime-seconds", "3600"],
+    );
+    let cases: [(&str, Vec<&str>); 4] = [
+        ("no client certificate", vec![]),
+        (
+            "another CA",
+            vec!["--cert", &foreign_cert, "--key", &foreign_key],
+        ),
+        (
+            "another trust domain",
+            vec!["--cert", &td_cert, "--key", &td_key],
+        ),
+        ("expired", vec!["--cert", &old_cert, "--key", &old_key]),
+    ];
+    for (i, (case, creds)) in cases.iter().enumerate() {
+        let mut args = vec![
+            "--connect",
+            hbone.as_str(),
+            "--authority",
+            app.as_str(),
+            "--ca",
+            ca_cert.as_str(),
+        ];
+        args.extend(creds);
+        let r = python_client(&bed, "b1", &args);
+        assert!(
+            r.get("status").is_none_or(|s| s.is_null()),
+            "{case}: must not get a status: {r}"
+        );
+        daemon
+            .wait_for_records(
+                "HBONE TLS handshake rejected",
+                i + 1,
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+    let reasons: Vec<String> = daemon
+        .records("HBONE TLS handshake rejected")
+        .iter()
+        .map(|r| r["error"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    eprintln!("rejections: {reasons:#?}");
+    // A CA with the same subject name fails on the signature, another one as an unknown issuer.
+    let foreign = |r: &str| r.contains("UnknownIssuer") || r.contains("BadSignature");
+    assert!(reasons[0].contains("no certificates"), "{}", reasons[0]);
+    assert!(foreign(&reasons[1]), "{}", reasons[1]);
+    assert!(reasons[2].contains("trust domain"), "{}", reasons[2]);
+    assert!(reasons[3].contains("Expired"), "{}", reasons[3]);
+    assert_eq!(
+        daemon.captured("inbound").len(),
+        2,
+        "no rejected request reached the application"
+    );
+}
+
+#[test]
+fn the_daemon_connects_to_a_foreign_hbone_server_and_rejects_wrong_identities() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    // No daemon on node-b: b1 "is" a Python HBONE server with b1's identity.
+    let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "b1"]).expect("daemon");
+    let ca = daemon.ca().to_path_buf();
+    let ca_cert = ca.join("ca-cert.pem").to_str().unwrap().to_owned();
+    let listen = format!("{}:15008", bed.pod("b1").ipv4());
+    let target = bed.pod("b1").addr(false, PORT).to_string();
+    let other = other_ca(&bed);
+
+    let mut servers = Vec::new();
+    let cases = [
+        (
+            "right identity",
+            issue(&bed, &ca, &identity("b1"), "srv-ok", &[]),
+            true,
+        ),
+        (
+            "wrong identity",
+            issue(&bed, &ca, &identity("b2"), "srv-wrong", &[]),
+            false,
+        ),
+        (
+            "another CA",
+            issue(&bed, &other, &identity("b1"), "srv-foreign", &[]),
+            false,
+        ),
+        (
+            "expired",
+            issue(
+                &bed,
+                &ca,
+                &identity("b1"),
+                "srv-expired",
+                &["--backdate-seconds", "7200", "--lifetime-seconds", "3600"],
+            ),
+            false,
+        ),
+    ];
+    for (case, (cert, key), accepted) in &cases {
+        drop(servers.pop());
+        let mut server = bed
+            .pod("b1")
+            .spawn(&[
+                "python3", PEER, "server", "--listen", &listen, "--ca", &ca_cert, "--cert", cert,
+                "--key", key,
+            ])
+            .expect("python server");
+        server
+            .wait_for_output("listening", Duration::from_secs(10))
+            .expect("python server up");
+        let started = std::time::Instant::now();
+        let out = bed
+            .pod("a1")
+            .exec(&[APP, "send", &target, "through a foreign server"])
+            .expect("client");
+        if *accepted {
+            assert!(out.status.success(), "{case}: {}", out.stderr);
+            assert!(
+                server
+                    .stdout()
+                    .contains(&format!("\"authority\": \"{target}\"")),
+                "{case}: {}",
+                server.stdout()
+            );
+            assert!(server.stdout().contains("\"method\": \"CONNECT\""));
+        } else {
+            assert!(!out.status.success(), "{case}: the connection must fail");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{case}: failed promptly"
+            );
+        }
+        servers.push(server);
+    }
+    let failures: Vec<String> = daemon
+        .records("HBONE connection failed")
+        .iter()
+        .map(|r| r["error"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    eprintln!("failures: {failures:#?}");
+    assert_eq!(failures.len(), 3, "{failures:?}");
+    assert!(
+        failures[0].contains(&identity("b2")) && failures[0].contains(&identity("b1")),
+        "{}",
+        failures[0]
+    );
+    assert!(
+        failures[1].contains("UnknownIssuer") || failures[1].contains("BadSignature"),
+        "{}",
+        failures[1]
+    );
+    assert!(failures[2].contains("Expired"), "{}", failures[2]);
+}
