@@ -96,7 +96,11 @@ fn rand_hex() -> String {
     let mut bytes = [0u8; 16];
     let mut f = std::fs::File::open("/dev/urandom").unwrap();
     std::io::Read::read_exact(&mut f, &mut bytes).unwrap();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes.iter().fold(String::new(), |mut hex, b| {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -196,7 +200,7 @@ fn concurrent_connections_share_pooled_http2_connections_and_large_transfers_arr
         })
         .collect();
     for mut c in clients {
-        let status = c.wait(Duration::from_secs(60)).expect("client finishes");
+        let status = c.wait(Duration::from_mins(1)).expect("client finishes");
         assert!(status.success(), "{}", c.stderr());
         let report: serde_json::Value = serde_json::from_str(c.stdout().trim()).unwrap();
         assert_eq!(report["intact"], true, "{report}");
@@ -214,7 +218,7 @@ fn concurrent_connections_share_pooled_http2_connections_and_large_transfers_arr
         &bed,
         "a1",
         &[APP, "client", &target, "268435456"],
-        Duration::from_secs(180),
+        Duration::from_mins(3),
     );
     assert_eq!(report["received"], 268_435_456u64);
     assert_eq!(
@@ -335,15 +339,15 @@ fn other_ca(bed: &Testbed) -> std::path::PathBuf {
 
 /// Runs the Python HBONE client in `pod`; returns its JSON report.
 fn python_client(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
-    let mut argv = vec!["python3", PEER, "client"];
-    argv.extend_from_slice(args);
-    let out = bed.pod(pod).exec(&argv).expect("python3 runs");
+    let mut cmd = vec!["python3", PEER, "client"];
+    cmd.extend_from_slice(args);
+    let out = bed.pod(pod).exec(&cmd).expect("python3 runs");
     serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("{e}: stdout {} stderr {}", out.stdout, out.stderr))
 }
 
 #[test]
-fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_ones_are_rejected() {
+fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_requests_get_400_or_503() {
     if !namespaced_test_can_run() {
         return;
     }
@@ -435,6 +439,20 @@ fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_ones_are_rejected(
         daemon.records("HBONE upstream connect failed (503)").len(),
         1
     );
+}
+
+#[test]
+fn clients_without_a_valid_mesh_certificate_are_rejected_with_a_reason() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["a2"]);
+    let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2"]).expect("daemon");
+    let ca = daemon.ca().to_path_buf();
+    let ca_cert = ca.join("ca-cert.pem").to_str().unwrap().to_owned();
+    let hbone = format!("{}:15008", bed.pod("a2").ipv4());
+    let app = bed.pod("a2").addr(false, PORT).to_string();
 
     // Clients the TLS layer refuses, each logged with the reason.
     let other = other_ca(&bed);
@@ -477,7 +495,7 @@ fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_ones_are_rejected(
         args.extend(creds);
         let r = python_client(&bed, "b1", &args);
         assert!(
-            r.get("status").is_none_or(|s| s.is_null()),
+            r.get("status").is_none_or(serde_json::Value::is_null),
             "{case}: must not get a status: {r}"
         );
         daemon
@@ -500,10 +518,9 @@ fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_ones_are_rejected(
     assert!(foreign(&reasons[1]), "{}", reasons[1]);
     assert!(reasons[2].contains("trust domain"), "{}", reasons[2]);
     assert!(reasons[3].contains("Expired"), "{}", reasons[3]);
-    assert_eq!(
-        daemon.captured("inbound").len(),
-        2,
-        "no rejected request reached the application"
+    assert!(
+        daemon.captured("inbound").is_empty(),
+        "no rejected client reached the application"
     );
 }
 

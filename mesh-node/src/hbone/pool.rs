@@ -125,18 +125,17 @@ impl Pool {
         mark: u32,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Stream, HboneError> {
-        let (send, streams, id) = match self.checkout(key) {
-            Some(found) => found,
-            None => {
-                let lock = {
-                    let mut dialing = self.dialing.lock().unwrap_or_else(PoisonError::into_inner);
-                    Arc::clone(dialing.entry(key.clone()).or_default())
-                };
-                let _dialing = lock.lock().await;
-                match self.checkout(key) {
-                    Some(found) => found,
-                    None => self.dial(key, worker, mark, tls).await?,
-                }
+        let (send, streams, id) = if let Some(found) = self.checkout(key) {
+            found
+        } else {
+            let lock = {
+                let mut dialing = self.dialing.lock().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(dialing.entry(key.clone()).or_default())
+            };
+            let _dialing = lock.lock().await;
+            match self.checkout(key) {
+                Some(found) => found,
+                None => self.dial(key, worker, mark, tls).await?,
             }
         };
         let guard = StreamGuard(streams);
