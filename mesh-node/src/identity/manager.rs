@@ -217,12 +217,11 @@ impl Inner {
             match self.issue(&identity).await {
                 Ok(cert) => {
                     backoff = BACKOFF_MIN;
-                    let renew_at = cert.not_before
-                        + cert
-                            .not_after
-                            .duration_since(cert.not_before)
-                            .unwrap_or_default()
-                            / 2;
+                    // Half of the lifetime that remains from now: the CA backdates
+                    // certificates (clock skew), which must not pull renewal forward.
+                    let issued_at = SystemTime::now().max(cert.not_before);
+                    let renew_at = issued_at
+                        + cert.not_after.duration_since(issued_at).unwrap_or_default() / 2;
                     info!(
                         identity = %identity,
                         valid_for_s = cert.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),

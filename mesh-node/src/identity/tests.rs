@@ -1,0 +1,156 @@
+//! Certificate manager behaviour against a local CA that can be switched off.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+
+use super::{CaError, CertManager, CertSource, Identity, LocalCa, ca::BoxFuture};
+
+/// A local CA that counts requests and fails while `down` is set.
+struct FlakyCa {
+    ca: LocalCa,
+    down: AtomicBool,
+    requests: AtomicUsize,
+}
+
+impl CertSource for FlakyCa {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a Identity,
+        csr: &'a CertificateSigningRequestDer<'static>,
+        lifetime: Duration,
+    ) -> BoxFuture<'a, Result<Vec<CertificateDer<'static>>, CaError>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(CaError::Unavailable {
+                    reason: "switched off by the test".to_owned(),
+                })
+            });
+        }
+        self.ca.sign(identity, csr, lifetime)
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.ca.roots()
+    }
+}
+
+fn flaky_ca() -> (Arc<FlakyCa>, tempdir::Dir) {
+    let dir = tempdir::Dir::new();
+    let (cert, key) = LocalCa::init(dir.path(), "test.local").expect("init");
+    let ca = LocalCa::load(&cert, &key).expect("load");
+    let flaky = Arc::new(FlakyCa {
+        ca,
+        down: AtomicBool::new(false),
+        requests: AtomicUsize::new(0),
+    });
+    (flaky, dir)
+}
+
+/// A temporary directory removed on drop (keeps the dev-dependencies at none).
+mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new() -> Self {
+            static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path =
+                std::env::temp_dir().join(format!("mesh-ca-test-{}-{n}", std::process::id()));
+            Self(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn manager(ca: &Arc<FlakyCa>, lifetime: Duration) -> CertManager {
+    CertManager::new(
+        Arc::clone(ca) as Arc<dyn CertSource>,
+        lifetime,
+        crate::tls::provider(),
+    )
+}
+
+#[tokio::test]
+async fn issues_on_acquire_renews_at_half_life_and_drops_on_release() {
+    let (ca, _dir) = flaky_ca();
+    let certs = manager(&ca, Duration::from_secs(2));
+    let id = Identity::new("test.local", "ns", "sa");
+    certs.acquire(&id);
+    certs.acquire(&id);
+    let first = certs.get(&id).await.expect("first certificate");
+    assert_eq!(first.identity, id);
+    // Renewed every second (half of 2 s), not more often.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = certs.current(&id).expect("still served");
+    assert!(later.not_after > first.not_after, "renewed");
+    let requests = ca.requests.load(Ordering::SeqCst);
+    assert!(
+        (3..=4).contains(&requests),
+        "initial + 2 renewals, got {requests}"
+    );
+    certs.release(&id);
+    assert!(certs.current(&id).is_some(), "one workload still uses it");
+    certs.release(&id);
+    assert!(
+        certs.current(&id).is_none(),
+        "dropped with the last workload"
+    );
+    assert!(certs.states().is_empty());
+}
+
+#[tokio::test]
+async fn keeps_serving_a_valid_certificate_while_the_ca_is_down() {
+    let (ca, _dir) = flaky_ca();
+    // X.509 times have whole seconds: a 6 s certificate is valid for at least 5 s.
+    let certs = manager(&ca, Duration::from_secs(6));
+    let id = Identity::new("test.local", "ns", "web");
+    certs.acquire(&id);
+    let before = certs.get(&id).await.expect("issued");
+    ca.down.store(true, Ordering::SeqCst);
+    // Renewal is due after about 3 s; it fails and is retried with backoff (0.2 s, 0.4 s, ...).
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let requests = ca.requests.load(Ordering::SeqCst);
+    assert!(requests >= 3, "retried: {requests} requests");
+    let current = certs
+        .current(&id)
+        .expect("the valid certificate keeps serving");
+    assert_eq!(current.not_after, before.not_after);
+    ca.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(certs.current(&id).expect("renewed").not_after > before.not_after);
+}
+
+#[test]
+fn parses_and_prints_spiffe_ids() {
+    let id: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    assert_eq!(id, Identity::new("cluster.local", "shop", "web"));
+    assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    for bad in [
+        "spiffe://cluster.local/ns/shop",
+        "spiffe://cluster.local/ns//sa/web",
+        "https://cluster.local/ns/a/sa/b",
+        "spiffe://td/ns/a/sa/b/extra",
+        "spiffe://td/namespace/a/sa/b",
+    ] {
+        assert!(bad.parse::<Identity>().is_err(), "{bad}");
+    }
+}
