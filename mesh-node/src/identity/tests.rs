@@ -127,7 +127,7 @@ async fn keeps_serving_a_valid_certificate_while_the_ca_is_down() {
     let before = certs.get(&id).await.expect("issued");
     ca.down.store(true, Ordering::SeqCst);
     // Renewal is due after about 3 s; it fails and is retried with backoff (0.2 s, 0.4 s, ...).
-    tokio::time::sleep(Duration::from_millis(4000)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let requests = ca.requests.load(Ordering::SeqCst);
     assert!(requests >= 3, "retried: {requests} requests");
     let current = certs
@@ -135,7 +135,7 @@ async fn keeps_serving_a_valid_certificate_while_the_ca_is_down() {
         .expect("the valid certificate keeps serving");
     assert_eq!(current.not_after, before.not_after);
     ca.down.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(certs.current(&id).expect("renewed").not_after > before.not_after);
 }
 
