@@ -1,10 +1,11 @@
 //! `cargo xtask demo`: a live 2-node, 4-pod mesh on this machine, narrated.
 //!
 //! Builds the daemon (and its kernel programs) and the test application, brings up the netns
-//! testbed, runs one `mesh-node` per node (a1 and b1 enrolled, a2 and b2 not), sends real
-//! traffic between pods within and across nodes over IPv4 and IPv6 and shows which daemon
-//! captured what, unenrolls a pod at run time, kills a daemon and restarts it, prints the kernel
-//! counters, tears everything down and checks that nothing was left behind.
+//! testbed, runs one `mesh-node` per node (a1, a2 and b1 enrolled, b2 not), sends real traffic
+//! between pods within and across nodes over IPv4 and IPv6 and shows how each daemon carried it
+//! (mTLS HBONE with the identities on both ends, the same-node path, plaintext), unenrolls a
+//! pod at run time, kills a daemon and restarts it, prints the kernel counters, tears
+//! everything down and checks that nothing was left behind.
 
 use std::{
     collections::BTreeSet,
@@ -113,7 +114,7 @@ impl Demo<'_> {
         }
         println!("echo servers listening on port {APP_PORT} in every pod");
 
-        let enrolled = ["a1", "b1"];
+        let enrolled = ["a1", "a2", "b1"];
         let mut daemons = Vec::new();
         for node in ["node-a", "node-b"] {
             let daemon = Daemon::start(bed, node, self.daemon, &enrolled)?;
@@ -125,20 +126,32 @@ impl Demo<'_> {
             );
             daemons.push(daemon);
         }
-        println!("enrolled: a1 (node-a) and b1 (node-b); a2 and b2 are not in the mesh\n");
+        for daemon in &daemons {
+            daemon.wait_for_records("certificate issued", 1, Duration::from_secs(5))?;
+        }
+        println!("enrolled: a1, a2 (node-a) and b1 (node-b); b2 is not in the mesh");
+        for (node, daemon) in ["node-a", "node-b"].iter().zip(&daemons) {
+            for record in daemon.records("certificate issued") {
+                println!(
+                    "  {node} holds a certificate for {}",
+                    record["identity"].as_str().unwrap_or("?")
+                );
+            }
+        }
 
-        println!("traffic (each client sends a pattern, half-closes and checks the echo):");
+        println!("\ntraffic (each client sends a pattern, half-closes and checks the echo):");
         for (from, to, v6) in [
             ("a1", "b1", false),
-            ("a1", "a2", true),
-            ("b2", "a1", false),
-            ("a2", "b2", true),
+            ("b1", "a1", true),
+            ("a1", "a2", false),
+            ("b2", "a2", false),
+            ("a1", "b2", true),
         ] {
             self.flow(&daemons, from, to, v6, 256 << 10)?;
         }
 
         println!("\nunenrolling a1 at run time (editing node-a's configuration file):");
-        daemons[0].set_enrolled(bed, &["b1"])?;
+        daemons[0].set_enrolled(bed, &["a2", "b1"])?;
         daemons[0].wait_for_records("pod unenrolled", 1, Duration::from_secs(5))?;
         let record = &daemons[0].records("pod unenrolled")[0];
         println!(
@@ -178,12 +191,13 @@ impl Demo<'_> {
                 .and_then(|r| r["counters"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| "(not logged)".to_owned());
             println!(
-                "  {node}: exited {}; kernel counters {counters}",
+                "  {node}: exited {}; HBONE connections opened: {}; kernel counters {counters}",
                 if status.success() {
                     "cleanly"
                 } else {
                     "WITH AN ERROR"
-                }
+                },
+                daemon.records("HBONE connection opened").len()
             );
         }
         drop(servers);
@@ -234,14 +248,32 @@ impl Demo<'_> {
                 .skip(before.0[i])
             {
                 seen = true;
+                let direction = record["direction"].as_str().unwrap_or("?");
+                let path = record["path"].as_str().unwrap_or("?");
+                let detail = match (direction, path) {
+                    ("outbound", "hbone") => format!(
+                        "mTLS from {} to {}",
+                        record["src_identity"].as_str().unwrap_or("?"),
+                        record["dst_workload"].as_str().unwrap_or("?")
+                    ),
+                    ("inbound", "hbone") => format!(
+                        "mTLS, peer verified as {}",
+                        record["peer_identity"].as_str().unwrap_or("?")
+                    ),
+                    ("outbound", "same-node") => format!(
+                        "same node: straight into {}'s netns, no TLS",
+                        record["dst_workload"].as_str().unwrap_or("?")
+                    ),
+                    ("outbound", _) => "destination outside the mesh: plaintext".to_owned(),
+                    _ => "plaintext from outside the mesh (permissive)".to_owned(),
+                };
                 let workload = record
                     .get("src_workload")
                     .or_else(|| record.get("dst_workload"))
                     .and_then(|w| w.as_str())
                     .unwrap_or("?");
                 println!(
-                    "      captured by mesh-node on {node}: {:<8} workload {workload}, original destination {}",
-                    record["direction"].as_str().unwrap_or("?"),
+                    "      mesh-node on {node}: {direction:<8} {workload:<11} -> {}: {detail}",
                     record["orig_dst"].as_str().unwrap_or("?"),
                 );
             }
