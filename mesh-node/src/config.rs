@@ -19,7 +19,7 @@ pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
 pub const ENV_LOG: &str = "MESH_LOG";
 
 /// mesh-node's configuration. Every field has a default; unknown fields are errors.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// Name of this node: the daemon serves the workloads placed on it. Default: the host name.
@@ -32,6 +32,12 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Workload identities and certificates.
     pub identity: IdentityConfig,
+    /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
+    /// `istio-system`.
+    pub root_namespace: String,
+    /// Istio `AuthorizationPolicy` and `PeerAuthentication` documents (file state source),
+    /// re-read when the file changes.
+    pub policies: Vec<crate::policy::PolicyDocument>,
     /// The workloads of the mesh (file state source). The daemon enrolls the ones placed on
     /// its node with `enrolled: true`. Re-read when the file changes.
     pub workloads: Vec<Workload>,
@@ -61,6 +67,21 @@ impl Default for IdentityConfig {
             ca_cert_file: PathBuf::from("/etc/mesh/ca/ca-cert.pem"),
             ca_key_file: PathBuf::from("/etc/mesh/ca/ca-key.pem"),
             cert_lifetime_seconds: 86_400,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            log: LogConfig::default(),
+            redirect: RedirectConfig::default(),
+            proxy: ProxyConfig::default(),
+            identity: IdentityConfig::default(),
+            root_namespace: "istio-system".to_owned(),
+            policies: Vec::new(),
+            workloads: Vec::new(),
         }
     }
 }
@@ -161,6 +182,11 @@ pub enum ConfigError {
     Parse {
         origin: Origin,
         error: serde_yaml_ng::Error,
+    },
+    #[error("{origin}: {error}")]
+    Policy {
+        origin: Origin,
+        error: crate::policy::PolicyError,
     },
     #[error("{origin}: field `{field}`: {reason}")]
     Invalid {
@@ -272,6 +298,12 @@ impl Config {
         }
         if self.proxy.connect_timeout_ms == 0 {
             return Err(invalid("proxy.connectTimeoutMs", "must be positive"));
+        }
+        if let Err(e) = crate::policy::PolicyStore::new(&self.root_namespace, &self.policies) {
+            return Err(ConfigError::Policy {
+                origin: origin.clone(),
+                error: e,
+            });
         }
         if let Err((field, reason)) = validate_workloads(&self.workloads) {
             return Err(ConfigError::Invalid {
@@ -410,7 +442,10 @@ mod tests {
                 ca_key_file: "/ca/key.pem".into(),
                 cert_lifetime_seconds: 60,
             },
+            root_namespace: "mesh-root".into(),
+            policies: Vec::new(),
             workloads: vec![Workload {
+                labels: [("app".to_owned(), "web".to_owned())].into(),
                 name: "web-1".into(),
                 namespace: "shop".into(),
                 service_account: "web".into(),

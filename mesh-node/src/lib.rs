@@ -13,6 +13,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod logging;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;

@@ -20,6 +20,10 @@ pub struct Workload {
     /// identity. Default: `default`.
     #[serde(default = "default_namespace")]
     pub service_account: String,
+    /// Labels (Kubernetes pod labels): policy selectors match them; `app` and `version` feed
+    /// metrics. Default: none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The workload's IP addresses (IPv4 and/or IPv6).
     pub ips: Vec<IpAddr>,
     /// Name of the node the workload runs on.
