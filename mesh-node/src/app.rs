@@ -2,6 +2,7 @@
 //! shuts them down in order.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -20,7 +21,8 @@ use crate::{
     inpod::InPod,
     proxy::{MeshTls, Proxy, ProxyOptions},
     redirect::{Attachment, LoadOptions, PodPorts, Programs, RedirectError},
-    state, tls,
+    state::{self, MeshState},
+    tls,
 };
 
 /// How often the configuration file is checked for changes.
@@ -36,6 +38,8 @@ pub enum AppError {
     NoCgroup2 { tried: Vec<PathBuf> },
     #[error("loading the CA (create a development CA with `mesh-node ca init --dir DIR`)")]
     Ca(#[source] CaError),
+    #[error("policies")]
+    Policy(#[source] crate::policy::PolicyError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("serializing the configuration")]
@@ -87,7 +91,7 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
     let mut inpod = InPod::new(
         config.node.clone(),
         programs,
-        proxy,
+        Arc::clone(&proxy),
         config.redirect.mark,
         PodPorts {
             outbound: PORT_OUTBOUND,
@@ -96,9 +100,12 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
         },
     );
 
-    let (tx, mut workloads) = watch::channel(Arc::new(config.workloads.clone()));
+    let initial = MeshState::from_config(&config).map_err(AppError::Policy)?;
+    let (tx, mut states) = watch::channel(Arc::new(initial));
     let _watcher = config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, tx));
-    inpod.reconcile(&workloads.borrow_and_update());
+    let mut warned = HashSet::new();
+    let current = Arc::clone(&states.borrow_and_update());
+    apply(&mut inpod, &proxy, &current, &mut warned);
     info!(
         node = %config.node,
         cgroup = %cgroup.display(),
@@ -114,15 +121,15 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            changed = workloads.changed() => {
+            changed = states.changed() => {
                 if changed.is_ok() {
-                    let current = Arc::clone(&workloads.borrow_and_update());
-                    inpod.reconcile(&current);
+                    let current = Arc::clone(&states.borrow_and_update());
+                    apply(&mut inpod, &proxy, &current, &mut warned);
                 }
             }
             _ = retry.tick(), if !inpod.failed().is_empty() => {
-                let current = Arc::clone(&workloads.borrow());
-                inpod.reconcile(&current);
+                let current = Arc::clone(&states.borrow());
+                inpod.reconcile(&current.workloads);
             }
         }
     };
@@ -140,6 +147,23 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
          runs again; `mesh-node cleanup` removes them); stopped"
     );
     Ok(())
+}
+
+/// Applies a new state: enrollments, then the policies (which re-decides open connections).
+/// Policies with L7-only content are reported once each.
+fn apply(
+    inpod: &mut InPod,
+    proxy: &Proxy,
+    state: &MeshState,
+    warned: &mut HashSet<(String, String)>,
+) {
+    inpod.reconcile(&state.workloads);
+    for (policy, note) in state.policies.l7_notes() {
+        if warned.insert((policy.clone(), note.clone())) {
+            warn!(policy = %policy, note = %note, "policy uses L7-only fields; enforced at L4 as noted");
+        }
+    }
+    proxy.set_policies(Arc::clone(&state.policies));
 }
 
 /// The mount point of the cgroup v2 hierarchy: `/sys/fs/cgroup` on unified hosts,

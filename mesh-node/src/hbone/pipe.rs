@@ -2,7 +2,7 @@
 //! `END_STREAM` and the other way round (half-close), a reset becomes `RST_STREAM` and the other way
 //! round, and the HTTP/2 receive window is released as bytes are written out.
 
-use std::io;
+use std::{io, os::fd::AsRawFd as _};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -20,20 +20,39 @@ const CHUNK: usize = 256 * 1024;
 /// Pipes `tcp` and an HTTP/2 stream until both directions are done. Returns (bytes from TCP to
 /// the stream, bytes from the stream to TCP). A reset on either side ends both directions at
 /// once (dropping the other half closes the socket, with a RST if the peer reset).
+///
+/// When `revoked` fires (a policy change took the connection's authorization away), both sides
+/// are reset: the application's connection with a TCP RST, the stream with `RST_STREAM`.
 pub async fn pipe(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
+    revoked: Option<&tokio::sync::Notify>,
 ) -> io::Result<(u64, u64)> {
+    let fd = tcp.as_raw_fd();
     let (read, write) = tcp.into_split();
     let up = tcp_to_h2(read, send);
     let down = h2_to_tcp(recv, write);
     tokio::pin!(up, down);
+    let revoked = async {
+        match revoked {
+            Some(notify) => notify.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(revoked);
     let (mut up_done, mut down_done) = (None, None);
     while up_done.is_none() || down_done.is_none() {
         tokio::select! {
             r = &mut up, if up_done.is_none() => up_done = Some(r?),
             r = &mut down, if down_done.is_none() => down_done = Some(r?),
+            () = &mut revoked => {
+                // SAFETY: the socket is owned by `up`/`down`, both alive until we return.
+                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
+                // Dropping the stream handles (on return) sends RST_STREAM(CANCEL).
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "revoked by a policy change"));
+            }
         }
     }
     Ok((up_done.unwrap_or(0), down_done.unwrap_or(0)))

@@ -1,6 +1,7 @@
 //! The HBONE server on a pod's 15008 listener: TLS (client certificate required), HTTP/2, one
 //! `CONNECT` per stream, each answered only after the target was connected (and authorized):
-//! `200` then raw bytes, `400` bad request or authority, `401` denied, `503` upstream failure.
+//! `200` then raw bytes, `400` bad request or authority, `401` denied by policy (decided before
+//! connecting upstream, so no byte reaches the application), `503` upstream failure.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,13 +17,14 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    proxy::{PodContext, connect_in_netns},
+    proxy::{PodContext, Proxy, connect_in_netns},
     tls::peer_identity,
 };
 
 /// What a pod's HBONE listener forwards to.
 pub struct InboundTarget {
     pub pod: Arc<PodContext>,
+    pub proxy: Arc<Proxy>,
     pub mark: u32,
     pub connect_timeout: Duration,
     pub reserved_ports: [u16; 3],
@@ -130,6 +132,15 @@ async fn handle(
         bad("reserved port");
         return reject(&mut respond, StatusCode::BAD_REQUEST);
     }
+    // Authorize before anything reaches the application: a denied stream gets 401 and no
+    // connection is ever made upstream.
+    let Ok(admission) =
+        target
+            .proxy
+            .admit(&target.pod.workload, peer.ip(), Some(source), dst, "hbone")
+    else {
+        return reject(&mut respond, StatusCode::UNAUTHORIZED);
+    };
     let upstream = match connect_in_netns(
         &target.pod.worker,
         dst,
@@ -144,8 +155,6 @@ async fn handle(
             return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    // Authorization is allow-all until the policy work: PERMISSIVE, every peer of the trust
-    // domain (already checked by TLS) may connect.
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {
@@ -163,7 +172,7 @@ async fn handle(
         "connection captured"
     );
     let started = std::time::Instant::now();
-    match pipe(upstream, send, request.into_body()).await {
+    match pipe(upstream, send, request.into_body(), Some(&admission.closed)).await {
         Ok((to_client, from_client)) => debug!(
             direction = "inbound",
             dst_workload = %uid,

@@ -148,13 +148,23 @@ fn compile_source(s: &Source) -> CompiledSource {
         principals: Patterns::new(&s.principals, &s.not_principals),
         namespaces: Patterns::new(&s.namespaces, &s.not_namespaces),
         service_accounts: Patterns::new(&s.service_accounts, &s.not_service_accounts),
-        ips: blocks(&s.ip_blocks, &s.remote_ip_blocks, &s.not_ip_blocks, &s.not_remote_ip_blocks),
+        ips: blocks(
+            &s.ip_blocks,
+            &s.remote_ip_blocks,
+            &s.not_ip_blocks,
+            &s.not_remote_ip_blocks,
+        ),
     }
 }
 
 /// `source.ip` etc. as an L4 condition; `None` for keys only an L7 proxy can evaluate.
 fn compile_when(c: &Condition) -> Option<When> {
-    let parse_blocks = |v: &[String]| v.iter().filter_map(|s| parse_block(s)).map(IpBlock).collect();
+    let parse_blocks = |v: &[String]| {
+        v.iter()
+            .filter_map(|s| parse_block(s))
+            .map(IpBlock)
+            .collect()
+    };
     let parse_ports = |v: &[String]| v.iter().filter_map(|s| s.parse().ok()).collect();
     Some(match c.key.as_str() {
         "source.ip" => When::SourceIp(Blocks {
@@ -187,9 +197,13 @@ impl CompiledPolicy {
             let (compiled, has_l7) = compile_rule(rule);
             match (has_l7, action) {
                 (false, _) => rules.push(compiled),
-                (true, Action::Allow) => l7.push(format!("ALLOW rule {i} uses L7 fields and is dropped")),
+                (true, Action::Allow) => {
+                    l7.push(format!("ALLOW rule {i} uses L7 fields and is dropped"))
+                }
                 (true, Action::Deny) => {
-                    l7.push(format!("DENY rule {i} uses L7 fields; its L4 part is enforced"));
+                    l7.push(format!(
+                        "DENY rule {i} uses L7 fields; its L4 part is enforced"
+                    ));
                     rules.push(compiled);
                 }
             }
@@ -217,7 +231,9 @@ impl CompiledPolicy {
         let in_scope = self.namespace == root_namespace || self.namespace == workload.namespace;
         in_scope
             && self.selector.as_ref().is_none_or(|labels| {
-                labels.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
+                labels
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
             })
     }
 
@@ -242,9 +258,16 @@ fn compile_rule(rule: &Rule) -> (CompiledRule, bool) {
         .iter()
         .map(|t| {
             let op = &t.operation;
-            has_l7 |= [&op.hosts, &op.not_hosts, &op.methods, &op.not_methods, &op.paths, &op.not_paths]
-                .iter()
-                .any(|v| !v.is_empty());
+            has_l7 |= [
+                &op.hosts,
+                &op.not_hosts,
+                &op.methods,
+                &op.not_methods,
+                &op.paths,
+                &op.not_paths,
+            ]
+            .iter()
+            .any(|v| !v.is_empty());
             Ports {
                 any_of: op.ports.iter().map(|p| p.0).collect(),
                 none_of: op.not_ports.iter().map(|p| p.0).collect(),
@@ -266,7 +289,10 @@ fn compile_rule(rule: &Rule) -> (CompiledRule, bool) {
 /// Istio's principal form: the SPIFFE id without `spiffe://`.
 fn principal(conn: &ConnInfo<'_>) -> Option<String> {
     conn.src_identity.map(|id| {
-        format!("{}/ns/{}/sa/{}", id.trust_domain, id.namespace, id.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            id.trust_domain, id.namespace, id.service_account
+        )
     })
 }
 
@@ -358,7 +384,11 @@ impl Applicable {
                 return Some((false, p.name.clone()));
             }
         }
-        let allows: Vec<_> = self.dry_run.iter().filter(|p| p.action == Action::Allow).collect();
+        let allows: Vec<_> = self
+            .dry_run
+            .iter()
+            .filter(|p| p.action == Action::Allow)
+            .collect();
         if allows.is_empty() {
             return Some((true, first.name.clone()));
         }

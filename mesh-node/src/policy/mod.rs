@@ -97,7 +97,11 @@ impl PolicyStore {
             if doc.metadata.name.is_empty() {
                 return Err(err("metadata.name", "must not be empty"));
             }
-            if !seen.insert((doc.kind, doc.metadata.namespace.clone(), doc.metadata.name.clone())) {
+            if !seen.insert((
+                doc.kind,
+                doc.metadata.namespace.clone(),
+                doc.metadata.name.clone(),
+            )) {
                 return Err(err("metadata.name", "defined twice"));
             }
             let spec = &doc.spec;
@@ -153,7 +157,11 @@ impl PolicyStore {
         {
             return std::sync::Arc::clone(found);
         }
-        let applicable = std::sync::Arc::new(Applicable::select(&self.authz, &self.root_namespace, workload));
+        let applicable = std::sync::Arc::new(Applicable::select(
+            &self.authz,
+            &self.root_namespace,
+            workload,
+        ));
         self.cache
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

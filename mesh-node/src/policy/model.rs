@@ -248,7 +248,9 @@ impl<'de> Deserialize<'de> for IpBlock {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         parse_block(&text).map(IpBlock).ok_or_else(|| {
-            serde::de::Error::custom(format!("invalid IP block `{text}` (expected a CIDR or an IP)"))
+            serde::de::Error::custom(format!(
+                "invalid IP block `{text}` (expected a CIDR or an IP)"
+            ))
         })
     }
 }

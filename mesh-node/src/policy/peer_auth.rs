@@ -34,17 +34,26 @@ impl PeerAuth {
     }
 }
 
-pub(super) fn effective_mode(all: &[PeerAuth], root: &str, workload: &Workload, port: u16) -> MtlsMode {
+pub(super) fn effective_mode(
+    all: &[PeerAuth],
+    root: &str,
+    workload: &Workload,
+    port: u16,
+) -> MtlsMode {
     let selected = all.iter().find(|p| {
         p.namespace == workload.namespace
             && p.selector.as_ref().is_some_and(|labels| {
-                labels.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
+                labels
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
             })
     });
     let namespace = all
         .iter()
         .find(|p| p.namespace == workload.namespace && p.selector.is_none());
-    let mesh = all.iter().find(|p| p.namespace == root && p.selector.is_none());
+    let mesh = all
+        .iter()
+        .find(|p| p.namespace == root && p.selector.is_none());
     let candidates = [
         selected.and_then(|p| p.ports.get(&port).copied()),
         selected.map(|p| p.mode),

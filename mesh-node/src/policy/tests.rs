@@ -12,7 +12,10 @@ fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
         name: name.to_owned(),
         namespace: ns.to_owned(),
         service_account: name.to_owned(),
-        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         ips: vec!["10.0.0.9".parse().unwrap()],
         node: "n1".to_owned(),
         netns: None,
@@ -53,67 +56,635 @@ fn istio_examples() {
     let other_ns = workload("bar", "api", &[("app", "web")]);
     // (policies, workload, source, source ip, port, allowed?, case)
     let cases: Vec<(String, &Workload, &str, &str, u16, bool, &str)> = vec![
-        (String::new(), &web, "", "10.1.0.1", 80, true, "no policy: allow"),
-        (ap("foo", "allow-nothing", "{}"), &web, "foo/sleep", "10.1.0.1", 80, false, "allow-nothing"),
-        (ap("foo", "allow-all", "action: ALLOW\nrules: [{}]"), &web, "", "10.1.0.1", 80, true, "allow-all"),
-        (ap("foo", "deny-all", "action: DENY\nrules: [{}]"), &web, "foo/sleep", "10.1.0.1", 80, false, "deny-all"),
-        (ap("foo", "deny-nothing", "action: DENY"), &web, "foo/sleep", "10.1.0.1", 80, true, "DENY without rules matches nothing"),
+        (
+            String::new(),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            true,
+            "no policy: allow",
+        ),
+        (
+            ap("foo", "allow-nothing", "{}"),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            false,
+            "allow-nothing",
+        ),
+        (
+            ap("foo", "allow-all", "action: ALLOW\nrules: [{}]"),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            true,
+            "allow-all",
+        ),
+        (
+            ap("foo", "deny-all", "action: DENY\nrules: [{}]"),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            false,
+            "deny-all",
+        ),
+        (
+            ap("foo", "deny-nothing", "action: DENY"),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            true,
+            "DENY without rules matches nothing",
+        ),
         // principals: exact, prefix, suffix, presence; plaintext has none
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]"), &web, "foo/sleep", "10.1.0.1", 80, true, "principal exact"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]"), &web, "foo/other", "10.1.0.1", 80, false, "principal exact, other"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]"), &web, "", "10.1.0.1", 80, false, "principal, plaintext"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/*]"), &web, "foo/x", "10.1.0.1", 80, true, "principal prefix"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [\"*/sa/sleep\"]"), &web, "bar/sleep", "10.1.0.1", 80, true, "principal suffix"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [\"*\"]"), &web, "", "10.1.0.1", 80, false, "principal presence, plaintext"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      principals: [\"*\"]"), &web, "bar/x", "10.1.0.1", 80, true, "principal presence"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      notPrincipals: [cluster.local/ns/foo/sa/sleep]"), &web, "foo/sleep", "10.1.0.1", 80, false, "notPrincipals"),
-        (ap("foo", "p", "rules:\n- from:\n  - source:\n      notPrincipals: [cluster.local/ns/foo/sa/sleep]"), &web, "", "10.1.0.1", 80, true, "notPrincipals, plaintext"),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]",
+            ),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            true,
+            "principal exact",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]",
+            ),
+            &web,
+            "foo/other",
+            "10.1.0.1",
+            80,
+            false,
+            "principal exact, other",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            false,
+            "principal, plaintext",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/*]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            true,
+            "principal prefix",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [\"*/sa/sleep\"]",
+            ),
+            &web,
+            "bar/sleep",
+            "10.1.0.1",
+            80,
+            true,
+            "principal suffix",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [\"*\"]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            false,
+            "principal presence, plaintext",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      principals: [\"*\"]",
+            ),
+            &web,
+            "bar/x",
+            "10.1.0.1",
+            80,
+            true,
+            "principal presence",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      notPrincipals: [cluster.local/ns/foo/sa/sleep]",
+            ),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            false,
+            "notPrincipals",
+        ),
+        (
+            ap(
+                "foo",
+                "p",
+                "rules:\n- from:\n  - source:\n      notPrincipals: [cluster.local/ns/foo/sa/sleep]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            true,
+            "notPrincipals, plaintext",
+        ),
         // namespaces
-        (ap("foo", "d", "action: DENY\nrules:\n- from:\n  - source:\n      namespaces: [bar]"), &web, "bar/x", "10.1.0.1", 80, false, "deny by namespace"),
-        (ap("foo", "d", "action: DENY\nrules:\n- from:\n  - source:\n      namespaces: [bar]"), &web, "foo/x", "10.1.0.1", 80, true, "deny by namespace, other"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      notNamespaces: [bar]"), &web, "bar/x", "10.1.0.1", 80, false, "notNamespaces"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      notNamespaces: [bar]"), &web, "baz/x", "10.1.0.1", 80, true, "notNamespaces, other"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      serviceAccounts: [foo/sleep]"), &web, "foo/sleep", "10.1.0.1", 80, true, "serviceAccounts"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      notServiceAccounts: [foo/sleep]"), &web, "foo/sleep", "10.1.0.1", 80, false, "notServiceAccounts"),
+        (
+            ap(
+                "foo",
+                "d",
+                "action: DENY\nrules:\n- from:\n  - source:\n      namespaces: [bar]",
+            ),
+            &web,
+            "bar/x",
+            "10.1.0.1",
+            80,
+            false,
+            "deny by namespace",
+        ),
+        (
+            ap(
+                "foo",
+                "d",
+                "action: DENY\nrules:\n- from:\n  - source:\n      namespaces: [bar]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            true,
+            "deny by namespace, other",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      notNamespaces: [bar]",
+            ),
+            &web,
+            "bar/x",
+            "10.1.0.1",
+            80,
+            false,
+            "notNamespaces",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      notNamespaces: [bar]",
+            ),
+            &web,
+            "baz/x",
+            "10.1.0.1",
+            80,
+            true,
+            "notNamespaces, other",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      serviceAccounts: [foo/sleep]",
+            ),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            true,
+            "serviceAccounts",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      notServiceAccounts: [foo/sleep]",
+            ),
+            &web,
+            "foo/sleep",
+            "10.1.0.1",
+            80,
+            false,
+            "notServiceAccounts",
+        ),
         // ports
-        (ap("foo", "a", "rules:\n- to:\n  - operation:\n      ports: [\"8080\"]"), &web, "", "10.1.0.1", 8080, true, "ports"),
-        (ap("foo", "a", "rules:\n- to:\n  - operation:\n      ports: [\"8080\"]"), &web, "", "10.1.0.1", 9090, false, "ports, other"),
-        (ap("foo", "a", "rules:\n- to:\n  - operation:\n      notPorts: [\"22\"]"), &web, "", "10.1.0.1", 22, false, "notPorts"),
-        (ap("foo", "a", "rules:\n- to:\n  - operation:\n      notPorts: [\"22\"]"), &web, "", "10.1.0.1", 80, true, "notPorts, other"),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- to:\n  - operation:\n      ports: [\"8080\"]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            8080,
+            true,
+            "ports",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- to:\n  - operation:\n      ports: [\"8080\"]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            9090,
+            false,
+            "ports, other",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- to:\n  - operation:\n      notPorts: [\"22\"]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            22,
+            false,
+            "notPorts",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- to:\n  - operation:\n      notPorts: [\"22\"]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            true,
+            "notPorts, other",
+        ),
         // ipBlocks
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16, 192.0.2.7]"), &web, "", "10.1.2.3", 80, true, "ipBlocks CIDR"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16, 192.0.2.7]"), &web, "", "192.0.2.7", 80, true, "ipBlocks single IP"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16]"), &web, "", "10.2.0.1", 80, false, "ipBlocks, outside"),
-        (ap("foo", "d", "action: DENY\nrules:\n- from:\n  - source:\n      notIpBlocks: [10.1.0.0/16]"), &web, "", "10.2.0.1", 80, false, "notIpBlocks deny"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      ipBlocks: [\"fd00::/8\"]"), &web, "", "fd00::5", 80, true, "ipBlocks IPv6"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16]"), &web, "", "::ffff:10.1.0.1", 80, true, "ipBlocks, v4-mapped source"),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16, 192.0.2.7]",
+            ),
+            &web,
+            "",
+            "10.1.2.3",
+            80,
+            true,
+            "ipBlocks CIDR",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16, 192.0.2.7]",
+            ),
+            &web,
+            "",
+            "192.0.2.7",
+            80,
+            true,
+            "ipBlocks single IP",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16]",
+            ),
+            &web,
+            "",
+            "10.2.0.1",
+            80,
+            false,
+            "ipBlocks, outside",
+        ),
+        (
+            ap(
+                "foo",
+                "d",
+                "action: DENY\nrules:\n- from:\n  - source:\n      notIpBlocks: [10.1.0.0/16]",
+            ),
+            &web,
+            "",
+            "10.2.0.1",
+            80,
+            false,
+            "notIpBlocks deny",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      ipBlocks: [\"fd00::/8\"]",
+            ),
+            &web,
+            "",
+            "fd00::5",
+            80,
+            true,
+            "ipBlocks IPv6",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16]",
+            ),
+            &web,
+            "",
+            "::ffff:10.1.0.1",
+            80,
+            true,
+            "ipBlocks, v4-mapped source",
+        ),
         // when
-        (ap("foo", "a", "rules:\n- when:\n  - key: source.ip\n    values: [10.1.0.0/16]"), &web, "", "10.1.0.1", 80, true, "when source.ip"),
-        (ap("foo", "a", "rules:\n- when:\n  - key: destination.port\n    notValues: [\"80\"]"), &web, "", "10.1.0.1", 80, false, "when destination.port notValues"),
-        (ap("foo", "a", "rules:\n- when:\n  - key: source.namespace\n    values: [foo]"), &web, "foo/x", "10.1.0.1", 80, true, "when source.namespace"),
-        (ap("foo", "a", "rules:\n- when:\n  - key: source.principal\n    values: [cluster.local/ns/foo/sa/x]"), &web, "foo/y", "10.1.0.1", 80, false, "when source.principal"),
-        (ap("foo", "a", "rules:\n- when:\n  - key: destination.ip\n    values: [10.0.0.0/24]"), &web, "", "10.1.0.1", 80, true, "when destination.ip"),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- when:\n  - key: source.ip\n    values: [10.1.0.0/16]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            true,
+            "when source.ip",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- when:\n  - key: destination.port\n    notValues: [\"80\"]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            false,
+            "when destination.port notValues",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- when:\n  - key: source.namespace\n    values: [foo]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            true,
+            "when source.namespace",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- when:\n  - key: source.principal\n    values: [cluster.local/ns/foo/sa/x]",
+            ),
+            &web,
+            "foo/y",
+            "10.1.0.1",
+            80,
+            false,
+            "when source.principal",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- when:\n  - key: destination.ip\n    values: [10.0.0.0/24]",
+            ),
+            &web,
+            "",
+            "10.1.0.1",
+            80,
+            true,
+            "when destination.ip",
+        ),
         // AND inside a rule, OR across rules
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      namespaces: [foo]\n  to:\n  - operation:\n      ports: [\"80\"]"), &web, "foo/x", "10.1.0.1", 81, false, "from AND to"),
-        (ap("foo", "a", "rules:\n- from:\n  - source:\n      namespaces: [bar]\n- to:\n  - operation:\n      ports: [\"81\"]"), &web, "foo/x", "10.1.0.1", 81, true, "rule OR rule"),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      namespaces: [foo]\n  to:\n  - operation:\n      ports: [\"80\"]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            81,
+            false,
+            "from AND to",
+        ),
+        (
+            ap(
+                "foo",
+                "a",
+                "rules:\n- from:\n  - source:\n      namespaces: [bar]\n- to:\n  - operation:\n      ports: [\"81\"]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            81,
+            true,
+            "rule OR rule",
+        ),
         // explicit deny wins
-        (format!("{}{}", ap("foo", "all", "rules: [{}]"), ap("foo", "no-ssh", "action: DENY\nrules:\n- to:\n  - operation:\n      ports: [\"22\"]")), &web, "foo/x", "10.1.0.1", 22, false, "DENY before ALLOW"),
+        (
+            format!(
+                "{}{}",
+                ap("foo", "all", "rules: [{}]"),
+                ap(
+                    "foo",
+                    "no-ssh",
+                    "action: DENY\nrules:\n- to:\n  - operation:\n      ports: [\"22\"]"
+                )
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            22,
+            false,
+            "DENY before ALLOW",
+        ),
         // scope: selector, namespace, root namespace
-        (ap("foo", "web-only", "selector:\n  matchLabels: {app: web}\nrules: []"), &db, "foo/x", "10.1.0.1", 80, true, "selector does not match db"),
-        (ap("foo", "web-only", "selector:\n  matchLabels: {app: web}\nrules: []"), &web, "foo/x", "10.1.0.1", 80, false, "selector matches web"),
-        (ap("foo", "ns-wide", "{}"), &other_ns, "foo/x", "10.1.0.1", 80, true, "other namespace untouched"),
-        (ap("istio-system", "mesh-wide", "{}"), &other_ns, "foo/x", "10.1.0.1", 80, false, "root namespace is mesh-wide"),
-        (ap("istio-system", "mesh-web", "selector:\n  matchLabels: {app: web}\naction: DENY\nrules: [{}]"), &other_ns, "foo/x", "10.1.0.1", 80, false, "root namespace selector, any namespace"),
-        (ap("foo", "waypoint", "targetRefs:\n- kind: Gateway\n  name: waypoint\naction: DENY\nrules: [{}]"), &web, "foo/x", "10.1.0.1", 80, true, "targetRefs: not for the node"),
+        (
+            ap(
+                "foo",
+                "web-only",
+                "selector:\n  matchLabels: {app: web}\nrules: []",
+            ),
+            &db,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            true,
+            "selector does not match db",
+        ),
+        (
+            ap(
+                "foo",
+                "web-only",
+                "selector:\n  matchLabels: {app: web}\nrules: []",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "selector matches web",
+        ),
+        (
+            ap("foo", "ns-wide", "{}"),
+            &other_ns,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            true,
+            "other namespace untouched",
+        ),
+        (
+            ap("istio-system", "mesh-wide", "{}"),
+            &other_ns,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "root namespace is mesh-wide",
+        ),
+        (
+            ap(
+                "istio-system",
+                "mesh-web",
+                "selector:\n  matchLabels: {app: web}\naction: DENY\nrules: [{}]",
+            ),
+            &other_ns,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "root namespace selector, any namespace",
+        ),
+        (
+            ap(
+                "foo",
+                "waypoint",
+                "targetRefs:\n- kind: Gateway\n  name: waypoint\naction: DENY\nrules: [{}]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            true,
+            "targetRefs: not for the node",
+        ),
         // L7: ALLOW rule dropped; DENY keeps its L4 part
-        (ap("foo", "l7", "rules:\n- to:\n  - operation:\n      methods: [GET]"), &web, "foo/x", "10.1.0.1", 80, false, "ALLOW with L7 is dropped"),
-        (ap("foo", "l7", "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [POST]\n      ports: [\"80\"]"), &web, "foo/x", "10.1.0.1", 80, false, "DENY L7 keeps ports"),
-        (ap("foo", "l7", "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [POST]\n      ports: [\"80\"]"), &web, "foo/x", "10.1.0.1", 81, true, "DENY L7 keeps ports, other port"),
-        (ap("foo", "l7", "rules:\n- when:\n  - key: request.headers[x-user]\n    values: [a]"), &web, "foo/x", "10.1.0.1", 80, false, "ALLOW with an L7 when key"),
-        (ap("foo", "l7", "rules:\n- from:\n  - source:\n      requestPrincipals: [\"*\"]"), &web, "foo/x", "10.1.0.1", 80, false, "ALLOW with requestPrincipals"),
+        (
+            ap(
+                "foo",
+                "l7",
+                "rules:\n- to:\n  - operation:\n      methods: [GET]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "ALLOW with L7 is dropped",
+        ),
+        (
+            ap(
+                "foo",
+                "l7",
+                "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [POST]\n      ports: [\"80\"]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "DENY L7 keeps ports",
+        ),
+        (
+            ap(
+                "foo",
+                "l7",
+                "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [POST]\n      ports: [\"80\"]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            81,
+            true,
+            "DENY L7 keeps ports, other port",
+        ),
+        (
+            ap(
+                "foo",
+                "l7",
+                "rules:\n- when:\n  - key: request.headers[x-user]\n    values: [a]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "ALLOW with an L7 when key",
+        ),
+        (
+            ap(
+                "foo",
+                "l7",
+                "rules:\n- from:\n  - source:\n      requestPrincipals: [\"*\"]",
+            ),
+            &web,
+            "foo/x",
+            "10.1.0.1",
+            80,
+            false,
+            "ALLOW with requestPrincipals",
+        ),
     ];
     for (yaml, w, src, ip, port, expected, case) in cases {
-        let s = if yaml.is_empty() { store("[]") } else { store(&yaml) };
+        let s = if yaml.is_empty() {
+            store("[]")
+        } else {
+            store(&yaml)
+        };
         assert_eq!(allowed(&s, w, src, ip, port), expected, "{case}\n{yaml}");
     }
 }
@@ -136,7 +707,11 @@ fn dry_run_policies_are_reported_not_enforced() {
 
 #[test]
 fn l7_content_is_reported_once_per_policy() {
-    let s = store(&ap("foo", "l7", "action: DENY\nrules:\n- to:\n  - operation:\n      paths: [/admin]"));
+    let s = store(&ap(
+        "foo",
+        "l7",
+        "action: DENY\nrules:\n- to:\n  - operation:\n      paths: [/admin]",
+    ));
     let notes = s.l7_notes();
     assert_eq!(notes.len(), 1);
     assert!(notes[0].1.contains("L4 part"), "{notes:?}");
@@ -146,23 +721,44 @@ fn l7_content_is_reported_once_per_policy() {
 fn peer_authentication_precedence() {
     let pa = |ns: &str, name: &str, spec: &str| {
         let spec: String = spec.lines().map(|l| format!("    {l}\n")).collect();
-        format!("- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {name}\n    namespace: {ns}\n  spec:\n{spec}")
+        format!(
+            "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {name}\n    namespace: {ns}\n  spec:\n{spec}"
+        )
     };
     let web = workload("foo", "web", &[("app", "web")]);
     let db = workload("bar", "db", &[]);
     let mesh = pa("istio-system", "mesh", "mtls: {mode: STRICT}");
     let s = store(&mesh);
     assert_eq!(s.mtls_mode(&web, 80), MtlsMode::Strict, "mesh-wide");
-    let s = store(&format!("{mesh}{}", pa("foo", "ns", "mtls: {mode: PERMISSIVE}")));
-    assert_eq!(s.mtls_mode(&web, 80), MtlsMode::Permissive, "namespace overrides mesh");
-    assert_eq!(s.mtls_mode(&db, 80), MtlsMode::Strict, "other namespace keeps mesh");
     let s = store(&format!(
         "{mesh}{}",
-        pa("foo", "web", "selector:\n  matchLabels: {app: web}\nmtls: {mode: UNSET}\nportLevelMtls:\n  8080: {mode: PERMISSIVE}")
+        pa("foo", "ns", "mtls: {mode: PERMISSIVE}")
+    ));
+    assert_eq!(
+        s.mtls_mode(&web, 80),
+        MtlsMode::Permissive,
+        "namespace overrides mesh"
+    );
+    assert_eq!(
+        s.mtls_mode(&db, 80),
+        MtlsMode::Strict,
+        "other namespace keeps mesh"
+    );
+    let s = store(&format!(
+        "{mesh}{}",
+        pa(
+            "foo",
+            "web",
+            "selector:\n  matchLabels: {app: web}\nmtls: {mode: UNSET}\nportLevelMtls:\n  8080: {mode: PERMISSIVE}"
+        )
     ));
     assert_eq!(s.mtls_mode(&web, 8080), MtlsMode::Permissive, "port level");
     assert_eq!(s.mtls_mode(&web, 80), MtlsMode::Strict, "UNSET inherits");
-    assert_eq!(store("[]").mtls_mode(&web, 80), MtlsMode::Permissive, "default");
+    assert_eq!(
+        store("[]").mtls_mode(&web, 80),
+        MtlsMode::Permissive,
+        "default"
+    );
 }
 
 #[test]
@@ -170,20 +766,40 @@ fn invalid_policies_name_the_document_and_field() {
     let parse = |yaml: &str| -> String {
         match serde_yaml_ng::from_str::<Vec<PolicyDocument>>(yaml) {
             Err(e) => e.to_string(),
-            Ok(docs) => PolicyStore::new("istio-system", &docs).unwrap_err().to_string(),
+            Ok(docs) => PolicyStore::new("istio-system", &docs)
+                .unwrap_err()
+                .to_string(),
         }
     };
     for (spec, expected) in [
         ("action: CUSTOM", "unknown variant `CUSTOM`"),
         ("action: AUDIT", "unknown variant `AUDIT`"),
-        ("rules:\n- to:\n  - operation:\n      ports: [\"http\"]", "invalid port `http`"),
-        ("rules:\n- to:\n  - operation:\n      ports: [\"70000\"]", "invalid port `70000`"),
-        ("rules:\n- from:\n  - source:\n      ipBlocks: [10.0.0.0/33]", "invalid IP block `10.0.0.0/33`"),
-        ("rules:\n- from:\n  - source:\n      principal: [x]", "unknown field `principal`"),
+        (
+            "rules:\n- to:\n  - operation:\n      ports: [\"http\"]",
+            "invalid port `http`",
+        ),
+        (
+            "rules:\n- to:\n  - operation:\n      ports: [\"70000\"]",
+            "invalid port `70000`",
+        ),
+        (
+            "rules:\n- from:\n  - source:\n      ipBlocks: [10.0.0.0/33]",
+            "invalid IP block `10.0.0.0/33`",
+        ),
+        (
+            "rules:\n- from:\n  - source:\n      principal: [x]",
+            "unknown field `principal`",
+        ),
     ] {
         let err = parse(&ap("foo", "bad", spec));
-        assert!(err.contains(expected) && err.contains("line"), "{spec}: {err}");
+        assert!(
+            err.contains(expected) && err.contains("line"),
+            "{spec}: {err}"
+        );
     }
     let err = parse(&ap("foo", "bad", "mtls: {mode: STRICT}"));
-    assert!(err.contains("AuthorizationPolicy foo/bad") && err.contains("spec.mtls"), "{err}");
+    assert!(
+        err.contains("AuthorizationPolicy foo/bad") && err.contains("spec.mtls"),
+        "{err}"
+    );
 }

@@ -37,10 +37,26 @@ pub async fn copy_logged(
     direction: &'static str,
     uid: &str,
     dst: SocketAddr,
+    admission: Option<&super::Admission>,
 ) {
     let _ = client.set_nodelay(true);
     let started = std::time::Instant::now();
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let revoked = async {
+        match admission {
+            Some(a) => a.closed.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = copy => r,
+        () = revoked => {
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+            return;
+        }
+    };
+    match result {
         Ok((sent, received)) => debug!(
             direction,
             workload = %uid,

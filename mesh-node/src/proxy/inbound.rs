@@ -1,6 +1,7 @@
 //! Inbound plaintext (15006): a connection `sk_lookup` handed to the pod's capture listener.
-//! Admitted (PERMISSIVE until peer authentication exists) and forwarded to the application from
-//! inside the pod's netns.
+//! Refused when the workload's `PeerAuthentication` is STRICT or a policy denies it (closed
+//! before anything connects upstream); otherwise forwarded to the application from inside the
+//! pod's netns.
 
 use std::net::SocketAddr;
 
@@ -25,6 +26,10 @@ impl Proxy {
             forward::reset(client);
             return;
         }
+        let Ok(admission) = self.admit(&ctx.workload, peer.ip(), None, dst, "plaintext") else {
+            forward::reset(client);
+            return;
+        };
         info!(
             direction = "inbound",
             path = "plaintext",
@@ -48,6 +53,6 @@ impl Proxy {
                 return;
             }
         };
-        forward::copy_logged(client, upstream, "inbound", &uid, dst).await;
+        forward::copy_logged(client, upstream, "inbound", &uid, dst, Some(&admission)).await;
     }
 }

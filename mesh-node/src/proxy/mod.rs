@@ -9,6 +9,7 @@
 //! - Inbound plaintext (15006): `sk_lookup` handed a connection for the pod here; admitted
 //!   (PERMISSIVE) and forwarded to the application from inside the pod's netns.
 
+mod admission;
 mod forward;
 mod inbound;
 mod outbound;
@@ -20,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+pub use admission::{Admission, Admissions, Refusal};
 pub use forward::connect_in_netns;
 use rustls::crypto::CryptoProvider;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -29,6 +31,7 @@ use tracing::error;
 use crate::{
     hbone::{self, InboundTarget, Pool},
     identity::{CertManager, Identity},
+    policy::PolicyStore,
     redirect::{EnrolledPod, NetnsWorker, OrigDstTable},
     state::Workload,
     tls,
@@ -99,6 +102,8 @@ pub struct Proxy {
     mesh: MeshTls,
     pool: Pool,
     directory: RwLock<Directory>,
+    policies: RwLock<Arc<PolicyStore>>,
+    admissions: Arc<Admissions>,
 }
 
 /// What the proxy knows about workloads: all of them by address, and the enrolled pods of this
@@ -159,7 +164,30 @@ impl Proxy {
             mesh,
             pool: Pool::new(),
             directory: RwLock::new(Directory::default()),
+            policies: RwLock::new(Arc::new(PolicyStore::default())),
+            admissions: Arc::new(Admissions::default()),
         }
+    }
+
+    /// The policy set in force.
+    #[must_use]
+    pub fn policies(&self) -> Arc<PolicyStore> {
+        Arc::clone(&self.policies.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Installs a new policy set and decides every open admitted connection again.
+    pub fn set_policies(&self, policies: Arc<PolicyStore>) {
+        *self
+            .policies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = policies;
+        self.recheck_open_connections();
+    }
+
+    /// The admission counters and open connections (for metrics).
+    #[must_use]
+    pub fn admissions(&self) -> &Admissions {
+        &self.admissions
     }
 
     /// Replaces the set of known workloads (all nodes).
@@ -212,6 +240,7 @@ impl Proxy {
         .map_err(std::io::Error::other)?;
         let target = Arc::new(InboundTarget {
             pod: Arc::clone(&ctx),
+            proxy: Arc::clone(self),
             mark: self.mark,
             connect_timeout: self.connect_timeout,
             reserved_ports: self.reserved_ports,

@@ -68,19 +68,32 @@ impl Proxy {
         match (path, target, local_target) {
             (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w).await,
             (Path::SameNode, _, Some(pod)) => {
-                // Same authorization as inbound (allow-all until the policy work).
-                self.direct(&pod, client, dst, &uid).await;
+                // The same admission as inbound, in process: both identities are known here.
+                let src_ip = source_ip(&ctx.workload, dst);
+                match self.admit(&pod.workload, src_ip, Some(&ctx.identity), dst, "same-node") {
+                    Ok(admission) => self.direct(&pod, client, dst, &uid, Some(&admission)).await,
+                    Err(_) => forward::reset(client),
+                }
             }
-            _ => self.direct(ctx, client, dst, &uid).await,
+            _ => self.direct(ctx, client, dst, &uid, None).await,
         }
     }
 
     /// Connects to `dst` from inside `netns_of`'s namespace and copies.
-    async fn direct(&self, netns_of: &PodContext, client: TcpStream, dst: SocketAddr, uid: &str) {
+    async fn direct(
+        &self,
+        netns_of: &PodContext,
+        client: TcpStream,
+        dst: SocketAddr,
+        uid: &str,
+        admission: Option<&super::Admission>,
+    ) {
         match forward::connect_in_netns(&netns_of.worker, dst, self.mark, self.connect_timeout)
             .await
         {
-            Ok(upstream) => forward::copy_logged(client, upstream, "outbound", uid, dst).await,
+            Ok(upstream) => {
+                forward::copy_logged(client, upstream, "outbound", uid, dst, admission).await;
+            }
             Err(e) => {
                 warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
                 forward::reset(client);
@@ -142,7 +155,7 @@ impl Proxy {
             connection,
             guard,
         } = stream;
-        match hbone::pipe(client, send, recv).await {
+        match hbone::pipe(client, send, recv, None).await {
             Ok((sent, received)) => debug!(
                 direction = "outbound",
                 src_workload = %uid,
@@ -159,4 +172,15 @@ impl Proxy {
         }
         drop(guard);
     }
+}
+
+/// The source pod's address of the destination's family (what the destination would see).
+fn source_ip(source: &Workload, dst: SocketAddr) -> std::net::IpAddr {
+    source
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or_else(|| source.ips.first().copied())
+        .unwrap_or(dst.ip())
 }

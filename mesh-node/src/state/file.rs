@@ -1,4 +1,5 @@
-//! The file state source: the configuration file's `workloads`, re-read when the file changes.
+//! The file state source: the configuration file's `workloads` and `policies`, re-read when the
+//! file changes.
 //!
 //! The file is polled (every 250 ms by default): cheap for one small file, and robust to the
 //! ways editors and Kubernetes `ConfigMap`s replace files (rename, symlink swap), which inotify
@@ -15,7 +16,7 @@ use std::{
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use super::Workload;
+use super::MeshState;
 use crate::config::{Config, Origin};
 
 /// What identifies a version of the file without reading it.
@@ -40,7 +41,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub fn spawn_watcher(
     path: PathBuf,
     interval: Duration,
-    tx: watch::Sender<Arc<Vec<Workload>>>,
+    tx: watch::Sender<Arc<MeshState>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let origin = Origin::File(path.clone());
@@ -61,10 +62,18 @@ pub fn spawn_watcher(
                     continue;
                 }
             };
-            match Config::parse(&text, &origin) {
-                Ok(config) => {
-                    info!(file = %path.display(), workloads = config.workloads.len(), "configuration reloaded");
-                    tx.send_replace(Arc::new(config.workloads));
+            match Config::parse(&text, &origin).map(|c| MeshState::from_config(&c)) {
+                Ok(Ok(state)) => {
+                    info!(
+                        file = %path.display(),
+                        workloads = state.workloads.len(),
+                        policies = state.policies.authorization_policies(),
+                        "configuration reloaded"
+                    );
+                    tx.send_replace(Arc::new(state));
+                }
+                Ok(Err(e)) => {
+                    error!(error = %e, "rejected configuration change; keeping the last good state");
                 }
                 Err(e) => {
                     error!(error = %e, "rejected configuration change; keeping the last good state");

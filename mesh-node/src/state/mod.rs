@@ -7,6 +7,26 @@ use std::{net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Everything the mesh knows at one moment, as the proxy and the enroller consume it.
+#[derive(Debug)]
+pub struct MeshState {
+    pub workloads: Vec<Workload>,
+    pub policies: std::sync::Arc<crate::policy::PolicyStore>,
+}
+
+impl MeshState {
+    /// The state described by a (validated) configuration.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, crate::policy::PolicyError> {
+        Ok(Self {
+            workloads: config.workloads.clone(),
+            policies: std::sync::Arc::new(crate::policy::PolicyStore::new(
+                &config.root_namespace,
+                &config.policies,
+            )?),
+        })
+    }
+}
+
 /// A workload: one pod (or VM) with its identity, addresses and placement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

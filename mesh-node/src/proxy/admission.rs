@@ -1,0 +1,236 @@
+//! Authorization at the destination, and the open connections it admitted.
+//!
+//! Every connection into a workload of this node (inbound HBONE, inbound plaintext, the
+//! same-node path) is admitted here: `PeerAuthentication` for plaintext, then the authorization
+//! policies. Each decision is logged with the deciding policy (debug for allows) and counted.
+//! Admitted connections stay registered until they end, and when the policy set or the
+//! workloads change every one of them is decided again: those no longer allowed are closed,
+//! with a log line naming the policy.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::Proxy;
+use crate::{
+    identity::Identity,
+    policy::{ConnInfo, Decision, MtlsMode},
+    state::Workload,
+};
+
+/// What was admitted, kept to decide again later.
+struct Admitted {
+    destination: String,
+    src_ip: IpAddr,
+    src_identity: Option<Identity>,
+    dst: SocketAddr,
+    closed: Arc<Notify>,
+}
+
+/// The admitted connections and the decision counters.
+#[derive(Default)]
+pub struct Admissions {
+    open: Mutex<HashMap<u64, Admitted>>,
+    next: AtomicU64,
+    /// `(result, policy)` → decisions.
+    decisions: Mutex<HashMap<(&'static str, String), u64>>,
+}
+
+/// An admitted connection; dropping it unregisters it. `closed` fires when a policy change
+/// revokes it.
+pub struct Admission {
+    id: u64,
+    admissions: Arc<Admissions>,
+    pub closed: Arc<Notify>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.admissions
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Plaintext into a workload whose `PeerAuthentication` is STRICT.
+    Strict,
+    /// An authorization policy (or the lack of a matching ALLOW).
+    Denied(Decision),
+}
+
+impl Admissions {
+    /// Decision counts by result and policy (for metrics).
+    #[must_use]
+    pub fn decision_counts(&self) -> Vec<((&'static str, String), u64)> {
+        let counts = self
+            .decisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Open admitted connections.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn count(&self, result: &'static str, policy: &str) {
+        *self
+            .decisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((result, policy.to_owned()))
+            .or_default() += 1;
+    }
+}
+
+impl Proxy {
+    /// Admits a connection to `destination` (a workload of this node) or says why not.
+    pub fn admit(
+        &self,
+        destination: &Workload,
+        src_ip: IpAddr,
+        src_identity: Option<&Identity>,
+        dst: SocketAddr,
+        path: &'static str,
+    ) -> Result<Admission, Refusal> {
+        let uid = destination.uid();
+        let policies = self.policies();
+        if src_identity.is_none() && policies.mtls_mode(destination, dst.port()) == MtlsMode::Strict
+        {
+            warn!(
+                dst_workload = %uid,
+                client = %src_ip,
+                orig_dst = %dst,
+                "plaintext connection refused: PeerAuthentication is STRICT"
+            );
+            self.admissions.count("deny", "PeerAuthentication STRICT");
+            return Err(Refusal::Strict);
+        }
+        let conn = ConnInfo {
+            src_ip,
+            src_identity,
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        };
+        let decision = policies.authorize(destination, &conn);
+        log_dry_run(&decision, &uid, src_identity, src_ip, dst);
+        self.admissions.count(decision.result(), &decision.reason);
+        if !decision.allowed {
+            warn!(
+                path,
+                dst_workload = %uid,
+                peer_identity = src_identity.map(ToString::to_string).unwrap_or_default(),
+                client = %src_ip,
+                orig_dst = %dst,
+                policy = %decision.reason,
+                "connection denied by policy"
+            );
+            return Err(Refusal::Denied(decision));
+        }
+        debug!(path, dst_workload = %uid, client = %src_ip, orig_dst = %dst, policy = %decision.reason, "connection allowed by policy");
+        let id = self.admissions.next.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(Notify::new());
+        self.admissions
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                Admitted {
+                    destination: uid,
+                    src_ip,
+                    src_identity: src_identity.cloned(),
+                    dst,
+                    closed: Arc::clone(&closed),
+                },
+            );
+        Ok(Admission {
+            id,
+            admissions: Arc::clone(&self.admissions),
+            closed,
+        })
+    }
+
+    /// Decides every open admitted connection again (after a policy or workload change) and
+    /// closes the ones no longer allowed. Returns how many were closed.
+    pub fn recheck_open_connections(&self) -> usize {
+        let policies = self.policies();
+        let open = self
+            .admissions
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut closed = 0;
+        for admitted in open.values() {
+            let Some(destination) = self.workload_at(admitted.dst.ip()) else {
+                continue;
+            };
+            let conn = ConnInfo {
+                src_ip: admitted.src_ip,
+                src_identity: admitted.src_identity.as_ref(),
+                dst_ip: admitted.dst.ip(),
+                dst_port: admitted.dst.port(),
+            };
+            let strict = admitted.src_identity.is_none()
+                && policies.mtls_mode(&destination, admitted.dst.port()) == MtlsMode::Strict;
+            let decision = policies.authorize(&destination, &conn);
+            if strict || !decision.allowed {
+                let policy = if strict {
+                    "PeerAuthentication STRICT".to_owned()
+                } else {
+                    decision.reason
+                };
+                info!(
+                    dst_workload = %admitted.destination,
+                    peer_identity = admitted.src_identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    client = %admitted.src_ip,
+                    orig_dst = %admitted.dst,
+                    policy = %policy,
+                    "open connection closed: no longer allowed after a policy change"
+                );
+                admitted.closed.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+fn log_dry_run(
+    decision: &Decision,
+    uid: &str,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    dst: SocketAddr,
+) {
+    if let Some((would_allow, policy)) = &decision.dry_run {
+        info!(
+            dst_workload = %uid,
+            peer_identity = src_identity.map(ToString::to_string).unwrap_or_default(),
+            client = %src_ip,
+            orig_dst = %dst,
+            policy = %policy,
+            would = if *would_allow { "allow" } else { "deny" },
+            enforced = decision.result(),
+            "dry-run policy decision"
+        );
+    }
+}
