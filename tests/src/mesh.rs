@@ -19,6 +19,7 @@ pub struct Daemon {
     config: PathBuf,
     ca: PathBuf,
     settings: NodeSettings,
+    enrolled: Vec<String>,
 }
 
 /// The namespace every testbed workload lives in.
@@ -47,12 +48,15 @@ pub fn ca_dir(bed: &Testbed, exe: &Path) -> anyhow::Result<PathBuf> {
 pub struct NodeSettings {
     /// Lifetime of workload certificates.
     pub cert_lifetime_seconds: u64,
+    /// The `policies:` list (YAML items of Istio documents), empty for none.
+    pub policies: String,
 }
 
 impl Default for NodeSettings {
     fn default() -> Self {
         Self {
             cert_lifetime_seconds: 86_400,
+            policies: String::new(),
         }
     }
 }
@@ -72,16 +76,22 @@ pub fn config_yaml(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
          redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
-         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\nworkloads:\n",
+         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}workloads:\n",
         n.cgroup().display(),
         bpffs.display(),
         settings.cert_lifetime_seconds,
+        if settings.policies.trim().is_empty() {
+            "  []\n"
+        } else {
+            settings.policies.as_str()
+        },
         ca = ca.display(),
     );
     for pod in bed.pods() {
         writeln!(
             yaml,
             "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  \
+             labels: {{app: {name}}}\n  \
              ips: [{v4}, \"{v6}\"]\n  node: {node}\n  netns: {netns}\n  enrolled: {enrolled}",
             name = pod.name(),
             v4 = pod.ipv4(),
@@ -122,6 +132,7 @@ impl Daemon {
         write_atomically(&config, &config_yaml(bed, node, &ca, settings, enrolled)?)?;
         let mut daemon = Self::start_with(bed, node, exe, &config)?;
         daemon.settings = settings.clone();
+        daemon.enrolled = enrolled.iter().map(|s| (*s).to_owned()).collect();
         Ok(daemon)
     }
 
@@ -146,11 +157,25 @@ impl Daemon {
             config: config.to_owned(),
             ca: ca_dir(bed, exe)?,
             settings: NodeSettings::default(),
+            enrolled: Vec::new(),
         })
     }
 
+    /// Rewrites the configuration with a new `policies:` list (the daemon picks it up).
+    pub fn set_policies(&mut self, bed: &Testbed, policies: &str) -> anyhow::Result<()> {
+        policies.clone_into(&mut self.settings.policies);
+        let enrolled: Vec<String> = self.enrolled.clone();
+        let enrolled: Vec<&str> = enrolled.iter().map(String::as_str).collect();
+        self.write_config(bed, &enrolled)
+    }
+
     /// Rewrites the configuration with a new set of enrolled pods (the daemon picks it up).
-    pub fn set_enrolled(&self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
+    pub fn set_enrolled(&mut self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
+        self.enrolled = enrolled.iter().map(|s| (*s).to_owned()).collect();
+        self.write_config(bed, enrolled)
+    }
+
+    fn write_config(&self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
         write_atomically(
             &self.config,
             &config_yaml(bed, &self.node, &self.ca, &self.settings, enrolled)?,
@@ -236,6 +261,7 @@ impl Daemon {
     pub fn restart(&self, bed: &Testbed) -> anyhow::Result<Self> {
         let mut daemon = Self::start_with(bed, &self.node, &self.exe, &self.config)?;
         daemon.settings = self.settings.clone();
+        daemon.enrolled.clone_from(&self.enrolled);
         Ok(daemon)
     }
 

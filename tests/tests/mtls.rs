@@ -270,6 +270,7 @@ fn certificates_rotate_under_a_running_connection() {
     let _servers = echo_servers(&bed, &["b1"]);
     let settings = mesh_tests::mesh::NodeSettings {
         cert_lifetime_seconds: 4,
+        ..Default::default()
     };
     let enrolled = ["a1", "b1"];
     let a = Daemon::start_with_settings(&bed, "node-a", Path::new(DUT), &enrolled, &settings)

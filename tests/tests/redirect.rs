@@ -294,7 +294,7 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
     let bed = up();
     let _servers = echo_servers(&bed, &["b1"]);
     let target = bed.pod("b1").addr(false, PORT);
-    let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
+    let mut daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
     assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 1);
     assert!(listening_ports(&bed, "a1").contains(":15001"));

@@ -198,7 +198,7 @@ impl CompiledPolicy {
             match (has_l7, action) {
                 (false, _) => rules.push(compiled),
                 (true, Action::Allow) => {
-                    l7.push(format!("ALLOW rule {i} uses L7 fields and is dropped"))
+                    l7.push(format!("ALLOW rule {i} uses L7 fields and is dropped"));
                 }
                 (true, Action::Deny) => {
                     l7.push(format!(

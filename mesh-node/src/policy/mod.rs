@@ -54,12 +54,11 @@ impl Decision {
 
 /// Why a policy set was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("policies[{index}] ({kind} {namespace}/{name}): field `{field}`: {reason}")]
+#[error("policies[{index}] ({document}): field `{field}`: {reason}")]
 pub struct PolicyError {
     pub index: usize,
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
+    /// `Kind namespace/name`.
+    pub document: String,
     pub field: String,
     pub reason: String,
 }
@@ -82,9 +81,10 @@ impl PolicyStore {
         for (index, doc) in docs.iter().enumerate() {
             let err = |field: &str, reason: &str| PolicyError {
                 index,
-                kind: doc.kind.to_string(),
-                namespace: doc.metadata.namespace.clone(),
-                name: doc.metadata.name.clone(),
+                document: format!(
+                    "{} {}/{}",
+                    doc.kind, doc.metadata.namespace, doc.metadata.name
+                ),
                 field: field.to_owned(),
                 reason: reason.to_owned(),
             };

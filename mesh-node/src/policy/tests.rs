@@ -1,6 +1,6 @@
 //! The evaluator against a table of cases that mirrors Istio's documented examples
 //! (istio.io: "Authorization Policy" reference, "Authorization on TCP traffic",
-//! "Explicit deny", "Dry run", "PeerAuthentication" reference).
+//! "Explicit deny", "Dry run", `PeerAuthentication` reference).
 
 use std::net::IpAddr;
 
@@ -43,10 +43,81 @@ fn allowed(store: &PolicyStore, w: &Workload, src: &str, ip: &str, port: u16) ->
 }
 
 fn ap(ns: &str, name: &str, spec: &str) -> String {
-    let spec: String = spec.lines().map(|l| format!("    {l}\n")).collect();
+    let spec: String = spec.lines().flat_map(|l| ["    ", l, "\n"]).collect();
     format!(
         "- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata:\n    name: {name}\n    namespace: {ns}\n  spec:\n{spec}"
     )
+}
+
+/// One table row: policies, workload, source ("ns/sa" or "" for plaintext), source IP, port,
+/// expected, case name.
+type Case<'a> = (String, &'a Workload, &'a str, &'a str, u16, bool, &'a str);
+
+#[rustfmt::skip]
+fn cases<'a>(web: &'a Workload, db: &'a Workload, other_ns: &'a Workload) -> Vec<Case<'a>> {
+    let from = |source: &str| format!("rules:\n- from:\n  - source:\n      {source}");
+    let to = |op: &str| format!("rules:\n- to:\n  - operation:\n      {op}");
+    let when = |cond: &str| format!("rules:\n- when:\n  - {cond}");
+    vec![
+        (String::new(), web, "", "10.1.0.1", 80, true, "no policy: allow"),
+        (ap("foo", "allow-nothing", "{}"), web, "foo/sleep", "10.1.0.1", 80, false, "allow-nothing"),
+        (ap("foo", "allow-all", "action: ALLOW\nrules: [{}]"), web, "", "10.1.0.1", 80, true, "allow-all"),
+        (ap("foo", "deny-all", "action: DENY\nrules: [{}]"), web, "foo/sleep", "10.1.0.1", 80, false, "deny-all"),
+        (ap("foo", "deny-nothing", "action: DENY"), web, "foo/sleep", "10.1.0.1", 80, true, "DENY without rules matches nothing"),
+        // principals: exact, prefix, suffix, presence; plaintext has none
+        (ap("foo", "p", &from("principals: [cluster.local/ns/foo/sa/sleep]")), web, "foo/sleep", "10.1.0.1", 80, true, "principal exact"),
+        (ap("foo", "p", &from("principals: [cluster.local/ns/foo/sa/sleep]")), web, "foo/other", "10.1.0.1", 80, false, "principal exact, other"),
+        (ap("foo", "p", &from("principals: [cluster.local/ns/foo/sa/sleep]")), web, "", "10.1.0.1", 80, false, "principal, plaintext"),
+        (ap("foo", "p", &from("principals: [cluster.local/ns/foo/*]")), web, "foo/x", "10.1.0.1", 80, true, "principal prefix"),
+        (ap("foo", "p", &from("principals: [\"*/sa/sleep\"]")), web, "bar/sleep", "10.1.0.1", 80, true, "principal suffix"),
+        (ap("foo", "p", &from("principals: [\"*\"]")), web, "", "10.1.0.1", 80, false, "principal presence, plaintext"),
+        (ap("foo", "p", &from("principals: [\"*\"]")), web, "bar/x", "10.1.0.1", 80, true, "principal presence"),
+        (ap("foo", "p", &from("notPrincipals: [cluster.local/ns/foo/sa/sleep]")), web, "foo/sleep", "10.1.0.1", 80, false, "notPrincipals"),
+        (ap("foo", "p", &from("notPrincipals: [cluster.local/ns/foo/sa/sleep]")), web, "", "10.1.0.1", 80, true, "notPrincipals, plaintext"),
+        // namespaces and service accounts
+        (ap("foo", "d", &format!("action: DENY\n{}", from("namespaces: [bar]"))), web, "bar/x", "10.1.0.1", 80, false, "deny by namespace"),
+        (ap("foo", "d", &format!("action: DENY\n{}", from("namespaces: [bar]"))), web, "foo/x", "10.1.0.1", 80, true, "deny by namespace, other"),
+        (ap("foo", "a", &from("notNamespaces: [bar]")), web, "bar/x", "10.1.0.1", 80, false, "notNamespaces"),
+        (ap("foo", "a", &from("notNamespaces: [bar]")), web, "baz/x", "10.1.0.1", 80, true, "notNamespaces, other"),
+        (ap("foo", "a", &from("serviceAccounts: [foo/sleep]")), web, "foo/sleep", "10.1.0.1", 80, true, "serviceAccounts"),
+        (ap("foo", "a", &from("notServiceAccounts: [foo/sleep]")), web, "foo/sleep", "10.1.0.1", 80, false, "notServiceAccounts"),
+        // ports
+        (ap("foo", "a", &to("ports: [\"8080\"]")), web, "", "10.1.0.1", 8080, true, "ports"),
+        (ap("foo", "a", &to("ports: [\"8080\"]")), web, "", "10.1.0.1", 9090, false, "ports, other"),
+        (ap("foo", "a", &to("notPorts: [\"22\"]")), web, "", "10.1.0.1", 22, false, "notPorts"),
+        (ap("foo", "a", &to("notPorts: [\"22\"]")), web, "", "10.1.0.1", 80, true, "notPorts, other"),
+        // ipBlocks
+        (ap("foo", "a", &from("ipBlocks: [10.1.0.0/16, 192.0.2.7]")), web, "", "10.1.2.3", 80, true, "ipBlocks CIDR"),
+        (ap("foo", "a", &from("ipBlocks: [10.1.0.0/16, 192.0.2.7]")), web, "", "192.0.2.7", 80, true, "ipBlocks single IP"),
+        (ap("foo", "a", &from("ipBlocks: [10.1.0.0/16]")), web, "", "10.2.0.1", 80, false, "ipBlocks, outside"),
+        (ap("foo", "d", &format!("action: DENY\n{}", from("notIpBlocks: [10.1.0.0/16]"))), web, "", "10.2.0.1", 80, false, "notIpBlocks deny"),
+        (ap("foo", "a", &from("ipBlocks: [\"fd00::/8\"]")), web, "", "fd00::5", 80, true, "ipBlocks IPv6"),
+        (ap("foo", "a", &from("ipBlocks: [10.1.0.0/16]")), web, "", "::ffff:10.1.0.1", 80, true, "ipBlocks, v4-mapped source"),
+        // when
+        (ap("foo", "a", &when("key: source.ip\n    values: [10.1.0.0/16]")), web, "", "10.1.0.1", 80, true, "when source.ip"),
+        (ap("foo", "a", &when("key: destination.port\n    notValues: [\"80\"]")), web, "", "10.1.0.1", 80, false, "when destination.port notValues"),
+        (ap("foo", "a", &when("key: source.namespace\n    values: [foo]")), web, "foo/x", "10.1.0.1", 80, true, "when source.namespace"),
+        (ap("foo", "a", &when("key: source.principal\n    values: [cluster.local/ns/foo/sa/x]")), web, "foo/y", "10.1.0.1", 80, false, "when source.principal"),
+        (ap("foo", "a", &when("key: destination.ip\n    values: [10.0.0.0/24]")), web, "", "10.1.0.1", 80, true, "when destination.ip"),
+        // AND inside a rule, OR across rules
+        (ap("foo", "a", "rules:\n- from:\n  - source:\n      namespaces: [foo]\n  to:\n  - operation:\n      ports: [\"80\"]"), web, "foo/x", "10.1.0.1", 81, false, "from AND to"),
+        (ap("foo", "a", "rules:\n- from:\n  - source:\n      namespaces: [bar]\n- to:\n  - operation:\n      ports: [\"81\"]"), web, "foo/x", "10.1.0.1", 81, true, "rule OR rule"),
+        // explicit deny wins
+        (format!("{}{}", ap("foo", "all", "rules: [{}]"), ap("foo", "no-ssh", &format!("action: DENY\n{}", to("ports: [\"22\"]")))), web, "foo/x", "10.1.0.1", 22, false, "DENY before ALLOW"),
+        // scope: selector, namespace, root namespace
+        (ap("foo", "web-only", "selector:\n  matchLabels: {app: web}\nrules: []"), db, "foo/x", "10.1.0.1", 80, true, "selector does not match db"),
+        (ap("foo", "web-only", "selector:\n  matchLabels: {app: web}\nrules: []"), web, "foo/x", "10.1.0.1", 80, false, "selector matches web"),
+        (ap("foo", "ns-wide", "{}"), other_ns, "foo/x", "10.1.0.1", 80, true, "other namespace untouched"),
+        (ap("istio-system", "mesh-wide", "{}"), other_ns, "foo/x", "10.1.0.1", 80, false, "root namespace is mesh-wide"),
+        (ap("istio-system", "mesh-web", "selector:\n  matchLabels: {app: web}\naction: DENY\nrules: [{}]"), other_ns, "foo/x", "10.1.0.1", 80, false, "root namespace selector, any namespace"),
+        (ap("foo", "waypoint", "targetRefs:\n- kind: Gateway\n  name: waypoint\naction: DENY\nrules: [{}]"), web, "foo/x", "10.1.0.1", 80, true, "targetRefs: not for the node"),
+        // L7: an ALLOW rule is dropped; a DENY rule keeps its L4 part
+        (ap("foo", "l7", &to("methods: [GET]")), web, "foo/x", "10.1.0.1", 80, false, "ALLOW with L7 is dropped"),
+        (ap("foo", "l7", &format!("action: DENY\n{}", to("methods: [POST]\n      ports: [\"80\"]"))), web, "foo/x", "10.1.0.1", 80, false, "DENY L7 keeps ports"),
+        (ap("foo", "l7", &format!("action: DENY\n{}", to("methods: [POST]\n      ports: [\"80\"]"))), web, "foo/x", "10.1.0.1", 81, true, "DENY L7 keeps ports, other port"),
+        (ap("foo", "l7", &when("key: request.headers[x-user]\n    values: [a]")), web, "foo/x", "10.1.0.1", 80, false, "ALLOW with an L7 when key"),
+        (ap("foo", "l7", &from("requestPrincipals: [\"*\"]")), web, "foo/x", "10.1.0.1", 80, false, "ALLOW with requestPrincipals"),
+    ]
 }
 
 #[test]
@@ -54,632 +125,7 @@ fn istio_examples() {
     let web = workload("foo", "web", &[("app", "web")]);
     let db = workload("foo", "db", &[("app", "db")]);
     let other_ns = workload("bar", "api", &[("app", "web")]);
-    // (policies, workload, source, source ip, port, allowed?, case)
-    let cases: Vec<(String, &Workload, &str, &str, u16, bool, &str)> = vec![
-        (
-            String::new(),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            true,
-            "no policy: allow",
-        ),
-        (
-            ap("foo", "allow-nothing", "{}"),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            false,
-            "allow-nothing",
-        ),
-        (
-            ap("foo", "allow-all", "action: ALLOW\nrules: [{}]"),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            true,
-            "allow-all",
-        ),
-        (
-            ap("foo", "deny-all", "action: DENY\nrules: [{}]"),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            false,
-            "deny-all",
-        ),
-        (
-            ap("foo", "deny-nothing", "action: DENY"),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            true,
-            "DENY without rules matches nothing",
-        ),
-        // principals: exact, prefix, suffix, presence; plaintext has none
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]",
-            ),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            true,
-            "principal exact",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]",
-            ),
-            &web,
-            "foo/other",
-            "10.1.0.1",
-            80,
-            false,
-            "principal exact, other",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/sa/sleep]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            false,
-            "principal, plaintext",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [cluster.local/ns/foo/*]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            true,
-            "principal prefix",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [\"*/sa/sleep\"]",
-            ),
-            &web,
-            "bar/sleep",
-            "10.1.0.1",
-            80,
-            true,
-            "principal suffix",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [\"*\"]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            false,
-            "principal presence, plaintext",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      principals: [\"*\"]",
-            ),
-            &web,
-            "bar/x",
-            "10.1.0.1",
-            80,
-            true,
-            "principal presence",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      notPrincipals: [cluster.local/ns/foo/sa/sleep]",
-            ),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            false,
-            "notPrincipals",
-        ),
-        (
-            ap(
-                "foo",
-                "p",
-                "rules:\n- from:\n  - source:\n      notPrincipals: [cluster.local/ns/foo/sa/sleep]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            true,
-            "notPrincipals, plaintext",
-        ),
-        // namespaces
-        (
-            ap(
-                "foo",
-                "d",
-                "action: DENY\nrules:\n- from:\n  - source:\n      namespaces: [bar]",
-            ),
-            &web,
-            "bar/x",
-            "10.1.0.1",
-            80,
-            false,
-            "deny by namespace",
-        ),
-        (
-            ap(
-                "foo",
-                "d",
-                "action: DENY\nrules:\n- from:\n  - source:\n      namespaces: [bar]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            true,
-            "deny by namespace, other",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      notNamespaces: [bar]",
-            ),
-            &web,
-            "bar/x",
-            "10.1.0.1",
-            80,
-            false,
-            "notNamespaces",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      notNamespaces: [bar]",
-            ),
-            &web,
-            "baz/x",
-            "10.1.0.1",
-            80,
-            true,
-            "notNamespaces, other",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      serviceAccounts: [foo/sleep]",
-            ),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            true,
-            "serviceAccounts",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      notServiceAccounts: [foo/sleep]",
-            ),
-            &web,
-            "foo/sleep",
-            "10.1.0.1",
-            80,
-            false,
-            "notServiceAccounts",
-        ),
-        // ports
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- to:\n  - operation:\n      ports: [\"8080\"]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            8080,
-            true,
-            "ports",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- to:\n  - operation:\n      ports: [\"8080\"]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            9090,
-            false,
-            "ports, other",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- to:\n  - operation:\n      notPorts: [\"22\"]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            22,
-            false,
-            "notPorts",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- to:\n  - operation:\n      notPorts: [\"22\"]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            true,
-            "notPorts, other",
-        ),
-        // ipBlocks
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16, 192.0.2.7]",
-            ),
-            &web,
-            "",
-            "10.1.2.3",
-            80,
-            true,
-            "ipBlocks CIDR",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16, 192.0.2.7]",
-            ),
-            &web,
-            "",
-            "192.0.2.7",
-            80,
-            true,
-            "ipBlocks single IP",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16]",
-            ),
-            &web,
-            "",
-            "10.2.0.1",
-            80,
-            false,
-            "ipBlocks, outside",
-        ),
-        (
-            ap(
-                "foo",
-                "d",
-                "action: DENY\nrules:\n- from:\n  - source:\n      notIpBlocks: [10.1.0.0/16]",
-            ),
-            &web,
-            "",
-            "10.2.0.1",
-            80,
-            false,
-            "notIpBlocks deny",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      ipBlocks: [\"fd00::/8\"]",
-            ),
-            &web,
-            "",
-            "fd00::5",
-            80,
-            true,
-            "ipBlocks IPv6",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      ipBlocks: [10.1.0.0/16]",
-            ),
-            &web,
-            "",
-            "::ffff:10.1.0.1",
-            80,
-            true,
-            "ipBlocks, v4-mapped source",
-        ),
-        // when
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- when:\n  - key: source.ip\n    values: [10.1.0.0/16]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            true,
-            "when source.ip",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- when:\n  - key: destination.port\n    notValues: [\"80\"]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            false,
-            "when destination.port notValues",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- when:\n  - key: source.namespace\n    values: [foo]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            true,
-            "when source.namespace",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- when:\n  - key: source.principal\n    values: [cluster.local/ns/foo/sa/x]",
-            ),
-            &web,
-            "foo/y",
-            "10.1.0.1",
-            80,
-            false,
-            "when source.principal",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- when:\n  - key: destination.ip\n    values: [10.0.0.0/24]",
-            ),
-            &web,
-            "",
-            "10.1.0.1",
-            80,
-            true,
-            "when destination.ip",
-        ),
-        // AND inside a rule, OR across rules
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      namespaces: [foo]\n  to:\n  - operation:\n      ports: [\"80\"]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            81,
-            false,
-            "from AND to",
-        ),
-        (
-            ap(
-                "foo",
-                "a",
-                "rules:\n- from:\n  - source:\n      namespaces: [bar]\n- to:\n  - operation:\n      ports: [\"81\"]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            81,
-            true,
-            "rule OR rule",
-        ),
-        // explicit deny wins
-        (
-            format!(
-                "{}{}",
-                ap("foo", "all", "rules: [{}]"),
-                ap(
-                    "foo",
-                    "no-ssh",
-                    "action: DENY\nrules:\n- to:\n  - operation:\n      ports: [\"22\"]"
-                )
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            22,
-            false,
-            "DENY before ALLOW",
-        ),
-        // scope: selector, namespace, root namespace
-        (
-            ap(
-                "foo",
-                "web-only",
-                "selector:\n  matchLabels: {app: web}\nrules: []",
-            ),
-            &db,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            true,
-            "selector does not match db",
-        ),
-        (
-            ap(
-                "foo",
-                "web-only",
-                "selector:\n  matchLabels: {app: web}\nrules: []",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "selector matches web",
-        ),
-        (
-            ap("foo", "ns-wide", "{}"),
-            &other_ns,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            true,
-            "other namespace untouched",
-        ),
-        (
-            ap("istio-system", "mesh-wide", "{}"),
-            &other_ns,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "root namespace is mesh-wide",
-        ),
-        (
-            ap(
-                "istio-system",
-                "mesh-web",
-                "selector:\n  matchLabels: {app: web}\naction: DENY\nrules: [{}]",
-            ),
-            &other_ns,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "root namespace selector, any namespace",
-        ),
-        (
-            ap(
-                "foo",
-                "waypoint",
-                "targetRefs:\n- kind: Gateway\n  name: waypoint\naction: DENY\nrules: [{}]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            true,
-            "targetRefs: not for the node",
-        ),
-        // L7: ALLOW rule dropped; DENY keeps its L4 part
-        (
-            ap(
-                "foo",
-                "l7",
-                "rules:\n- to:\n  - operation:\n      methods: [GET]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "ALLOW with L7 is dropped",
-        ),
-        (
-            ap(
-                "foo",
-                "l7",
-                "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [POST]\n      ports: [\"80\"]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "DENY L7 keeps ports",
-        ),
-        (
-            ap(
-                "foo",
-                "l7",
-                "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [POST]\n      ports: [\"80\"]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            81,
-            true,
-            "DENY L7 keeps ports, other port",
-        ),
-        (
-            ap(
-                "foo",
-                "l7",
-                "rules:\n- when:\n  - key: request.headers[x-user]\n    values: [a]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "ALLOW with an L7 when key",
-        ),
-        (
-            ap(
-                "foo",
-                "l7",
-                "rules:\n- from:\n  - source:\n      requestPrincipals: [\"*\"]",
-            ),
-            &web,
-            "foo/x",
-            "10.1.0.1",
-            80,
-            false,
-            "ALLOW with requestPrincipals",
-        ),
-    ];
-    for (yaml, w, src, ip, port, expected, case) in cases {
+    for (yaml, w, src, ip, port, expected, case) in cases(&web, &db, &other_ns) {
         let s = if yaml.is_empty() {
             store("[]")
         } else {
@@ -720,7 +166,7 @@ fn l7_content_is_reported_once_per_policy() {
 #[test]
 fn peer_authentication_precedence() {
     let pa = |ns: &str, name: &str, spec: &str| {
-        let spec: String = spec.lines().map(|l| format!("    {l}\n")).collect();
+        let spec: String = spec.lines().flat_map(|l| ["    ", l, "\n"]).collect();
         format!(
             "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {name}\n    namespace: {ns}\n  spec:\n{spec}"
         )
