@@ -1,5 +1,6 @@
 //! Developer and CI entry points (`cargo xtask <command>`).
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -23,6 +24,12 @@ enum Command {
     /// Format check, clippy (warnings denied), unit tests and the namespaced end-to-end tests.
     /// Fails if any namespaced test was skipped.
     Test,
+    /// Benchmarks against a baseline measured in the same run; writes target/bench/report.json.
+    Bench {
+        /// Run every scenario briefly (CI uses this so the suite never rots).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Bring up a 2-node, 4-pod testbed, run mesh-node on each node and real traffic between
     /// the pods, print what happened, and tear everything down.
     Demo,
@@ -34,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Bench { quick } => bench::run(quick),
     }
 }
