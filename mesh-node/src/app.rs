@@ -8,7 +8,12 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use mesh_common::{
+    PORT_ADMIN, PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_METRICS, PORT_OUTBOUND,
+    PORT_READINESS,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -16,9 +21,12 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    admin::{self, AdminState, Readiness},
     config::Config,
     identity::{CaError, CertManager, LocalCa},
     inpod::InPod,
+    logging::LogHandle,
+    metrics::{Metrics, NodeCollector},
     proxy::{MeshTls, Proxy, ProxyOptions},
     redirect::{Attachment, LoadOptions, PodPorts, Programs, RedirectError},
     state::{self, MeshState},
@@ -40,6 +48,12 @@ pub enum AppError {
     Ca(#[source] CaError),
     #[error("policies")]
     Policy(#[source] crate::policy::PolicyError),
+    #[error("listening on {address}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("serializing the configuration")]
@@ -47,12 +61,28 @@ pub enum AppError {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. `config_file` is watched for workload changes.
-pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), AppError> {
+pub async fn run(
+    config: Config,
+    config_file: Option<PathBuf>,
+    log: LogHandle,
+) -> Result<(), AppError> {
     let effective = serde_json::to_string(&config).map_err(AppError::Serialize)?;
     info!(config = %effective, version = env!("CARGO_PKG_VERSION"), "mesh-node starting");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+
+    // Readiness answers 503 until the state is loaded, the programs attached and every
+    // enrolled pod served.
+    let readiness = Arc::new(Readiness::default());
+    readiness.set(false, "starting");
+    let ready_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_READINESS));
+    let _readiness_server = admin::spawn_readiness(ready_addr, Arc::clone(&readiness))
+        .await
+        .map_err(|e| AppError::Listen {
+            address: ready_addr,
+            source: e,
+        })?;
 
     let cgroup = match &config.redirect.cgroup {
         Some(dir) => dir.clone(),
@@ -78,8 +108,34 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
         Duration::from_secs(config.identity.cert_lifetime_seconds),
         Arc::clone(&provider),
     );
+    let metrics = Metrics::new(NodeCollector {
+        bpffs: config.redirect.bpffs.clone(),
+        certs: certs.clone(),
+    });
+    let metrics_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_METRICS));
+    let _metrics_server = admin::spawn_metrics(metrics_addr, Arc::clone(&metrics))
+        .await
+        .map_err(|e| AppError::Listen {
+            address: metrics_addr,
+            source: e,
+        })?;
+    let admin_state = Arc::new(AdminState {
+        config: serde_json::to_value(&config).map_err(AppError::Serialize)?,
+        state: std::sync::RwLock::new(serde_json::Value::Null),
+        certs: certs.clone(),
+        bpffs: config.redirect.bpffs.clone(),
+        log,
+    });
+    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_ADMIN));
+    let _admin_server = admin::spawn_admin(admin_addr, Arc::clone(&admin_state))
+        .await
+        .map_err(|e| AppError::Listen {
+            address: admin_addr,
+            source: e,
+        })?;
     let proxy = Arc::new(Proxy::new(
         ProxyOptions {
+            metrics: Arc::clone(&metrics),
             node: config.node.clone(),
             mark: config.redirect.mark,
             connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
@@ -104,8 +160,13 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
     let (tx, mut states) = watch::channel(Arc::new(initial));
     let _watcher = config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, tx));
     let mut warned = HashSet::new();
+    let observers = Observers {
+        metrics: &metrics,
+        readiness: &readiness,
+        admin: &admin_state,
+    };
     let current = Arc::clone(&states.borrow_and_update());
-    apply(&mut inpod, &proxy, &current, &mut warned);
+    apply(&mut inpod, &proxy, &current, &mut warned, &observers);
     info!(
         node = %config.node,
         cgroup = %cgroup.display(),
@@ -124,12 +185,12 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
             changed = states.changed() => {
                 if changed.is_ok() {
                     let current = Arc::clone(&states.borrow_and_update());
-                    apply(&mut inpod, &proxy, &current, &mut warned);
+                    apply(&mut inpod, &proxy, &current, &mut warned, &observers);
                 }
             }
             _ = retry.tick(), if !inpod.failed().is_empty() => {
                 let current = Arc::clone(&states.borrow());
-                inpod.reconcile(&current.workloads);
+                apply(&mut inpod, &proxy, &current, &mut warned, &observers);
             }
         }
     };
@@ -149,15 +210,47 @@ pub async fn run(config: Config, config_file: Option<PathBuf>) -> Result<(), App
     Ok(())
 }
 
-/// Applies a new state: enrollments, then the policies (which re-decides open connections).
-/// Policies with L7-only content are reported once each.
+/// What reports on the daemon's state.
+struct Observers<'a> {
+    metrics: &'a Metrics,
+    readiness: &'a Readiness,
+    admin: &'a AdminState,
+}
+
+/// Applies a new state: enrollments, then the policies (which re-decides open connections),
+/// then readiness, metrics and the admin dump. Policies with L7-only content are reported once
+/// each.
 fn apply(
     inpod: &mut InPod,
     proxy: &Proxy,
     state: &MeshState,
     warned: &mut HashSet<(String, String)>,
+    observers: &Observers<'_>,
 ) {
     inpod.reconcile(&state.workloads);
+    let enrolled = i64::try_from(inpod.enrolled()).unwrap_or(i64::MAX);
+    observers.metrics.enrolled_workloads.set(enrolled);
+    if inpod.failed().is_empty() {
+        observers
+            .readiness
+            .set(true, &format!("ready: {enrolled} workloads enrolled"));
+    } else {
+        observers.readiness.set(
+            false,
+            &format!("not ready: enrollment failed for {:?}", inpod.failed()),
+        );
+    }
+    *observers
+        .admin
+        .state
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = serde_json::json!({
+        "workloads": state.workloads,
+        "services": [],
+        "policies": state.policies.documents(),
+        "enrolled": inpod.enrolled_pods(),
+        "failed": inpod.failed(),
+    });
     for (policy, note) in state.policies.l7_notes() {
         if warned.insert((policy.clone(), note.clone())) {
             warn!(policy = %policy, note = %note, "policy uses L7-only fields; enforced at L4 as noted");

@@ -175,13 +175,13 @@ pub fn main() -> anyhow::Result<()> {
             if let Some(format) = log_format {
                 config.log.format = format;
             }
-            logging::init(&config.log)?;
+            let log = logging::init(&config.log)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("mesh-worker")
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(app::run(config, file)).map_err(|e| {
+            runtime.block_on(app::run(config, file, log)).map_err(|e| {
                 tracing::error!(error = %crate::error_chain(&e), "mesh-node failed");
                 anyhow::Error::new(e)
             })

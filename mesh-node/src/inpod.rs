@@ -64,6 +64,18 @@ impl InPod {
         self.pods.len()
     }
 
+    /// `(workload, netns cookie)` of every enrolled pod.
+    #[must_use]
+    pub fn enrolled_pods(&self) -> Vec<(String, u64)> {
+        let mut pods: Vec<_> = self
+            .pods
+            .iter()
+            .map(|(uid, p)| (uid.clone(), p.cookie))
+            .collect();
+        pods.sort();
+        pods
+    }
+
     /// Workloads that could not be enrolled at the last reconcile.
     #[must_use]
     pub fn failed(&self) -> &[String] {

@@ -6,6 +6,7 @@
 //! connections, `config` and `logging` are what they say, and `app` wires them together.
 //! `main.rs` only parses the command line.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

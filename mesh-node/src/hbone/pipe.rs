@@ -6,6 +6,8 @@ use std::{io, os::fd::AsRawFd as _};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
+
+use crate::metrics::ByteCount;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{
@@ -21,6 +23,8 @@ const CHUNK: usize = 256 * 1024;
 /// the stream, bytes from the stream to TCP). A reset on either side ends both directions at
 /// once (dropping the other half closes the socket, with a RST if the peer reset).
 ///
+/// Bytes are added to `from_tcp` and `from_h2` as they are copied.
+///
 /// When `revoked` fires (a policy change took the connection's authorization away), both sides
 /// are reset: the application's connection with a TCP RST, the stream with `RST_STREAM`.
 pub async fn pipe(
@@ -28,11 +32,12 @@ pub async fn pipe(
     send: SendStream<Bytes>,
     recv: RecvStream,
     revoked: Option<&tokio::sync::Notify>,
+    (from_tcp, from_h2): (&ByteCount, &ByteCount),
 ) -> io::Result<(u64, u64)> {
     let fd = tcp.as_raw_fd();
     let (read, write) = tcp.into_split();
-    let up = tcp_to_h2(read, send);
-    let down = h2_to_tcp(recv, write);
+    let up = tcp_to_h2(read, send, from_tcp);
+    let down = h2_to_tcp(recv, write, from_h2);
     tokio::pin!(up, down);
     let revoked = async {
         match revoked {
@@ -58,7 +63,11 @@ pub async fn pipe(
     Ok((up_done.unwrap_or(0), down_done.unwrap_or(0)))
 }
 
-async fn tcp_to_h2(mut read: OwnedReadHalf, mut send: SendStream<Bytes>) -> io::Result<u64> {
+async fn tcp_to_h2(
+    mut read: OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+    count: &ByteCount,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
@@ -87,12 +96,17 @@ async fn tcp_to_h2(mut read: OwnedReadHalf, mut send: SendStream<Bytes>) -> io::
             };
             let part = chunk.split_to(granted.min(chunk.len()));
             total += part.len() as u64;
+            count.add(part.len() as u64);
             send.send_data(part, false).map_err(h2_io)?;
         }
     }
 }
 
-async fn h2_to_tcp(mut recv: RecvStream, mut write: OwnedWriteHalf) -> io::Result<u64> {
+async fn h2_to_tcp(
+    mut recv: RecvStream,
+    mut write: OwnedWriteHalf,
+    count: &ByteCount,
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         match recv.data().await {
@@ -100,6 +114,7 @@ async fn h2_to_tcp(mut recv: RecvStream, mut write: OwnedWriteHalf) -> io::Resul
                 let n = data.len();
                 write.write_all(&data).await?;
                 total += n as u64;
+                count.add(n as u64);
                 let _ = recv.flow_control().release_capacity(n);
             }
             Some(Err(e)) => {

@@ -92,8 +92,8 @@ impl Drop for StreamGuard {
 }
 
 /// The connection pool.
-#[derive(Default)]
 pub struct Pool {
+    metrics: Arc<crate::metrics::Metrics>,
     conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
     /// One dial at a time per key, so a burst of new connections shares the first dial instead
     /// of each opening its own.
@@ -105,8 +105,14 @@ pub struct Pool {
 
 impl Pool {
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            metrics,
+            conns: Mutex::default(),
+            dialing: Mutex::default(),
+            next_id: AtomicU64::default(),
+            opened: AtomicU64::default(),
+        }
     }
 
     /// Connections dialled since start.
@@ -181,6 +187,7 @@ impl Pool {
             .map_err(|source| HboneError::Connect { address, source })?;
         let _ = tcp.set_nodelay(true);
         let server_name = ServerName::IpAddress(address.ip().into());
+        let handshake_started = std::time::Instant::now();
         let tls_stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             TlsConnector::from(Arc::clone(tls)).connect(server_name, tcp),
@@ -188,6 +195,10 @@ impl Pool {
         .await
         .map_err(|_| HboneError::TlsTimeout { address })?
         .map_err(|source| HboneError::Tls { address, source })?;
+        self.metrics
+            .tls_handshake_seconds
+            .get_or_create(&crate::metrics::RoleLabels { role: "client" })
+            .observe(handshake_started.elapsed().as_secs_f64());
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -198,6 +209,7 @@ impl Pool {
             .map_err(|source| HboneError::H2 { address, source })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.opened.fetch_add(1, Ordering::Relaxed);
+        self.metrics.hbone_connections.inc();
         let streams = Arc::new(AtomicUsize::new(1));
         let closed = Arc::new(AtomicBool::new(false));
         info!(

@@ -38,8 +38,17 @@ pub async fn serve_connection(
     target: Arc<InboundTarget>,
 ) {
     let uid = target.pod.workload.uid();
+    let handshake_started = std::time::Instant::now();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            target
+                .proxy
+                .metrics()
+                .tls_handshake_seconds
+                .get_or_create(&crate::metrics::RoleLabels { role: "server" })
+                .observe(handshake_started.elapsed().as_secs_f64());
+            tls
+        }
         Ok(Err(e)) => {
             warn!(direction = "inbound", dst_workload = %uid, client = %peer, error = %e, "HBONE TLS handshake rejected");
             return;
@@ -132,6 +141,9 @@ async fn handle(
         bad("reserved port");
         return reject(&mut respond, StatusCode::BAD_REQUEST);
     }
+    let record = target
+        .proxy
+        .record_inbound(&target.pod, peer, Some(source), dst);
     // Authorize before anything reaches the application: a denied stream gets 401 and no
     // connection is ever made upstream.
     let Ok(admission) =
@@ -139,6 +151,7 @@ async fn handle(
             .proxy
             .admit(&target.pod.workload, peer.ip(), Some(source), dst, "hbone")
     else {
+        record.fail("DENY", "denied by policy");
         return reject(&mut respond, StatusCode::UNAUTHORIZED);
     };
     let upstream = match connect_in_netns(
@@ -152,6 +165,7 @@ async fn handle(
         Ok(s) => s,
         Err(e) => {
             warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");
+            record.fail("UF", &e.to_string());
             return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -159,9 +173,11 @@ async fn handle(
         Ok(send) => send,
         Err(e) => {
             debug!(error = %e, "client went away before the 200");
+            record.close("client went away before the 200");
             return;
         }
     };
+    record.connected();
     info!(
         direction = "inbound",
         path = "hbone",
@@ -171,19 +187,18 @@ async fn handle(
         orig_dst = %dst,
         "connection captured"
     );
-    let started = std::time::Instant::now();
-    match pipe(upstream, send, request.into_body(), Some(&admission.closed)).await {
-        Ok((to_client, from_client)) => debug!(
-            direction = "inbound",
-            dst_workload = %uid,
-            orig_dst = %dst,
-            bytes_sent = to_client,
-            bytes_received = from_client,
-            duration_ms = started.elapsed().as_millis(),
-            "connection closed"
-        ),
-        Err(e) => {
-            debug!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
-        }
+    // Application → stream is "sent" (response direction), stream → application "received".
+    let counts = (&record.sent, &record.received);
+    let result = pipe(
+        upstream,
+        send,
+        request.into_body(),
+        Some(&admission.closed),
+        counts,
+    )
+    .await;
+    match result {
+        Ok(_) => record.close("completed"),
+        Err(e) => record.close(&e.to_string()),
     }
 }

@@ -67,6 +67,7 @@ pub struct PolicyError {
 #[derive(Debug, Default)]
 pub struct PolicyStore {
     root_namespace: String,
+    documents: Vec<PolicyDocument>,
     authz: Vec<std::sync::Arc<CompiledPolicy>>,
     peer_auth: Vec<peer_auth::PeerAuth>,
     cache: RwLock<HashMap<String, std::sync::Arc<Applicable>>>,
@@ -124,6 +125,7 @@ impl PolicyStore {
             }
         }
         Ok(Self {
+            documents: docs.to_vec(),
             root_namespace: root_namespace.to_owned(),
             authz,
             peer_auth,
@@ -138,6 +140,12 @@ impl PolicyStore {
             .iter()
             .filter_map(|p| p.l7_note.clone().map(|n| (p.name.clone(), n)))
             .collect()
+    }
+
+    /// The documents the store was built from (for the admin dump).
+    #[must_use]
+    pub fn documents(&self) -> &[PolicyDocument] {
+        &self.documents
     }
 
     /// How many authorization policies are loaded.

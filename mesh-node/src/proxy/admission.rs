@@ -2,7 +2,8 @@
 //!
 //! Every connection into a workload of this node (inbound HBONE, inbound plaintext, the
 //! same-node path) is admitted here: `PeerAuthentication` for plaintext, then the authorization
-//! policies. Each decision is logged with the deciding policy (debug for allows) and counted.
+//! policies. Each decision is logged with the deciding policy (debug for allows) and counted in
+//! `mesh_policy_decisions_total`.
 //! Admitted connections stay registered until they end, and when the policy set or the
 //! workloads change every one of them is decided again: those no longer allowed are closed,
 //! with a log line naming the policy.
@@ -40,8 +41,6 @@ struct Admitted {
 pub struct Admissions {
     open: Mutex<HashMap<u64, Admitted>>,
     next: AtomicU64,
-    /// `(result, policy)` → decisions.
-    decisions: Mutex<HashMap<(&'static str, String), u64>>,
 }
 
 /// An admitted connection; dropping it unregisters it. `closed` fires when a policy change
@@ -72,16 +71,6 @@ pub enum Refusal {
 }
 
 impl Admissions {
-    /// Decision counts by result and policy (for metrics).
-    #[must_use]
-    pub fn decision_counts(&self) -> Vec<((&'static str, String), u64)> {
-        let counts = self
-            .decisions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
-    }
-
     /// Open admitted connections.
     #[must_use]
     pub fn open(&self) -> usize {
@@ -90,18 +79,19 @@ impl Admissions {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
-
-    fn count(&self, result: &'static str, policy: &str) {
-        *self
-            .decisions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((result, policy.to_owned()))
-            .or_default() += 1;
-    }
 }
 
 impl Proxy {
+    fn count_decision(&self, result: &'static str, policy: &str) {
+        self.metrics
+            .policy_decisions
+            .get_or_create(&crate::metrics::DecisionLabels {
+                result,
+                policy: policy.to_owned(),
+            })
+            .inc();
+    }
+
     /// Admits a connection to `destination` (a workload of this node) or says why not.
     pub fn admit(
         &self,
@@ -121,7 +111,7 @@ impl Proxy {
                 orig_dst = %dst,
                 "plaintext connection refused: PeerAuthentication is STRICT"
             );
-            self.admissions.count("deny", "PeerAuthentication STRICT");
+            self.count_decision("deny", "PeerAuthentication STRICT");
             return Err(Refusal::Strict);
         }
         let conn = ConnInfo {
@@ -132,7 +122,7 @@ impl Proxy {
         };
         let decision = policies.authorize(destination, &conn);
         log_dry_run(&decision, &uid, src_identity, src_ip, dst);
-        self.admissions.count(decision.result(), &decision.reason);
+        self.count_decision(decision.result(), &decision.reason);
         if !decision.allowed {
             warn!(
                 path,

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::{PodContext, Proxy, forward};
+use crate::metrics::{ConnRecord, Endpoint, Security};
 
 impl Proxy {
     pub(super) async fn inbound(&self, ctx: &PodContext, client: TcpStream, peer: SocketAddr) {
@@ -26,7 +27,20 @@ impl Proxy {
             forward::reset(client);
             return;
         }
+        let record = ConnRecord::open(
+            &self.metrics,
+            "inbound",
+            "plaintext",
+            Endpoint {
+                workload: self.workload_at(peer.ip()),
+                identity: None,
+                addr: Some(peer),
+            },
+            self.local_endpoint(ctx, dst),
+            Security::None,
+        );
         let Ok(admission) = self.admit(&ctx.workload, peer.ip(), None, dst, "plaintext") else {
+            record.fail("DENY", "denied by policy");
             forward::reset(client);
             return;
         };
@@ -49,10 +63,12 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => {
                 warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
+                record.fail("UF", &e.to_string());
                 forward::reset(client);
                 return;
             }
         };
-        forward::copy_logged(client, upstream, "inbound", &uid, dst, Some(&admission)).await;
+        record.connected();
+        forward::copy_recorded(client, upstream, record, Some(&admission)).await;
     }
 }

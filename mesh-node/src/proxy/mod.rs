@@ -31,6 +31,7 @@ use tracing::error;
 use crate::{
     hbone::{self, InboundTarget, Pool},
     identity::{CertManager, Identity},
+    metrics::{Endpoint, Metrics},
     policy::PolicyStore,
     redirect::{EnrolledPod, NetnsWorker, OrigDstTable},
     state::Workload,
@@ -104,6 +105,7 @@ pub struct Proxy {
     directory: RwLock<Directory>,
     policies: RwLock<Arc<PolicyStore>>,
     admissions: Arc<Admissions>,
+    metrics: Arc<Metrics>,
 }
 
 /// What the proxy knows about workloads: all of them by address, and the enrolled pods of this
@@ -147,6 +149,7 @@ impl Drop for PodServing {
 
 /// Options of a [`Proxy`].
 pub struct ProxyOptions {
+    pub metrics: Arc<Metrics>,
     pub node: String,
     pub mark: u32,
     pub connect_timeout: Duration,
@@ -162,10 +165,49 @@ impl Proxy {
             connect_timeout: options.connect_timeout,
             reserved_ports: options.reserved_ports,
             mesh,
-            pool: Pool::new(),
+            pool: Pool::new(Arc::clone(&options.metrics)),
             directory: RwLock::new(Directory::default()),
             policies: RwLock::new(Arc::new(PolicyStore::default())),
             admissions: Arc::new(Admissions::default()),
+            metrics: options.metrics,
+        }
+    }
+
+    /// Starts the metrics record of an inbound HBONE stream to `pod`.
+    #[must_use]
+    pub fn record_inbound(
+        &self,
+        pod: &PodContext,
+        peer: SocketAddr,
+        source: Option<&Identity>,
+        dst: SocketAddr,
+    ) -> crate::metrics::ConnRecord {
+        crate::metrics::ConnRecord::open(
+            &self.metrics,
+            "inbound",
+            "hbone",
+            Endpoint {
+                workload: self.workload_at(peer.ip()),
+                identity: source.cloned(),
+                addr: Some(peer),
+            },
+            self.local_endpoint(pod, dst),
+            crate::metrics::Security::MutualTls,
+        )
+    }
+
+    /// The metrics registry.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A pod of this node as a metrics endpoint.
+    fn local_endpoint(&self, pod: &PodContext, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            workload: Some(Arc::clone(&pod.workload)),
+            identity: Some(pod.identity.clone()),
+            addr: Some(addr),
         }
     }
 

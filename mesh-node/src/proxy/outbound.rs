@@ -3,9 +3,10 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{PodContext, Proxy, forward};
+use crate::metrics::{ConnRecord, Endpoint, Security};
 use crate::{
     hbone::{self, PoolKey},
     state::Workload,
@@ -65,17 +66,39 @@ impl Proxy {
             orig_dst = %dst,
             "connection captured"
         );
+        let src_ip = source_ip(&ctx.workload, dst);
+        let record = ConnRecord::open(
+            &self.metrics,
+            "outbound",
+            path.as_str(),
+            self.local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
+            Endpoint {
+                identity: target.as_ref().map(|w| self.mesh.identity(w)),
+                workload: target.clone(),
+                addr: Some(dst),
+            },
+            if path == Path::Hbone {
+                Security::MutualTls
+            } else {
+                Security::None
+            },
+        );
         match (path, target, local_target) {
-            (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w).await,
+            (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w, record).await,
             (Path::SameNode, _, Some(pod)) => {
                 // The same admission as inbound, in process: both identities are known here.
-                let src_ip = source_ip(&ctx.workload, dst);
                 match self.admit(&pod.workload, src_ip, Some(&ctx.identity), dst, "same-node") {
-                    Ok(admission) => self.direct(&pod, client, dst, &uid, Some(&admission)).await,
-                    Err(_) => forward::reset(client),
+                    Ok(admission) => {
+                        self.direct(&pod, client, dst, record, Some(&admission))
+                            .await;
+                    }
+                    Err(_) => {
+                        record.fail("DENY", "denied by policy");
+                        forward::reset(client);
+                    }
                 }
             }
-            _ => self.direct(ctx, client, dst, &uid, None).await,
+            _ => self.direct(ctx, client, dst, record, None).await,
         }
     }
 
@@ -85,17 +108,19 @@ impl Proxy {
         netns_of: &PodContext,
         client: TcpStream,
         dst: SocketAddr,
-        uid: &str,
+        record: ConnRecord,
         admission: Option<&super::Admission>,
     ) {
         match forward::connect_in_netns(&netns_of.worker, dst, self.mark, self.connect_timeout)
             .await
         {
             Ok(upstream) => {
-                forward::copy_logged(client, upstream, "outbound", uid, dst, admission).await;
+                record.connected();
+                forward::copy_recorded(client, upstream, record, admission).await;
             }
             Err(e) => {
-                warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
+                warn!(direction = "outbound", workload = %netns_of.workload.uid(), orig_dst = %dst, error = %e, "upstream connect failed");
+                record.fail("UF", &e.to_string());
                 forward::reset(client);
             }
         }
@@ -107,6 +132,7 @@ impl Proxy {
         client: TcpStream,
         dst: SocketAddr,
         target: &Arc<Workload>,
+        record: ConnRecord,
     ) {
         let uid = ctx.workload.uid();
         let destination = self.mesh.identity(target);
@@ -118,6 +144,7 @@ impl Proxy {
         // The first certificate may still be on its way from the CA.
         if let Err(e) = self.mesh.certs.get(&ctx.identity).await {
             warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "no certificate for the source workload");
+            record.fail("UF", &e.to_string());
             forward::reset(client);
             return;
         }
@@ -125,6 +152,7 @@ impl Proxy {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "TLS client configuration");
+                record.fail("UF", &e.to_string());
                 forward::reset(client);
                 return;
             }
@@ -144,33 +172,22 @@ impl Proxy {
                     error = %crate::error_chain(&e),
                     "HBONE connection failed"
                 );
+                record.fail("UF", &crate::error_chain(&e));
                 forward::reset(client);
                 return;
             }
         };
-        let started = std::time::Instant::now();
+        record.connected();
         let hbone::Stream {
-            send,
-            recv,
-            connection,
-            guard,
+            send, recv, guard, ..
         } = stream;
-        match hbone::pipe(client, send, recv, None).await {
-            Ok((sent, received)) => debug!(
-                direction = "outbound",
-                src_workload = %uid,
-                orig_dst = %dst,
-                connection,
-                bytes_sent = sent,
-                bytes_received = received,
-                duration_ms = started.elapsed().as_millis(),
-                "connection closed"
-            ),
-            Err(e) => {
-                debug!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "connection ended with an error");
-            }
-        }
+        // Application → stream is "received" (request direction), stream → application "sent".
+        let result = hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
         drop(guard);
+        match result {
+            Ok(_) => record.close("completed"),
+            Err(e) => record.close(&e.to_string()),
+        }
     }
 }
 

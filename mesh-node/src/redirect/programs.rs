@@ -130,6 +130,8 @@ pub enum Attachment {
 /// The loaded kernel object and the links this daemon holds.
 pub struct Programs {
     ebpf: Ebpf,
+    /// Keeps `bpf_stats` (run count and time per program) enabled while the daemon runs.
+    _stats: Option<std::os::fd::OwnedFd>,
     bpffs: PathBuf,
     cgroup_links: Vec<PinnedLink>,
     netns_links: std::collections::HashMap<u64, PinnedLink>,
@@ -168,7 +170,7 @@ impl Programs {
             return Err(RedirectError::NotBuilt);
         }
         let bpffs = options.bpffs.clone();
-        for dir in ["maps", "links", "netns"] {
+        for dir in ["maps", "links", "netns", "progs"] {
             let path = bpffs.join(dir);
             fs::create_dir_all(&path).map_err(|source| RedirectError::Bpffs { path, source })?;
         }
@@ -183,8 +185,16 @@ impl Programs {
             .override_global("MESH_HBONE_PORT", &options.hbone_port, true)
             .load(OBJECT)
             .map_err(RedirectError::Load)?;
+        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not enable bpf_stats; program run metrics will be zero");
+                None
+            }
+        };
         Ok(Self {
             ebpf,
+            _stats: stats,
             bpffs,
             cgroup_links: Vec::new(),
             netns_links: std::collections::HashMap::new(),
@@ -253,9 +263,12 @@ impl Programs {
             .ebpf
             .program_mut(name)
             .ok_or(RedirectError::MissingProgram { name })?;
+        let prog_pin = self.bpffs.join("progs").join(name);
+        let _ = fs::remove_file(&prog_pin);
         if name == SOCKOPS_PROGRAM {
             let program: &mut SockOps = program.try_into().map_err(prog_err(name))?;
             program.load().map_err(prog_err(name))?;
+            pin_program(program.pin(&prog_pin), &prog_pin);
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
@@ -267,6 +280,7 @@ impl Programs {
         } else {
             let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
             program.load().map_err(prog_err(name))?;
+            pin_program(program.pin(&prog_pin), &prog_pin);
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
@@ -301,6 +315,9 @@ impl Programs {
             .map_err(prog_err(name))?;
         if program.fd().is_err() {
             program.load().map_err(prog_err(name))?;
+            let prog_pin = self.bpffs.join("progs").join(name);
+            let _ = fs::remove_file(&prog_pin);
+            pin_program(program.pin(&prog_pin), &prog_pin);
         }
         let ns = File::open(netns).map_err(|source| RedirectError::Open {
             path: netns.to_owned(),
@@ -496,6 +513,13 @@ fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<()
     }
 }
 
+/// Pins a program for the metrics collector (its run statistics); failure only costs metrics.
+fn pin_program(result: Result<(), aya::pin::PinError>, path: &Path) {
+    if let Err(e) = result {
+        tracing::warn!(pin = %path.display(), error = %e, "could not pin a program; its run metrics are unavailable");
+    }
+}
+
 /// Removes a pinned link; the link is detached once no file descriptor holds it.
 fn unpin_link(path: &Path) -> Result<(), RedirectError> {
     match fs::remove_file(path) {
@@ -515,7 +539,7 @@ fn unpin_link(path: &Path) -> Result<(), RedirectError> {
 /// the programs, then the maps. Returns how many pins were removed.
 pub fn remove_pins(bpffs: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    for dir in ["links", "netns", "maps"] {
+    for dir in ["links", "netns", "progs", "maps"] {
         let path = bpffs.join(dir);
         let Ok(entries) = fs::read_dir(&path) else {
             continue;

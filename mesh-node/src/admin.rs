@@ -1,0 +1,245 @@
+//! The node's HTTP endpoints: Prometheus `/metrics` (15020), `/healthz/ready` (15021), and the
+//! admin API on 127.0.0.1:15000 (`/config_dump`, `/logging`).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::{identity::CertManager, logging::LogHandle, metrics::Metrics};
+
+/// Why the node is (not) ready.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+    reason: RwLock<String>,
+}
+
+impl Readiness {
+    /// Records the current readiness.
+    pub fn set(&self, ready: bool, reason: &str) {
+        self.ready.store(ready, Ordering::Relaxed);
+        reason.clone_into(
+            &mut self
+                .reason
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+    }
+
+    fn get(&self) -> (bool, String) {
+        (
+            self.ready.load(Ordering::Relaxed),
+            self.reason
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// What `/config_dump` shows; the app replaces `state` on every change.
+pub struct AdminState {
+    pub config: serde_json::Value,
+    pub state: RwLock<serde_json::Value>,
+    pub certs: CertManager,
+    pub bpffs: PathBuf,
+    pub log: LogHandle,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", format!("{value:#}\n"))
+}
+
+/// Serves `handler` on `listener` until the task is aborted.
+async fn serve<F>(listener: TcpListener, name: &'static str, handler: Arc<F>)
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(endpoint = name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = handler(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn bind(addr: SocketAddr, name: &str) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(endpoint = name, address = %addr, "listening");
+    Ok(listener)
+}
+
+/// Starts the metrics endpoint.
+pub async fn spawn_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind(addr, "metrics").await?;
+    Ok(tokio::spawn(serve(
+        listener,
+        "metrics",
+        Arc::new(move |req: &Request<Incoming>| match req.uri().path() {
+            "/metrics" | "/stats/prometheus" => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            ),
+            _ => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /metrics\n".to_owned(),
+            ),
+        }),
+    )))
+}
+
+/// Starts the readiness endpoint.
+pub async fn spawn_readiness(
+    addr: SocketAddr,
+    readiness: Arc<Readiness>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind(addr, "readiness").await?;
+    Ok(tokio::spawn(serve(
+        listener,
+        "readiness",
+        Arc::new(move |req: &Request<Incoming>| {
+            if req.uri().path() != "/healthz/ready" {
+                return respond(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "try /healthz/ready\n".to_owned(),
+                );
+            }
+            let (ready, reason) = readiness.get();
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            respond(status, "text/plain", format!("{reason}\n"))
+        }),
+    )))
+}
+
+/// Starts the admin API.
+pub async fn spawn_admin(
+    addr: SocketAddr,
+    admin: Arc<AdminState>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind(addr, "admin").await?;
+    Ok(tokio::spawn(serve(
+        listener,
+        "admin",
+        Arc::new(move |req: &Request<Incoming>| admin_route(&admin, req)),
+    )))
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` and `+` in a query value.
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&v[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn admin_route(admin: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => {
+            let state = admin
+                .state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let dump = serde_json::json!({
+                "config": admin.config,
+                "state": state,
+                "certificates": admin.certs.states(),
+                "logging": admin.log.current(),
+                "bpffs": admin.bpffs,
+            });
+            json(StatusCode::OK, &dump)
+        }
+        (&Method::GET, "/logging") => json(
+            StatusCode::OK,
+            &serde_json::json!({ "filter": admin.log.current() }),
+        ),
+        (&Method::POST | &Method::PUT, "/logging") => match query(req, "filter") {
+            Some(filter) => match admin.log.set(&filter) {
+                Ok(()) => {
+                    info!(filter = %filter, "log filter changed");
+                    json(StatusCode::OK, &serde_json::json!({ "filter": filter }))
+                }
+                Err(e) => json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({ "error": crate::error_chain(&e) }),
+                ),
+            },
+            None => json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": "use /logging?filter=<directives>" }),
+            ),
+        },
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: GET /config_dump, GET /logging, POST /logging?filter=...\n".to_owned(),
+        ),
+    }
+}

@@ -1,0 +1,176 @@
+//! Node-level Prometheus metrics: Istio's standard TCP metrics with Istio's labels (so existing
+//! dashboards work), plus what ztunnel lacks: setup, TLS handshake and duration histograms,
+//! policy decisions, certificates, enrolled workloads, open connections, the kernel programs'
+//! run counts and time (`bpf_stats`), the kernel counters, and process metrics.
+//!
+//! Label cardinality is bounded: workloads are named by their canonical name (the
+//! `service.istio.io/canonical-name` or `app` label, else the workload name), never by address or
+//! port.
+
+mod collect;
+mod conn;
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+pub use collect::NodeCollector;
+pub use conn::{ByteCount, ConnRecord, Endpoint, Security};
+
+/// Istio's standard labels of the `istio_tcp_*` metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// Direction and path of a connection through this node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub direction: &'static str,
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub result: &'static str,
+    pub policy: String,
+}
+
+/// Every metric the daemon updates as it goes; scrape-time values come from
+/// [`NodeCollector`].
+pub struct Metrics {
+    pub registry: Registry,
+    pub opened: Family<ConnLabels, Counter>,
+    pub closed: Family<ConnLabels, Counter>,
+    pub sent_bytes: Family<ConnLabels, Counter>,
+    pub received_bytes: Family<ConnLabels, Counter>,
+    pub setup_seconds: Family<PathLabels, Histogram>,
+    pub duration_seconds: Family<PathLabels, Histogram>,
+    pub tls_handshake_seconds: Family<RoleLabels, Histogram>,
+    pub open_connections: Family<PathLabels, Gauge>,
+    pub policy_decisions: Family<DecisionLabels, Counter>,
+    pub hbone_connections: Counter,
+    pub enrolled_workloads: Gauge,
+}
+
+fn buckets() -> impl Iterator<Item = f64> {
+    // 50 µs .. ~100 s
+    prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.5, 16)
+}
+
+impl Metrics {
+    /// Registers every metric. `collector` adds the scrape-time ones.
+    #[must_use]
+    pub fn new(collector: NodeCollector) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let histogram =
+            || Family::<PathLabels, Histogram>::new_with_constructor(|| Histogram::new(buckets()));
+        let metrics = Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            setup_seconds: histogram(),
+            duration_seconds: histogram(),
+            tls_handshake_seconds: Family::new_with_constructor(|| Histogram::new(buckets())),
+            open_connections: Family::default(),
+            policy_decisions: Family::default(),
+            hbone_connections: Counter::default(),
+            enrolled_workloads: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened (Istio standard metric)",
+            metrics.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed (Istio standard metric)",
+            metrics.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent from destination to source, counted while the connection is open",
+            metrics.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from source by destination, counted while the connection is open",
+            metrics.received_bytes.clone(),
+        );
+        registry.register(
+            "mesh_connection_setup_seconds",
+            "From accepting a connection to the destination being connected",
+            metrics.setup_seconds.clone(),
+        );
+        registry.register(
+            "mesh_connection_duration_seconds",
+            "Lifetime of proxied connections",
+            metrics.duration_seconds.clone(),
+        );
+        registry.register(
+            "mesh_tls_handshake_seconds",
+            "TLS handshake time of HBONE connections, by role",
+            metrics.tls_handshake_seconds.clone(),
+        );
+        registry.register(
+            "mesh_open_connections",
+            "Connections currently proxied, by direction and path",
+            metrics.open_connections.clone(),
+        );
+        registry.register(
+            "mesh_policy_decisions",
+            "Authorization decisions by result and deciding policy",
+            metrics.policy_decisions.clone(),
+        );
+        registry.register(
+            "mesh_hbone_connections_opened",
+            "Pooled HBONE (HTTP/2 over mTLS) connections dialled",
+            metrics.hbone_connections.clone(),
+        );
+        registry.register(
+            "mesh_enrolled_workloads",
+            "Workloads enrolled on this node",
+            metrics.enrolled_workloads.clone(),
+        );
+        registry.register_collector(Box::new(collector));
+        Arc::new(Self {
+            registry,
+            ..metrics
+        })
+    }
+
+    /// The exposition (Prometheus text format).
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
