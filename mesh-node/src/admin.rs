@@ -115,11 +115,26 @@ pub async fn spawn_metrics(
         listener,
         "metrics",
         Arc::new(move |req: &Request<Incoming>| match req.uri().path() {
-            "/metrics" | "/stats/prometheus" => respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.encode(),
-            ),
+            "/metrics" | "/stats/prometheus" => {
+                let openmetrics = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                if openmetrics {
+                    respond(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.encode(),
+                    )
+                } else {
+                    respond(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        crate::metrics::to_prometheus_text(&metrics.encode()),
+                    )
+                }
+            }
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",

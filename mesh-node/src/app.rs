@@ -108,31 +108,7 @@ pub async fn run(
         Duration::from_secs(config.identity.cert_lifetime_seconds),
         Arc::clone(&provider),
     );
-    let metrics = Metrics::new(NodeCollector {
-        bpffs: config.redirect.bpffs.clone(),
-        certs: certs.clone(),
-    });
-    let metrics_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_METRICS));
-    let _metrics_server = admin::spawn_metrics(metrics_addr, Arc::clone(&metrics))
-        .await
-        .map_err(|e| AppError::Listen {
-            address: metrics_addr,
-            source: e,
-        })?;
-    let admin_state = Arc::new(AdminState {
-        config: serde_json::to_value(&config).map_err(AppError::Serialize)?,
-        state: std::sync::RwLock::new(serde_json::Value::Null),
-        certs: certs.clone(),
-        bpffs: config.redirect.bpffs.clone(),
-        log,
-    });
-    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_ADMIN));
-    let _admin_server = admin::spawn_admin(admin_addr, Arc::clone(&admin_state))
-        .await
-        .map_err(|e| AppError::Listen {
-            address: admin_addr,
-            source: e,
-        })?;
+    let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log).await?;
     let proxy = Arc::new(Proxy::new(
         ProxyOptions {
             metrics: Arc::clone(&metrics),
@@ -208,6 +184,42 @@ pub async fn run(
          runs again; `mesh-node cleanup` removes them); stopped"
     );
     Ok(())
+}
+
+/// Starts `/metrics` (all addresses, 15020) and the admin API (127.0.0.1:15000).
+async fn serve_observability(
+    config: &Config,
+    certs: &CertManager,
+    log: LogHandle,
+) -> Result<
+    (
+        Arc<Metrics>,
+        Arc<AdminState>,
+        [tokio::task::JoinHandle<()>; 2],
+    ),
+    AppError,
+> {
+    let metrics = Metrics::new(NodeCollector {
+        bpffs: config.redirect.bpffs.clone(),
+        certs: certs.clone(),
+    });
+    let listen_err = |address| move |source| AppError::Listen { address, source };
+    let metrics_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_METRICS));
+    let metrics_server = admin::spawn_metrics(metrics_addr, Arc::clone(&metrics))
+        .await
+        .map_err(listen_err(metrics_addr))?;
+    let admin_state = Arc::new(AdminState {
+        config: serde_json::to_value(config).map_err(AppError::Serialize)?,
+        state: std::sync::RwLock::new(serde_json::Value::Null),
+        certs: certs.clone(),
+        bpffs: config.redirect.bpffs.clone(),
+        log,
+    });
+    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_ADMIN));
+    let admin_server = admin::spawn_admin(admin_addr, Arc::clone(&admin_state))
+        .await
+        .map_err(listen_err(admin_addr))?;
+    Ok((metrics, admin_state, [metrics_server, admin_server]))
 }
 
 /// What reports on the daemon's state.

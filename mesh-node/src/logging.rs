@@ -45,7 +45,7 @@ impl LogHandle {
     pub fn set(&self, filter: &str) -> Result<(), LoggingError> {
         let parsed = parse(filter)?;
         self.handle.reload(parsed).map_err(LoggingError::Reload)?;
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = filter.to_owned();
+        filter.clone_into(&mut self.current.lock().unwrap_or_else(PoisonError::into_inner));
         Ok(())
     }
 }

@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     // Wire captures in the mTLS tests.
     "tcpdump",
+    // The observability test scrapes the daemons with a real Prometheus (and promtool).
+    "prometheus",
+    "curl",
 ];
 
 /// Python packages of the interop tests' HBONE peer (which shares no code with the project).

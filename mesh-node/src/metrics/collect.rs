@@ -165,9 +165,7 @@ fn encode_process(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error
     let cpu = (field(13) + field(14)) as f64 / ticks as f64;
     let rss = field(23) * page;
     let vsize = field(22);
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .map(Iterator::count)
-        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
     let boot = std::fs::read_to_string("/proc/stat")
         .unwrap_or_default()
         .lines()
@@ -177,7 +175,7 @@ fn encode_process(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error
         })
         .unwrap_or(0);
     #[expect(clippy::cast_precision_loss, reason = "metrics")]
-    let start = boot as f64 + field(21) as f64 / ticks as f64;
+    let started_at = boot as f64 + field(21) as f64 / ticks as f64;
 
     let m = encoder.encode_descriptor(
         "process_cpu_seconds",
@@ -213,6 +211,6 @@ fn encode_process(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error
         None,
         MetricType::Gauge,
     )?;
-    ConstGauge::new(start).encode(m)?;
+    ConstGauge::new(started_at).encode(m)?;
     Ok(())
 }

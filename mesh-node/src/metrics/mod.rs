@@ -21,6 +21,34 @@ use prometheus_client::{
 pub use collect::NodeCollector;
 pub use conn::{ByteCount, ConnRecord, Endpoint, Security};
 
+/// The `OpenMetrics` exposition in the Prometheus text format (0.0.4), for scrapers and tools
+/// that do not ask for `OpenMetrics`: counters are described under their `_total` sample name,
+/// and the OpenMetrics-only lines (`# UNIT`, `# EOF`) are dropped.
+#[must_use]
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// Istio's standard labels of the `istio_tcp_*` metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
@@ -172,5 +200,18 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let om = "# HELP a_things Things.\n# TYPE a_things counter\na_things_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        let text = super::to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP a_things_total Things.\n# TYPE a_things_total counter\na_things_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
     }
 }

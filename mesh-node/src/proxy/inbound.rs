@@ -36,7 +36,7 @@ impl Proxy {
                 identity: None,
                 addr: Some(peer),
             },
-            self.local_endpoint(ctx, dst),
+            Self::local_endpoint(ctx, dst),
             Security::None,
         );
         let Ok(admission) = self.admit(&ctx.workload, peer.ip(), None, dst, "plaintext") else {

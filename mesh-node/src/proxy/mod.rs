@@ -191,7 +191,7 @@ impl Proxy {
                 identity: source.cloned(),
                 addr: Some(peer),
             },
-            self.local_endpoint(pod, dst),
+            Self::local_endpoint(pod, dst),
             crate::metrics::Security::MutualTls,
         )
     }
@@ -203,7 +203,7 @@ impl Proxy {
     }
 
     /// A pod of this node as a metrics endpoint.
-    fn local_endpoint(&self, pod: &PodContext, addr: SocketAddr) -> Endpoint {
+    fn local_endpoint(pod: &PodContext, addr: SocketAddr) -> Endpoint {
         Endpoint {
             workload: Some(Arc::clone(&pod.workload)),
             identity: Some(pod.identity.clone()),

@@ -71,7 +71,7 @@ impl Proxy {
             &self.metrics,
             "outbound",
             path.as_str(),
-            self.local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
+            Self::local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
             Endpoint {
                 identity: target.as_ref().map(|w| self.mesh.identity(w)),
                 workload: target.clone(),
@@ -87,15 +87,14 @@ impl Proxy {
             (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w, record).await,
             (Path::SameNode, _, Some(pod)) => {
                 // The same admission as inbound, in process: both identities are known here.
-                match self.admit(&pod.workload, src_ip, Some(&ctx.identity), dst, "same-node") {
-                    Ok(admission) => {
-                        self.direct(&pod, client, dst, record, Some(&admission))
-                            .await;
-                    }
-                    Err(_) => {
-                        record.fail("DENY", "denied by policy");
-                        forward::reset(client);
-                    }
+                if let Ok(admission) =
+                    self.admit(&pod.workload, src_ip, Some(&ctx.identity), dst, "same-node")
+                {
+                    self.direct(&pod, client, dst, record, Some(&admission))
+                        .await;
+                } else {
+                    record.fail("DENY", "denied by policy");
+                    forward::reset(client);
                 }
             }
             _ => self.direct(ctx, client, dst, record, None).await,
