@@ -184,6 +184,8 @@ impl Demo<'_> {
         );
         self.flow(&daemons, "b2", "b1", false, 64 << 10)?;
 
+        self.print_metrics()?;
+
         println!("\nstopping the daemons (SIGTERM):");
         for (node, daemon) in ["node-a", "node-b"].iter().zip(&mut daemons) {
             let status = daemon.stop()?;
@@ -264,6 +266,50 @@ impl Demo<'_> {
             Duration::from_secs(3),
         )?;
         println!("  policy removed");
+        Ok(())
+    }
+
+    /// Scrapes each daemon's `/metrics` (from inside its node) and prints the key figures.
+    fn print_metrics(&self) -> anyhow::Result<()> {
+        println!(
+            "\nkey metrics (scraped from each node's :15020/metrics; node-b's process counts \
+             start at its restart, its kernel counters survived it):"
+        );
+        for node in self.bed.nodes() {
+            let url = format!("http://{}:15020/metrics", node.ipv4());
+            let body = node
+                .exec(&["curl", "-sS", "--max-time", "5", &url])?
+                .ok()?
+                .stdout;
+            let sum = |name: &str, filter: &str| -> f64 {
+                body.lines()
+                    .filter(|l| l.starts_with(name) && l.contains(filter))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>()
+                    + 0.0
+            };
+            println!(
+                "  {}: connections opened {} (mTLS {}, plaintext {}), bytes received {:.0} KiB, \
+                 sent {:.0} KiB, HBONE connections {}, policy decisions allow {} deny {}, \
+                 enrolled {}, kernel captures {}, RSS {:.1} MiB",
+                node.name(),
+                sum("istio_tcp_connections_opened_total", ""),
+                sum("istio_tcp_connections_opened_total", "mutual_tls"),
+                sum(
+                    "istio_tcp_connections_opened_total",
+                    "connection_security_policy=\"none\""
+                ),
+                sum("istio_tcp_received_bytes_total", "") / 1024.0,
+                sum("istio_tcp_sent_bytes_total", "") / 1024.0,
+                sum("mesh_hbone_connections_opened_total", ""),
+                sum("mesh_policy_decisions_total", "result=\"allow\""),
+                sum("mesh_policy_decisions_total", "result=\"deny\""),
+                sum("mesh_enrolled_workloads", ""),
+                sum("mesh_ebpf_events_total", "connect_captured")
+                    + sum("mesh_ebpf_events_total", "lookup_captured"),
+                sum("process_resident_memory_bytes", "") / 1_048_576.0,
+            );
+        }
         Ok(())
     }
 
