@@ -12,6 +12,27 @@ use crate::{
     logging,
 };
 
+/// Every proxied connection holds descriptors: raise the soft `RLIMIT_NOFILE` to the hard limit
+/// (a daemon serving a node needs far more than the default 1024).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with valid pointers.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(limit = lim.rlim_cur, "raised the open file limit");
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open file limit");
+    }
+}
+
 /// Writes a file readable by its owner only.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
@@ -176,6 +197,7 @@ pub fn main() -> anyhow::Result<()> {
                 config.log.format = format;
             }
             let log = logging::init(&config.log)?;
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("mesh-worker")

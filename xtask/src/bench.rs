@@ -1,16 +1,78 @@
-//! `cargo xtask bench [--quick]`: benchmarks, each compared with a baseline measured in the same
-//! run and reported as a ratio. Writes `target/bench/report.json`.
-//!
-//! Scenarios so far: `policy_decision` (per-connection authorization time with 10,000
-//! policies, against a store holding only the applicable ones).
+//! `cargo xtask bench [--quick]`: the benchmark suite. Every figure is the median of several
+//! repetitions (with min and max) and, where one exists, is compared with a baseline measured
+//! in the same run: the same pods talking directly, with no daemon. Writes
+//! `target/bench/report.json`, `report.md` and `report.svg`, and flags figures that regressed
+//! by more than 10 % against the previous report.
+
+mod report;
+mod scenarios;
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{Step, cargo, output, workspace_root};
+use crate::util::{Step, cargo, output, run_checked, workspace_root};
+
+
+/// One reported figure.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Figure {
+    pub scenario: String,
+    pub metric: String,
+    pub unit: String,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The same measurement without the mesh (median), if it has one.
+    pub baseline: Option<f64>,
+    /// `median / baseline`.
+    pub ratio: Option<f64>,
+    /// The target, as text (e.g. "ratio >= 0.5").
+    pub target: Option<String>,
+    pub met: Option<bool>,
+    /// Whether larger is better (for regression checks).
+    pub higher_is_better: bool,
+}
+
+/// Median, min, max of samples.
+pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    s.sort_by(f64::total_cmp);
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
+    crate::util::require_root("bench")?;
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let previous: Option<Vec<Figure>> = std::fs::read_to_string(dir.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v["figures"].clone()).ok());
+
+    let step = Step::start("building mesh-node and the load generator");
+    run_checked(&mut cargo(&[
+        "build", "--release", "--package", "mesh-node", "--package", "mesh-tests", "--bin", "mesh-node",
+        "--bin", "mesh-bench",
+    ]))?;
+    step.done();
+
+    let mut figures = scenarios::run_all(quick, &target_dir().join("release"))?;
+    figures.extend(policy(quick)?);
+    report::write(&dir, quick, &figures, previous.as_deref())?;
+    Ok(())
+}
+
+/// The policy-evaluation micro-benchmark (`mesh-node/benches/policy.rs`).
+fn policy(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let step = Step::start("policy evaluation with 10,000 policies (builds the bench profile)");
     let mut cmd = cargo(&["bench", "--package", "mesh-node", "--bench", "policy", "--"]);
     if quick {
@@ -18,58 +80,23 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     let out = output(&mut cmd)?;
     step.done();
-    let scenarios: Vec<serde_json::Value> = out
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("bench output")?;
-    if scenarios.is_empty() {
-        bail!("the policy benchmark printed no result");
+    let line = out.lines().find(|l| l.starts_with('{')).context("the policy benchmark printed no result")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    if !get("median_ns").is_finite() {
+        bail!("policy benchmark output: {line}");
     }
-
-    println!(
-        "\n{:<18} {:>12} {:>12} {:>8} {:>14}",
-        "scenario", "median", "baseline", "ratio", "target"
-    );
-    for s in &scenarios {
-        println!(
-            "{:<18} {:>9.0} ns {:>9.0} ns {:>8.3} {:>11} ns   (min {:.0}, max {:.0} ns; {} policies, first decision after a change {:.0} µs)",
-            s["scenario"].as_str().unwrap_or("?"),
-            s["median_ns"].as_f64().unwrap_or(f64::NAN),
-            s["baseline_median_ns"].as_f64().unwrap_or(f64::NAN),
-            s["ratio"].as_f64().unwrap_or(f64::NAN),
-            s["target_median_ns"],
-            s["min_ns"].as_f64().unwrap_or(f64::NAN),
-            s["max_ns"].as_f64().unwrap_or(f64::NAN),
-            s["policies"],
-            s["first_decision_us"].as_f64().unwrap_or(f64::NAN),
-        );
-    }
-
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
-        .join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let report = serde_json::json!({
-        "quick": quick,
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "cpu": cpu_model(),
-        "scenarios": scenarios,
-    });
-    let path = dir.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("\nreport: {}", path.display());
-    Ok(())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split(':').nth(1))
-        })
-        .map_or_else(String::new, |m| m.trim().to_owned())
+    Ok(vec![Figure {
+        scenario: "policy".into(),
+        metric: format!("decision time, {} policies", v["policies"]),
+        unit: "ns".into(),
+        median: get("median_ns"),
+        min: get("min_ns"),
+        max: get("max_ns"),
+        baseline: Some(get("baseline_median_ns")),
+        ratio: Some(get("ratio")),
+        target: Some("median <= 2000 ns".into()),
+        met: Some(get("median_ns") <= 2000.0),
+        higher_is_better: false,
+    }])
 }
