@@ -107,6 +107,15 @@ pub fn run() -> anyhow::Result<()> {
     ok &= passed;
     step.done();
 
+    // The benchmark suite must keep working; its numbers are not asserted here.
+    let step = Step::start("cargo xtask bench --quick (asserts it runs, not its numbers)");
+    let bench = crate::bench::run(true);
+    if let Err(e) = &bench {
+        println!("benchmark suite failed: {e:#}");
+        ok = false;
+    }
+    step.done();
+
     println!(
         "namespaced tests run: {} in {}",
         tally.namespaced,

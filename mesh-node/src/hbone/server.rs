@@ -10,7 +10,7 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW, pipe,
@@ -178,7 +178,7 @@ async fn handle(
         }
     };
     record.connected();
-    info!(
+    debug!(
         direction = "inbound",
         path = "hbone",
         dst_workload = %uid,

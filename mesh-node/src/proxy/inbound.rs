@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::{PodContext, Proxy, forward};
 use crate::metrics::{ConnRecord, Endpoint, Security};
@@ -44,7 +44,7 @@ impl Proxy {
             forward::reset(client);
             return;
         };
-        info!(
+        debug!(
             direction = "inbound",
             path = "plaintext",
             dst_workload = %uid,

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::{PodContext, Proxy, forward};
 use crate::metrics::{ConnRecord, Endpoint, Security};
@@ -56,7 +56,7 @@ impl Proxy {
             Some(_) => (Path::Hbone, None),
             None => (Path::Passthrough, None),
         };
-        info!(
+        debug!(
             direction = "outbound",
             path = path.as_str(),
             src_workload = %uid,
