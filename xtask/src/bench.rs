@@ -13,7 +13,6 @@ use anyhow::{Context as _, bail};
 
 use crate::util::{Step, cargo, output, run_checked, workspace_root};
 
-
 /// One reported figure.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Figure {
@@ -60,8 +59,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 
     let step = Step::start("building mesh-node and the load generator");
     run_checked(&mut cargo(&[
-        "build", "--release", "--package", "mesh-node", "--package", "mesh-tests", "--bin", "mesh-node",
-        "--bin", "mesh-bench",
+        "build",
+        "--release",
+        "--package",
+        "mesh-node",
+        "--package",
+        "mesh-tests",
+        "--bin",
+        "mesh-node",
+        "--bin",
+        "mesh-bench",
     ]))?;
     step.done();
 
@@ -80,7 +87,10 @@ fn policy(quick: bool) -> anyhow::Result<Vec<Figure>> {
     }
     let out = output(&mut cmd)?;
     step.done();
-    let line = out.lines().find(|l| l.starts_with('{')).context("the policy benchmark printed no result")?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .context("the policy benchmark printed no result")?;
     let v: serde_json::Value = serde_json::from_str(line)?;
     let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     if !get("median_ns").is_finite() {

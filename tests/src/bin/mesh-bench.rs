@@ -53,7 +53,10 @@ fn addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Many connections need many descriptors: raise the soft limit to the hard one.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls with valid pointers.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
@@ -65,7 +68,10 @@ fn raise_fd_limit() {
 
 fn serve(a: &str) -> Result<(), String> {
     let listener = TcpListener::bind(addr(a)?).map_err(|e| e.to_string())?;
-    println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
+    println!(
+        "listening {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
     std::io::stdout().flush().ok();
     for stream in listener.incoming() {
         let Ok(mut s) = stream else { continue };
@@ -110,7 +116,8 @@ fn echo(s: &mut TcpStream) -> std::io::Result<()> {
 }
 
 fn connect(a: SocketAddr, mode: u8) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(5)).map_err(|e| format!("connect {a}: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+        .map_err(|e| format!("connect {a}: {e}"))?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.write_all(&[mode]).map_err(|e| e.to_string())?;
     Ok(s)
@@ -156,7 +163,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "index")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "index"
+    )]
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i]
 }
@@ -206,7 +218,8 @@ fn connrate(a: &str, secs: u64) -> Result<(), String> {
         let mut s = connect(target, b'C')?;
         s.write_all(b"x").map_err(|e| e.to_string())?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b).map_err(|e| format!("exchange {n}: {e}"))?;
+        s.read_exact(&mut b)
+            .map_err(|e| format!("exchange {n}: {e}"))?;
         drop(s);
         n += 1;
     }

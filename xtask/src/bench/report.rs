@@ -25,17 +25,24 @@ fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split(':').nth(1))
+        })
         .map_or_else(String::new, |m| m.trim().to_owned())
 }
 
 /// Figures that got more than 10 % worse than in `previous`.
 fn regressions(figures: &[Figure], previous: Option<&[Figure]>) -> Vec<String> {
-    let Some(previous) = previous else { return Vec::new() };
+    let Some(previous) = previous else {
+        return Vec::new();
+    };
     figures
         .iter()
         .filter_map(|f| {
-            let old = previous.iter().find(|p| p.scenario == f.scenario && p.metric == f.metric)?;
+            let old = previous
+                .iter()
+                .find(|p| p.scenario == f.scenario && p.metric == f.metric)?;
             // Compare ratios where there is a baseline (robust to machine noise), else values.
             let (new_v, old_v) = match (f.ratio, old.ratio) {
                 (Some(n), Some(o)) => (n, o),
@@ -45,14 +52,26 @@ fn regressions(figures: &[Figure], previous: Option<&[Figure]>) -> Vec<String> {
                 return None;
             }
             let change = (new_v - old_v) / old_v.abs();
-            let worse = if f.higher_is_better { change < -0.10 } else { change > 0.10 };
+            let worse = if f.higher_is_better {
+                change < -0.10
+            } else {
+                change > 0.10
+            };
             worse.then(|| format!("{} / {}: {:+.1} %", f.scenario, f.metric, change * 100.0))
         })
         .collect()
 }
 
-pub fn write(dir: &Path, quick: bool, figures: &[Figure], previous: Option<&[Figure]>) -> anyhow::Result<()> {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+pub fn write(
+    dir: &Path,
+    quick: bool,
+    figures: &[Figure],
+    previous: Option<&[Figure]>,
+) -> anyhow::Result<()> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     let cpu = cpu_model();
     let regressed = regressions(figures, previous);
 
@@ -62,10 +81,17 @@ pub fn write(dir: &Path, quick: bool, figures: &[Figure], previous: Option<&[Fig
          | scenario | figure | mesh | min–max | baseline | ratio | target | met |\n|---|---|---|---|---|---|---|---|\n",
         if quick { "quick" } else { "full" }
     );
-    println!("\n{:<12} {:<58} {:>16} {:>16} {:>7}  target", "scenario", "figure", "mesh", "baseline", "ratio");
+    println!(
+        "\n{:<12} {:<58} {:>16} {:>16} {:>7}  target",
+        "scenario", "figure", "mesh", "baseline", "ratio"
+    );
     for f in figures {
-        let ratio = f.ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
-        let baseline = f.baseline.map_or_else(|| "-".to_owned(), |b| human(b, &f.unit));
+        let ratio = f
+            .ratio
+            .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
+        let baseline = f
+            .baseline
+            .map_or_else(|| "-".to_owned(), |b| human(b, &f.unit));
         let target = f.target.clone().unwrap_or_default();
         let met = match f.met {
             Some(true) => "yes",
@@ -106,16 +132,25 @@ pub fn write(dir: &Path, quick: bool, figures: &[Figure], previous: Option<&[Fig
         "figures": figures,
         "regressions": regressed,
     });
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     std::fs::write(dir.join("report.md"), md)?;
     std::fs::write(dir.join("report.svg"), svg(figures))?;
-    println!("\nreports: {0}/report.json, {0}/report.md, {0}/report.svg", dir.display());
+    println!(
+        "\nreports: {0}/report.json, {0}/report.md, {0}/report.svg",
+        dir.display()
+    );
     Ok(())
 }
 
 /// A horizontal bar chart of the ratios to the direct baseline (1.0 = as fast as direct).
 fn svg(figures: &[Figure]) -> String {
-    let rows: Vec<&Figure> = figures.iter().filter(|f| f.ratio.is_some_and(f64::is_finite)).collect();
+    let rows: Vec<&Figure> = figures
+        .iter()
+        .filter(|f| f.ratio.is_some_and(f64::is_finite))
+        .collect();
     let (width, bar_x, scale) = (900.0, 380.0, 400.0);
     let height = 60.0 + 28.0 * rows.len() as f64;
     let mut out = format!(

@@ -33,13 +33,23 @@ impl Bench<'_> {
     }
 
     /// `reps` samples of `field` from `mesh-bench ARGS` run in `pod` against `target`.
-    fn samples(&self, pod: &str, target: &str, args: &[&str], field: &str) -> anyhow::Result<Vec<f64>> {
+    fn samples(
+        &self,
+        pod: &str,
+        target: &str,
+        args: &[&str],
+        field: &str,
+    ) -> anyhow::Result<Vec<f64>> {
         let mut out = Vec::new();
         for _ in 0..self.reps {
             let mut full = vec![args[0], target];
             full.extend_from_slice(&args[1..]);
             let v = self.run(pod, &full)?;
-            out.push(v[field].as_f64().with_context(|| format!("{field} in {v}"))?);
+            out.push(
+                v[field]
+                    .as_f64()
+                    .with_context(|| format!("{field} in {v}"))?,
+            );
         }
         Ok(out)
     }
@@ -62,9 +72,24 @@ fn measure(b: &Bench<'_>, cross: &str, same: &str, rate: u64) -> anyhow::Result<
     let secs = b.secs.to_string();
     let rate_s = rate.to_string();
     let mut m = Measured {
-        throughput_cross_1: b.samples("a1", cross, &["throughput", &secs, "1"], "bytes_per_second")?,
-        throughput_cross_8: b.samples("a1", cross, &["throughput", &secs, "8"], "bytes_per_second")?,
-        throughput_same_1: b.samples("a1", same, &["throughput", &secs, "1"], "bytes_per_second")?,
+        throughput_cross_1: b.samples(
+            "a1",
+            cross,
+            &["throughput", &secs, "1"],
+            "bytes_per_second",
+        )?,
+        throughput_cross_8: b.samples(
+            "a1",
+            cross,
+            &["throughput", &secs, "8"],
+            "bytes_per_second",
+        )?,
+        throughput_same_1: b.samples(
+            "a1",
+            same,
+            &["throughput", &secs, "1"],
+            "bytes_per_second",
+        )?,
         rr_max: b.samples("a1", cross, &["rr", "0", &secs], "requests_per_second")?,
         conn_rate: b.samples("a1", cross, &["connrate", &secs], "connections_per_second")?,
         ..Measured::default()
@@ -89,21 +114,45 @@ fn rss_bytes(pid: u32) -> f64 {
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let tick = |i: usize| fields.get(i - 2).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| {
+        fields
+            .get(i - 2)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // SAFETY: sysconf has no preconditions.
     #[expect(clippy::cast_precision_loss, reason = "clock ticks")]
     let hz = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64;
     (tick(13) + tick(14)) / hz
 }
 
-fn figure(scenario: &str, metric: &str, unit: &str, samples: &[f64], baseline: Option<&[f64]>, target: Option<(&str, f64, bool)>, higher_is_better: bool) -> Figure {
+fn figure(
+    scenario: &str,
+    metric: &str,
+    unit: &str,
+    samples: &[f64],
+    baseline: Option<&[f64]>,
+    target: Option<(&str, f64, bool)>,
+    higher_is_better: bool,
+) -> Figure {
     let (median, min, max) = stats(samples);
     let base = baseline.map(|b| stats(b).0);
     let ratio = base.map(|b| median / b);
     let met = target.map(|(_, limit, on_ratio)| {
-        let value = if on_ratio { ratio.unwrap_or(f64::NAN) } else { median };
-        if higher_is_better { value >= limit } else { value <= limit }
+        let value = if on_ratio {
+            ratio.unwrap_or(f64::NAN)
+        } else {
+            median
+        };
+        if higher_is_better {
+            value >= limit
+        } else {
+            value <= limit
+        }
     });
     Figure {
         scenario: scenario.to_owned(),
@@ -123,10 +172,16 @@ fn figure(scenario: &str, metric: &str, unit: &str, samples: &[f64], baseline: O
 pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
     let tool = bin.join("mesh-bench").to_str().context("path")?.to_owned();
     let daemon_exe = bin.join("mesh-node");
-    let bed = Testbed::up(&Topology::new().node("node-a", &["a1", "a2"]).node("node-b", &["b1"]))?;
+    let bed = Testbed::up(
+        &Topology::new()
+            .node("node-a", &["a1", "a2"])
+            .node("node-b", &["b1"]),
+    )?;
     let mut servers = Vec::new();
     for pod in ["a2", "b1"] {
-        let mut s = bed.pod(pod).spawn(&[&tool, "serve", &format!("[::]:{PORT}")])?;
+        let mut s = bed
+            .pod(pod)
+            .spawn(&[&tool, "serve", &format!("[::]:{PORT}")])?;
         s.wait_for_output("listening", Duration::from_secs(5))?;
         servers.push(s);
     }
@@ -152,7 +207,12 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
     let (pa, pb) = (a.proc().pid(), b.proc().pid());
     let idle_rss = vec![rss_bytes(pa), rss_bytes(pb)];
     let cpu0 = cpu_seconds(pa) + cpu_seconds(pb);
-    let bytes_before = bench.samples("a1", &cross, &["throughput", &bench.secs.to_string(), "1"], "bytes_per_second")?;
+    let bytes_before = bench.samples(
+        "a1",
+        &cross,
+        &["throughput", &bench.secs.to_string(), "1"],
+        "bytes_per_second",
+    )?;
     #[expect(clippy::cast_precision_loss, reason = "bytes")]
     let gib = bytes_before.iter().sum::<f64>() * bench.secs as f64 / (1u64 << 30) as f64;
     let cpu_per_gib = (cpu_seconds(pa) + cpu_seconds(pb) - cpu0) / gib;
@@ -164,9 +224,13 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
     step.done();
 
     let idle_count: u64 = if quick { 1000 } else { 10_000 };
-    let step = Step::start(&format!("memory: {idle_count} idle connections through the mesh"));
+    let step = Step::start(&format!(
+        "memory: {idle_count} idle connections through the mesh"
+    ));
     let before = (rss_bytes(pa), rss_bytes(pb));
-    let mut idle = bed.pod("a1").spawn(&[&bench.tool, "idle", &cross, &idle_count.to_string()])?;
+    let mut idle = bed
+        .pod("a1")
+        .spawn(&[&bench.tool, "idle", &cross, &idle_count.to_string()])?;
     idle.wait_for_output("\"open\"", Duration::from_secs(120))
         .context("opening idle connections")?;
     std::thread::sleep(Duration::from_secs(1));
@@ -187,18 +251,122 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
         m.iter().map(|v| v - base).collect()
     };
     Ok(vec![
-        figure("throughput", "cross-node, 1 stream", "B/s", &mesh.throughput_cross_1, Some(&direct.throughput_cross_1), Some(("ratio >= 0.5", 0.5, true)), true),
-        figure("throughput", "cross-node, 8 streams", "B/s", &mesh.throughput_cross_8, Some(&direct.throughput_cross_8), None, true),
-        figure("throughput", "same-node, 1 stream", "B/s", &mesh.throughput_same_1, Some(&direct.throughput_same_1), Some(("ratio >= 0.8", 0.8, true)), true),
-        figure("latency", &format!("p50 at {rate}/s, 1 KiB each way"), "us", &mesh.rr_p50, Some(&direct.rr_p50), None, false),
-        figure("latency", "p50 added", "us", &added(&mesh.rr_p50, &direct.rr_p50), None, Some(("<= 20 us", 20.0, false)), false),
-        figure("latency", "p90 added", "us", &added(&mesh.rr_p90, &direct.rr_p90), None, None, false),
-        figure("latency", "p99 added", "us", &added(&mesh.rr_p99, &direct.rr_p99), None, Some(("<= 100 us", 100.0, false)), false),
-        figure("latency", "maximum request rate", "req/s", &mesh.rr_max, Some(&direct.rr_max), None, true),
-        figure("connections", "new connections per second", "conn/s", &mesh.conn_rate, Some(&direct.conn_rate), Some(("ratio >= 0.5", 0.5, true)), true),
-        figure("memory", "daemon RSS idle", "B", &idle_rss, None, Some(("<= 20 MiB", 20.0 * 1_048_576.0, false)), false),
-        figure("memory", &format!("daemon RSS per idle proxied connection ({idle_count})"), "B", &per_conn, None, Some(("<= 2 KiB", 2048.0, false)), false),
-        figure("cpu", "daemon CPU seconds per GiB (cross-node, both daemons)", "s", &[cpu_per_gib], None, None, false),
-        figure("cpu", "daemon CPU seconds per 1,000 requests (both daemons)", "s", &[cpu_per_k], None, None, false),
+        figure(
+            "throughput",
+            "cross-node, 1 stream",
+            "B/s",
+            &mesh.throughput_cross_1,
+            Some(&direct.throughput_cross_1),
+            Some(("ratio >= 0.5", 0.5, true)),
+            true,
+        ),
+        figure(
+            "throughput",
+            "cross-node, 8 streams",
+            "B/s",
+            &mesh.throughput_cross_8,
+            Some(&direct.throughput_cross_8),
+            None,
+            true,
+        ),
+        figure(
+            "throughput",
+            "same-node, 1 stream",
+            "B/s",
+            &mesh.throughput_same_1,
+            Some(&direct.throughput_same_1),
+            Some(("ratio >= 0.8", 0.8, true)),
+            true,
+        ),
+        figure(
+            "latency",
+            &format!("p50 at {rate}/s, 1 KiB each way"),
+            "us",
+            &mesh.rr_p50,
+            Some(&direct.rr_p50),
+            None,
+            false,
+        ),
+        figure(
+            "latency",
+            "p50 added",
+            "us",
+            &added(&mesh.rr_p50, &direct.rr_p50),
+            None,
+            Some(("<= 20 us", 20.0, false)),
+            false,
+        ),
+        figure(
+            "latency",
+            "p90 added",
+            "us",
+            &added(&mesh.rr_p90, &direct.rr_p90),
+            None,
+            None,
+            false,
+        ),
+        figure(
+            "latency",
+            "p99 added",
+            "us",
+            &added(&mesh.rr_p99, &direct.rr_p99),
+            None,
+            Some(("<= 100 us", 100.0, false)),
+            false,
+        ),
+        figure(
+            "latency",
+            "maximum request rate",
+            "req/s",
+            &mesh.rr_max,
+            Some(&direct.rr_max),
+            None,
+            true,
+        ),
+        figure(
+            "connections",
+            "new connections per second",
+            "conn/s",
+            &mesh.conn_rate,
+            Some(&direct.conn_rate),
+            Some(("ratio >= 0.5", 0.5, true)),
+            true,
+        ),
+        figure(
+            "memory",
+            "daemon RSS idle",
+            "B",
+            &idle_rss,
+            None,
+            Some(("<= 20 MiB", 20.0 * 1_048_576.0, false)),
+            false,
+        ),
+        figure(
+            "memory",
+            &format!("daemon RSS per idle proxied connection ({idle_count})"),
+            "B",
+            &per_conn,
+            None,
+            Some(("<= 2 KiB", 2048.0, false)),
+            false,
+        ),
+        figure(
+            "cpu",
+            "daemon CPU seconds per GiB (cross-node, both daemons)",
+            "s",
+            &[cpu_per_gib],
+            None,
+            None,
+            false,
+        ),
+        figure(
+            "cpu",
+            "daemon CPU seconds per 1,000 requests (both daemons)",
+            "s",
+            &[cpu_per_k],
+            None,
+            None,
+            false,
+        ),
     ])
 }
