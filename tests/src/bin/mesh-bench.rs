@@ -178,7 +178,7 @@ fn rr(a: &str, rate: u64, secs: u64) -> Result<(), String> {
     let req = [0x42u8; MSG];
     let mut resp = [0u8; MSG];
     let duration = Duration::from_secs(secs.max(1));
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    let interval = (rate > 0).then(|| Duration::from_nanos(1_000_000_000 / rate));
     let mut latencies = Vec::new();
     let start = Instant::now();
     let mut next = start;
@@ -240,6 +240,6 @@ fn idle(a: &str, count: u64) -> Result<(), String> {
     // Hold until told to stop (stdin closed or killed).
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
-    std::thread::sleep(Duration::from_secs(3600));
+    std::thread::sleep(Duration::from_hours(1));
     Ok(())
 }

@@ -146,6 +146,7 @@ pub fn write(
 }
 
 /// A horizontal bar chart of the ratios to the direct baseline (1.0 = as fast as direct).
+#[expect(clippy::cast_precision_loss, reason = "a dozen rows")]
 fn svg(figures: &[Figure]) -> String {
     let rows: Vec<&Figure> = figures
         .iter()

@@ -21,12 +21,12 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// Runs `mesh-bench` in `pod` and returns its JSON report.
     fn run(&self, pod: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-        let mut argv = vec![self.tool.as_str()];
-        argv.extend_from_slice(args);
+        let mut cmd = vec![self.tool.as_str()];
+        cmd.extend_from_slice(args);
         let out = self
             .bed
             .pod(pod)
-            .exec_timeout(&argv, Duration::from_secs(self.secs * 4 + 60))?
+            .exec_timeout(&cmd, Duration::from_secs(self.secs * 4 + 60))?
             .ok()
             .with_context(|| format!("mesh-bench {args:?} in {pod}"))?;
         Ok(serde_json::from_str(out.stdout.trim())?)
@@ -231,7 +231,7 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
     let mut idle = bed
         .pod("a1")
         .spawn(&[&bench.tool, "idle", &cross, &idle_count.to_string()])?;
-    idle.wait_for_output("\"open\"", Duration::from_secs(120))
+    idle.wait_for_output("\"open\"", Duration::from_mins(2))
         .context("opening idle connections")?;
     std::thread::sleep(Duration::from_secs(1));
     #[expect(clippy::cast_precision_loss, reason = "bytes")]
@@ -246,127 +246,48 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
     }
     let _ = (a.stop(), b.stop());
 
+    let extras = Extras {
+        rate,
+        idle_count,
+        idle_rss,
+        per_conn,
+        cpu_per_gib,
+        cpu_per_k,
+    };
+    Ok(figures(&direct, &mesh, &extras))
+}
+
+/// Figures measured only through the mesh.
+struct Extras {
+    rate: u64,
+    idle_count: u64,
+    idle_rss: Vec<f64>,
+    per_conn: Vec<f64>,
+    cpu_per_gib: f64,
+    cpu_per_k: f64,
+}
+
+/// The report's figures, one row each.
+#[rustfmt::skip]
+fn figures(direct: &Measured, mesh: &Measured, x: &Extras) -> Vec<Figure> {
+    let (rate, n) = (x.rate, x.idle_count);
     let added = |m: &[f64], d: &[f64]| -> Vec<f64> {
         let base = stats(d).0;
         m.iter().map(|v| v - base).collect()
     };
-    Ok(vec![
-        figure(
-            "throughput",
-            "cross-node, 1 stream",
-            "B/s",
-            &mesh.throughput_cross_1,
-            Some(&direct.throughput_cross_1),
-            Some(("ratio >= 0.5", 0.5, true)),
-            true,
-        ),
-        figure(
-            "throughput",
-            "cross-node, 8 streams",
-            "B/s",
-            &mesh.throughput_cross_8,
-            Some(&direct.throughput_cross_8),
-            None,
-            true,
-        ),
-        figure(
-            "throughput",
-            "same-node, 1 stream",
-            "B/s",
-            &mesh.throughput_same_1,
-            Some(&direct.throughput_same_1),
-            Some(("ratio >= 0.8", 0.8, true)),
-            true,
-        ),
-        figure(
-            "latency",
-            &format!("p50 at {rate}/s, 1 KiB each way"),
-            "us",
-            &mesh.rr_p50,
-            Some(&direct.rr_p50),
-            None,
-            false,
-        ),
-        figure(
-            "latency",
-            "p50 added",
-            "us",
-            &added(&mesh.rr_p50, &direct.rr_p50),
-            None,
-            Some(("<= 20 us", 20.0, false)),
-            false,
-        ),
-        figure(
-            "latency",
-            "p90 added",
-            "us",
-            &added(&mesh.rr_p90, &direct.rr_p90),
-            None,
-            None,
-            false,
-        ),
-        figure(
-            "latency",
-            "p99 added",
-            "us",
-            &added(&mesh.rr_p99, &direct.rr_p99),
-            None,
-            Some(("<= 100 us", 100.0, false)),
-            false,
-        ),
-        figure(
-            "latency",
-            "maximum request rate",
-            "req/s",
-            &mesh.rr_max,
-            Some(&direct.rr_max),
-            None,
-            true,
-        ),
-        figure(
-            "connections",
-            "new connections per second",
-            "conn/s",
-            &mesh.conn_rate,
-            Some(&direct.conn_rate),
-            Some(("ratio >= 0.5", 0.5, true)),
-            true,
-        ),
-        figure(
-            "memory",
-            "daemon RSS idle",
-            "B",
-            &idle_rss,
-            None,
-            Some(("<= 20 MiB", 20.0 * 1_048_576.0, false)),
-            false,
-        ),
-        figure(
-            "memory",
-            &format!("daemon RSS per idle proxied connection ({idle_count})"),
-            "B",
-            &per_conn,
-            None,
-            Some(("<= 2 KiB", 2048.0, false)),
-            false,
-        ),
-        figure(
-            "cpu",
-            "daemon CPU seconds per GiB (cross-node, both daemons)",
-            "s",
-            &[cpu_per_gib],
-            None,
-            None,
-            false,
-        ),
-        figure(
-            "cpu",
-            "daemon CPU seconds per 1,000 requests (both daemons)",
-            "s",
-            &[cpu_per_k],
-            None,
-            None,
-            false,
-        ),
-    ])
+    vec![
+        figure("throughput", "cross-node, 1 stream", "B/s", &mesh.throughput_cross_1, Some(&direct.throughput_cross_1), Some(("ratio >= 0.5", 0.5, true)), true),
+        figure("throughput", "cross-node, 8 streams", "B/s", &mesh.throughput_cross_8, Some(&direct.throughput_cross_8), None, true),
+        figure("throughput", "same-node, 1 stream", "B/s", &mesh.throughput_same_1, Some(&direct.throughput_same_1), Some(("ratio >= 0.8", 0.8, true)), true),
+        figure("latency", &format!("p50 at {rate}/s, 1 KiB each way"), "us", &mesh.rr_p50, Some(&direct.rr_p50), None, false),
+        figure("latency", "p50 added", "us", &added(&mesh.rr_p50, &direct.rr_p50), None, Some(("<= 20 us", 20.0, false)), false),
+        figure("latency", "p90 added", "us", &added(&mesh.rr_p90, &direct.rr_p90), None, None, false),
+        figure("latency", "p99 added", "us", &added(&mesh.rr_p99, &direct.rr_p99), None, Some(("<= 100 us", 100.0, false)), false),
+        figure("latency", "maximum request rate", "req/s", &mesh.rr_max, Some(&direct.rr_max), None, true),
+        figure("connections", "new connections per second", "conn/s", &mesh.conn_rate, Some(&direct.conn_rate), Some(("ratio >= 0.5", 0.5, true)), true),
+        figure("memory", "daemon RSS idle", "B", &x.idle_rss, None, Some(("<= 20 MiB", 20.0 * 1_048_576.0, false)), false),
+        figure("memory", &format!("daemon RSS per idle proxied connection ({n})"), "B", &x.per_conn, None, Some(("<= 2 KiB", 2048.0, false)), false),
+        figure("cpu", "daemon CPU seconds per GiB (cross-node, both daemons)", "s", &[x.cpu_per_gib], None, None, false),
+        figure("cpu", "daemon CPU seconds per 1,000 requests (both daemons)", "s", &[x.cpu_per_k], None, None, false),
+    ]
 }
