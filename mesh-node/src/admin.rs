@@ -99,18 +99,32 @@ where
     }
 }
 
-async fn bind(addr: SocketAddr, name: &str) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await?;
+fn bind(addr: SocketAddr, name: &str) -> std::io::Result<TcpListener> {
+    // SO_REUSEPORT: during an upgrade the new daemon serves beside the old one.
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    let listener = TcpListener::from_std(socket.into())?;
     info!(endpoint = name, address = %addr, "listening");
     Ok(listener)
 }
 
 /// Starts the metrics endpoint.
-pub async fn spawn_metrics(
+pub fn spawn_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = bind(addr, "metrics").await?;
+    let listener = bind(addr, "metrics")?;
     Ok(tokio::spawn(serve(
         listener,
         "metrics",
@@ -145,11 +159,11 @@ pub async fn spawn_metrics(
 }
 
 /// Starts the readiness endpoint.
-pub async fn spawn_readiness(
+pub fn spawn_readiness(
     addr: SocketAddr,
     readiness: Arc<Readiness>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = bind(addr, "readiness").await?;
+    let listener = bind(addr, "readiness")?;
     Ok(tokio::spawn(serve(
         listener,
         "readiness",
@@ -173,11 +187,11 @@ pub async fn spawn_readiness(
 }
 
 /// Starts the admin API.
-pub async fn spawn_admin(
+pub fn spawn_admin(
     addr: SocketAddr,
     admin: Arc<AdminState>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = bind(addr, "admin").await?;
+    let listener = bind(addr, "admin")?;
     Ok(tokio::spawn(serve(
         listener,
         "admin",

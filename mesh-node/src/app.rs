@@ -77,11 +77,12 @@ pub async fn run(
     let readiness = Arc::new(Readiness::default());
     readiness.set(false, "starting");
     let ready_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_READINESS));
-    let _readiness_server = admin::spawn_readiness(ready_addr, Arc::clone(&readiness))
-        .await
-        .map_err(|e| AppError::Listen {
-            address: ready_addr,
-            source: e,
+    let _readiness_server =
+        admin::spawn_readiness(ready_addr, Arc::clone(&readiness)).map_err(|e| {
+            AppError::Listen {
+                address: ready_addr,
+                source: e,
+            }
         })?;
 
     let cgroup = match &config.redirect.cgroup {
@@ -108,7 +109,7 @@ pub async fn run(
         Duration::from_secs(config.identity.cert_lifetime_seconds),
         Arc::clone(&provider),
     );
-    let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log).await?;
+    let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log)?;
     let proxy = Arc::new(Proxy::new(
         ProxyOptions {
             metrics: Arc::clone(&metrics),
@@ -178,27 +179,61 @@ pub async fn run(
         }
         Err(error) => warn!(error = %error, "could not read kernel counters"),
     }
+    // Stop accepting (a new daemon, if any, takes the new connections: the listeners share
+    // their ports and the kernel migrates queued connections), then let open ones finish.
+    proxy.start_draining();
     inpod.stop_serving();
+    readiness.set(false, "draining");
+    drain(&proxy, Duration::from_millis(config.proxy.drain_timeout_ms)).await;
     info!(
-        "listeners closed; kernel programs stay pinned (enrolled pods fail closed until a daemon \
-         runs again; `mesh-node cleanup` removes them); stopped"
+        "stopped; kernel programs stay pinned (enrolled pods fail closed until a daemon runs \
+         again; `mesh-node cleanup` removes them)"
     );
     Ok(())
 }
 
+/// Waits until no connection is being handled, at most `deadline`.
+async fn drain(proxy: &Proxy, deadline: Duration) {
+    let started = std::time::Instant::now();
+    let open = proxy.active();
+    if open > 0 {
+        info!(
+            open,
+            deadline_ms = deadline.as_millis(),
+            "draining open connections"
+        );
+    }
+    while proxy.active() > 0 && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = proxy.active();
+    if left > 0 {
+        warn!(
+            left,
+            "drain deadline reached; closing the remaining connections"
+        );
+    } else if open > 0 {
+        info!(
+            drained = open,
+            elapsed_ms = started.elapsed().as_millis(),
+            "all connections finished"
+        );
+    }
+}
+
+/// The metrics registry, the admin state, and the tasks serving them.
+type Observability = (
+    Arc<Metrics>,
+    Arc<AdminState>,
+    [tokio::task::JoinHandle<()>; 2],
+);
+
 /// Starts `/metrics` (all addresses, 15020) and the admin API (127.0.0.1:15000).
-async fn serve_observability(
+fn serve_observability(
     config: &Config,
     certs: &CertManager,
     log: LogHandle,
-) -> Result<
-    (
-        Arc<Metrics>,
-        Arc<AdminState>,
-        [tokio::task::JoinHandle<()>; 2],
-    ),
-    AppError,
-> {
+) -> Result<Observability, AppError> {
     let metrics = Metrics::new(NodeCollector {
         bpffs: config.redirect.bpffs.clone(),
         certs: certs.clone(),
@@ -206,7 +241,6 @@ async fn serve_observability(
     let listen_err = |address| move |source| AppError::Listen { address, source };
     let metrics_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_METRICS));
     let metrics_server = admin::spawn_metrics(metrics_addr, Arc::clone(&metrics))
-        .await
         .map_err(listen_err(metrics_addr))?;
     let admin_state = Arc::new(AdminState {
         config: serde_json::to_value(config).map_err(AppError::Serialize)?,
@@ -216,9 +250,8 @@ async fn serve_observability(
         log,
     });
     let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_ADMIN));
-    let admin_server = admin::spawn_admin(admin_addr, Arc::clone(&admin_state))
-        .await
-        .map_err(listen_err(admin_addr))?;
+    let admin_server =
+        admin::spawn_admin(admin_addr, Arc::clone(&admin_state)).map_err(listen_err(admin_addr))?;
     Ok((metrics, admin_state, [metrics_server, admin_server]))
 }
 

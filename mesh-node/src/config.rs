@@ -92,12 +92,16 @@ impl Default for Config {
 pub struct ProxyConfig {
     /// Time limit for connecting to a destination, in milliseconds. Default: 10000.
     pub connect_timeout_ms: u64,
+    /// On SIGTERM, how long open connections may run on after the listeners closed (a new
+    /// daemon takes the new connections meanwhile), in milliseconds. Default: 30000.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             connect_timeout_ms: 10_000,
+            drain_timeout_ms: 30_000,
         }
     }
 }
@@ -435,6 +439,7 @@ mod tests {
             },
             proxy: ProxyConfig {
                 connect_timeout_ms: 500,
+                drain_timeout_ms: 1000,
             },
             identity: IdentityConfig {
                 trust_domain: "example.org".into(),

@@ -65,6 +65,14 @@ pub enum HboneError {
     },
 }
 
+/// A pooled connection handed to one new stream.
+struct Pooled {
+    send: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+    id: u64,
+}
+
 struct Conn {
     id: u64,
     send: SendRequest<Bytes>,
@@ -131,31 +139,60 @@ impl Pool {
         mark: u32,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Stream, HboneError> {
-        let (send, streams, id) = if let Some(found) = self.checkout(key) {
-            found
-        } else {
-            let lock = {
-                let mut dialing = self.dialing.lock().unwrap_or_else(PoisonError::into_inner);
-                Arc::clone(dialing.entry(key.clone()).or_default())
-            };
-            let _dialing = lock.lock().await;
-            match self.checkout(key) {
-                Some(found) => found,
-                None => self.dial(key, worker, mark, tls).await?,
+        // A pooled connection the peer is shutting down (GOAWAY, e.g. its daemon is being
+        // upgraded) refuses new streams: retire it and try once more on a fresh one.
+        let mut retried = false;
+        loop {
+            let pooled = self.pooled(key, worker, mark, tls).await?;
+            let guard = StreamGuard(pooled.streams);
+            match request(pooled.send, authority, key.address).await {
+                Ok((send, recv)) => {
+                    return Ok(Stream {
+                        send,
+                        recv,
+                        connection: pooled.id,
+                        guard,
+                    });
+                }
+                Err(HboneError::H2 { source, .. })
+                    if !retried
+                        && (source.is_go_away()
+                            || source.is_io()
+                            || source.reason() == Some(h2::Reason::REFUSED_STREAM)) =>
+                {
+                    pooled.closed.store(true, Ordering::Relaxed);
+                    debug!(connection = pooled.id, error = %source, "pooled HBONE connection is going away; retrying on a new one");
+                    retried = true;
+                }
+                Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// A pooled connection with room for a stream (counted now), dialled if needed.
+    async fn pooled(
+        &self,
+        key: &PoolKey,
+        worker: &NetnsWorker,
+        mark: u32,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Pooled, HboneError> {
+        if let Some(found) = self.checkout(key) {
+            return Ok(found);
+        }
+        let lock = {
+            let mut dialing = self.dialing.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(dialing.entry(key.clone()).or_default())
         };
-        let guard = StreamGuard(streams);
-        let (send, recv) = request(send, authority, key.address).await?;
-        Ok(Stream {
-            send,
-            recv,
-            connection: id,
-            guard,
-        })
+        let _dialing = lock.lock().await;
+        match self.checkout(key) {
+            Some(found) => Ok(found),
+            None => self.dial(key, worker, mark, tls).await,
+        }
     }
 
     /// A live pooled connection with room for one more stream (counted now).
-    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>, u64)> {
+    fn checkout(&self, key: &PoolKey) -> Option<Pooled> {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Relaxed));
@@ -163,7 +200,12 @@ impl Pool {
             .iter()
             .find(|c| c.streams.load(Ordering::Relaxed) < CLIENT_MAX_STREAMS)?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        Some((conn.send.clone(), Arc::clone(&conn.streams), conn.id))
+        Some(Pooled {
+            send: conn.send.clone(),
+            streams: Arc::clone(&conn.streams),
+            closed: Arc::clone(&conn.closed),
+            id: conn.id,
+        })
     }
 
     async fn dial(
@@ -172,7 +214,7 @@ impl Pool {
         worker: &NetnsWorker,
         mark: u32,
         tls: &Arc<rustls::ClientConfig>,
-    ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>, u64), HboneError> {
+    ) -> Result<Pooled, HboneError> {
         let address = key.address;
         let socket = worker
             .tcp_socket(address.is_ipv6(), mark)
@@ -232,9 +274,14 @@ impl Pool {
             id,
             send: send.clone(),
             streams: Arc::clone(&streams),
-            closed,
+            closed: Arc::clone(&closed),
         });
-        Ok((send, streams, id))
+        Ok(Pooled {
+            send,
+            streams,
+            closed,
+            id,
+        })
     }
 }
 

@@ -78,12 +78,28 @@ pub async fn serve_connection(
     };
     debug!(dst_workload = %uid, client = %peer, peer_identity = %source, "HBONE connection accepted");
     let source = Arc::new(source);
-    while let Some(request) = conn.accept().await {
+    let mut draining = target.proxy.draining();
+    let mut going_away = false;
+    loop {
+        let request = tokio::select! {
+            request = conn.accept() => request,
+            _ = draining.wait_for(|d| *d), if !going_away => {
+                debug!(dst_workload = %uid, client = %peer, "draining: GOAWAY");
+                conn.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(request) = request else { break };
         match request {
             Ok((request, respond)) => {
                 let target = Arc::clone(&target);
                 let source = Arc::clone(&source);
-                tokio::spawn(async move { handle(request, respond, peer, &source, &target).await });
+                let active = target.proxy.track();
+                tokio::spawn(async move {
+                    handle(request, respond, peer, &source, &target).await;
+                    drop(active);
+                });
             }
             Err(e) => {
                 debug!(dst_workload = %uid, client = %peer, error = %e, "HBONE connection ended");

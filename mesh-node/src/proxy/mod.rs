@@ -106,6 +106,19 @@ pub struct Proxy {
     policies: RwLock<Arc<PolicyStore>>,
     admissions: Arc<Admissions>,
     metrics: Arc<Metrics>,
+    /// Connections being handled (for draining).
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set when the daemon starts draining: HBONE servers send GOAWAY.
+    draining: tokio::sync::watch::Sender<bool>,
+}
+
+/// Counts a connection as active while alive.
+pub struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What the proxy knows about workloads: all of them by address, and the enrolled pods of this
@@ -170,7 +183,35 @@ impl Proxy {
             policies: RwLock::new(Arc::new(PolicyStore::default())),
             admissions: Arc::new(Admissions::default()),
             metrics: options.metrics,
+            active: Arc::default(),
+            draining: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Starts draining: HBONE connections get a graceful GOAWAY (peers open new streams on a
+    /// fresh connection, which a new daemon accepts), open streams run to completion.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Fires when draining starts.
+    #[must_use]
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Marks a connection active until the guard is dropped.
+    #[must_use]
+    pub fn track(&self) -> Active {
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Active(Arc::clone(&self.active))
+    }
+
+    /// Connections being handled now.
+    #[must_use]
+    pub fn active(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts the metrics record of an inbound HBONE stream to `pod`.
@@ -312,7 +353,11 @@ impl Proxy {
                 uid.clone(),
                 move |tcp, peer| {
                     let (this, ctx) = (Arc::clone(&this), Arc::clone(&ctx));
-                    tokio::spawn(async move { this.outbound(&ctx, tcp, peer).await });
+                    let active = this.track();
+                    tokio::spawn(async move {
+                        this.outbound(&ctx, tcp, peer).await;
+                        drop(active);
+                    });
                 },
             )));
         }
@@ -323,7 +368,11 @@ impl Proxy {
             uid.clone(),
             move |tcp, peer| {
                 let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
-                tokio::spawn(async move { this.inbound(&ctx, tcp, peer).await });
+                let active = this.track();
+                tokio::spawn(async move {
+                    this.inbound(&ctx, tcp, peer).await;
+                    drop(active);
+                });
             },
         )));
         self.directory

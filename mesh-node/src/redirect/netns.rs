@@ -125,6 +125,13 @@ pub fn marked_socket(v6: bool, mark: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Lets the kernel migrate connections queued on a closing `SO_REUSEPORT` listener to another
+/// listener of the group (Linux 5.14, `Documentation/networking/ip-sysctl.rst`), in the calling
+/// thread's netns, so an upgrade refuses no connection.
+pub fn enable_request_migration() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+}
+
 /// A marked, non-blocking listening socket bound to `addr` in the calling thread's netns.
 /// `dual_stack` makes an IPv6 wildcard socket accept IPv4 too.
 pub fn marked_listener(addr: SocketAddr, mark: u32, dual_stack: bool) -> io::Result<Socket> {
@@ -133,6 +140,10 @@ pub fn marked_listener(addr: SocketAddr, mark: u32, dual_stack: bool) -> io::Res
         socket.set_only_v6(!dual_stack)?;
     }
     socket.set_reuse_address(true)?;
+    // A new daemon binds the same ports while the old one still runs (upgrade hand-over); the
+    // kernel moves connections queued on a closing listener to the new one
+    // (`net.ipv4.tcp_migrate_req`, set per pod netns at enrollment).
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket)

@@ -82,6 +82,12 @@ pub fn enroll(
         uid: uid.clone(),
         source,
     })?;
+    match worker.run_blocking(super::netns::enable_request_migration) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => {
+            warn!(workload = %uid, error = %e, "cannot enable tcp_migrate_req; an upgrade may reset queued connections");
+        }
+    }
     let (outbound, inbound) = open_listeners(&worker, &uid, mark, ports)?;
     let hbone = workload
         .ips

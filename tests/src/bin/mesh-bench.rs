@@ -8,6 +8,8 @@
 //! - `rr ADDR RATE SECONDS`: 1 KiB request, 1 KiB response on one connection at RATE/s;
 //!   latency percentiles. `RATE` 0 means back to back (the maximum rate).
 //! - `connrate ADDR SECONDS`: new connections per second (connect, 1-byte exchange, close).
+//! - `churn ADDR SECONDS`: like `connrate`, but keeps going after a failure and reports how
+//!   many connections succeeded and failed (with the first errors).
 //! - `idle ADDR COUNT`: opens COUNT connections, prints `open COUNT`, holds them until stdin
 //!   closes or the process is killed.
 //!
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         ["rr", addr, rate, secs] => rr(addr, num(rate), num(secs)),
         ["connrate", addr, secs] => connrate(addr, num(secs)),
         ["idle", addr, count] => idle(addr, num(count)),
+        ["churn", addr, secs] => churn(addr, num(secs)),
         _ => Err("usage: mesh-bench serve|throughput|rr|connrate|idle ...".to_owned()),
     };
     match result {
@@ -226,6 +229,37 @@ fn connrate(a: &str, secs: u64) -> Result<(), String> {
     #[expect(clippy::cast_precision_loss, reason = "rates")]
     let rate = n as f64 / start.elapsed().as_secs_f64();
     println!("{{\"connections\":{n},\"connections_per_second\":{rate:.1}}}");
+    Ok(())
+}
+
+fn churn(a: &str, secs: u64) -> Result<(), String> {
+    let target = addr(a)?;
+    let duration = Duration::from_secs(secs.max(1));
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut errors = Vec::new();
+    while start.elapsed() < duration {
+        let attempt = connect(target, b'C').and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"x").map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).map_err(|e| e.to_string())
+        });
+        match attempt {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 5 {
+                    errors.push(format!("{e:?}"));
+                }
+            }
+        }
+    }
+    println!(
+        "{{\"ok\":{ok},\"failed\":{failed},\"errors\":[{}]}}",
+        errors.join(",")
+    );
     Ok(())
 }
 

@@ -1,0 +1,117 @@
+//! Upgrades and restarts: a new daemon takes over from a running one without a single refused
+//! or reset new connection, and the old one drains its open connections.
+
+use std::{path::Path, time::Duration};
+
+use mesh_tests::{Daemon, Testbed, Topology, namespaced_test_can_run};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_mesh-bench");
+const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
+const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+
+fn up() -> Testbed {
+    Testbed::up(
+        &Topology::new()
+            .node("node-a", &["a1"])
+            .node("node-b", &["b1"]),
+    )
+    .expect("testbed")
+}
+
+/// Replaces `old` by a new daemon with the same configuration: start the new one, wait until
+/// it is ready, then SIGTERM the old one and wait for it to exit.
+fn upgrade(bed: &Testbed, old: &mut Daemon) -> Daemon {
+    let new = old
+        .restart(bed)
+        .expect("new daemon starts beside the old one");
+    assert!(
+        old.stop().expect("old daemon stops").success(),
+        "old daemon exits cleanly"
+    );
+    new
+}
+
+#[test]
+fn upgrading_both_daemons_refuses_no_new_connection() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let mut server = bed
+        .pod("b1")
+        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .expect("server");
+    server
+        .wait_for_output("listening", Duration::from_secs(5))
+        .expect("server up");
+    let enrolled = ["a1", "b1"];
+    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
+    let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+
+    // A steady stream of new connections (connect, exchange a byte, close) for 8 s, over HBONE.
+    let target = bed.pod("b1").addr(false, 9000).to_string();
+    let mut churn = bed
+        .pod("a1")
+        .spawn(&[BENCH, "churn", &target, "8"])
+        .expect("churn");
+    std::thread::sleep(Duration::from_secs(1));
+    let a2 = upgrade(&bed, &mut a);
+    std::thread::sleep(Duration::from_millis(500));
+    let b2 = upgrade(&bed, &mut b);
+    let status = churn.wait(Duration::from_secs(30)).expect("churn ends");
+    assert!(status.success(), "{}", churn.stderr());
+    let report: serde_json::Value = serde_json::from_str(churn.stdout().trim()).expect("JSON");
+    eprintln!("through two upgrades: {report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["ok"].as_u64().unwrap() > 100, "{report}");
+    // Both new daemons carried traffic after taking over.
+    assert!(
+        !a2.captured("outbound").is_empty(),
+        "new node-a daemon took connections"
+    );
+    assert!(
+        !b2.captured("inbound").is_empty(),
+        "new node-b daemon took connections"
+    );
+}
+
+#[test]
+fn an_old_daemon_drains_its_open_connections() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let mut echo = bed
+        .pod("b1")
+        .spawn(&[APP, "echo", "[::]:7000"])
+        .expect("echo");
+    echo.wait_for_output("listening", Duration::from_secs(5))
+        .expect("echo up");
+    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon a");
+    let target = bed.pod("b1").addr(false, 7000).to_string();
+    // A connection that lives 4 s, opened before the upgrade.
+    let mut long = bed
+        .pod("a1")
+        .spawn(&[APP, "trickle", &target, "4"])
+        .expect("trickle");
+    a.wait_for_records("connection captured", 1, Duration::from_secs(5))
+        .expect("captured");
+    let started = std::time::Instant::now();
+    let _new = upgrade(&bed, &mut a);
+    let drained_in = started.elapsed();
+    let status = long.wait(Duration::from_secs(10)).expect("trickle ends");
+    assert!(
+        status.success(),
+        "the open connection finished intact: {}",
+        long.stderr()
+    );
+    assert!(
+        drained_in >= Duration::from_secs(2),
+        "the old daemon waited for it ({drained_in:?})"
+    );
+    assert_eq!(
+        a.records("all connections finished").len(),
+        1,
+        "drained, not cut"
+    );
+}
