@@ -95,6 +95,14 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long open connections may run on after the listeners closed (a new
     /// daemon takes the new connections meanwhile), in milliseconds. Default: 30000.
     pub drain_timeout_ms: u64,
+    /// Time limit for a peer to complete the TLS handshake on 15008, in milliseconds.
+    /// Default: 10000.
+    pub handshake_timeout_ms: u64,
+    /// Connections the daemon handles at once, all workloads together; more are reset with a
+    /// log line and `mesh_connection_errors_total{reason="limit_total"}`. Default: 100000.
+    pub max_connections: usize,
+    /// Connections one workload may have at once (in and out). Default: 20000.
+    pub max_connections_per_workload: usize,
 }
 
 impl Default for ProxyConfig {
@@ -102,6 +110,9 @@ impl Default for ProxyConfig {
         Self {
             connect_timeout_ms: 10_000,
             drain_timeout_ms: 30_000,
+            handshake_timeout_ms: 10_000,
+            max_connections: 100_000,
+            max_connections_per_workload: 20_000,
         }
     }
 }
@@ -303,6 +314,12 @@ impl Config {
         if self.proxy.connect_timeout_ms == 0 {
             return Err(invalid("proxy.connectTimeoutMs", "must be positive"));
         }
+        if self.proxy.handshake_timeout_ms == 0 {
+            return Err(invalid("proxy.handshakeTimeoutMs", "must be positive"));
+        }
+        if self.proxy.max_connections == 0 || self.proxy.max_connections_per_workload == 0 {
+            return Err(invalid("proxy.maxConnections", "limits must be positive"));
+        }
         if let Err(e) = crate::policy::PolicyStore::new(&self.root_namespace, &self.policies) {
             return Err(ConfigError::Policy {
                 origin: origin.clone(),
@@ -440,6 +457,9 @@ mod tests {
             proxy: ProxyConfig {
                 connect_timeout_ms: 500,
                 drain_timeout_ms: 1000,
+                handshake_timeout_ms: 700,
+                max_connections: 10,
+                max_connections_per_workload: 5,
             },
             identity: IdentityConfig {
                 trust_domain: "example.org".into(),

@@ -27,7 +27,9 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pooled connections without streams for this long are closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_mins(5);
-/// Time limit for a TLS handshake.
+/// Largest header block a peer may send (a CONNECT needs a few hundred bytes).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Time limit for a TLS handshake the daemon starts (the server side is configurable).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The HBONE port.
 pub const PORT: u16 = mesh_common::PORT_INBOUND_HBONE;

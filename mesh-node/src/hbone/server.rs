@@ -13,7 +13,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW, pipe,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW,
+    pipe,
 };
 use crate::{
     identity::Identity,
@@ -38,8 +39,10 @@ pub async fn serve_connection(
     target: Arc<InboundTarget>,
 ) {
     let uid = target.pod.workload.uid();
+    let metrics = Arc::clone(target.proxy.metrics());
+    let handshake_timeout = target.proxy.handshake_timeout();
     let handshake_started = std::time::Instant::now();
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
             target
                 .proxy
@@ -51,10 +54,12 @@ pub async fn serve_connection(
         }
         Ok(Err(e)) => {
             warn!(direction = "inbound", dst_workload = %uid, client = %peer, error = %e, "HBONE TLS handshake rejected");
+            metrics.error("hbone", "tls_handshake");
             return;
         }
         Err(_) => {
             warn!(direction = "inbound", dst_workload = %uid, client = %peer, "HBONE TLS handshake timed out");
+            metrics.error("hbone", "handshake_timeout");
             return;
         }
     };
@@ -67,12 +72,14 @@ pub async fn serve_connection(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .handshake::<_, Bytes>(tls)
         .await
     {
         Ok(conn) => conn,
         Err(e) => {
             warn!(dst_workload = %uid, client = %peer, peer_identity = %source, error = %e, "HTTP/2 handshake failed");
+            metrics.error("hbone", "http2");
             return;
         }
     };
@@ -95,14 +102,23 @@ pub async fn serve_connection(
             Ok((request, respond)) => {
                 let target = Arc::clone(&target);
                 let source = Arc::clone(&source);
-                let active = target.proxy.track();
+                let Some(active) = target.proxy.track_for(&target.pod, "hbone") else {
+                    let mut respond = respond;
+                    reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    continue;
+                };
                 tokio::spawn(async move {
                     handle(request, respond, peer, &source, &target).await;
                     drop(active);
                 });
             }
             Err(e) => {
-                debug!(dst_workload = %uid, client = %peer, error = %e, "HBONE connection ended");
+                if e.is_io() || e.is_go_away() {
+                    debug!(dst_workload = %uid, client = %peer, error = %e, "HBONE connection ended");
+                } else {
+                    warn!(dst_workload = %uid, client = %peer, error = %e, "HBONE connection ended by a protocol error");
+                    metrics.error("hbone", "http2");
+                }
                 break;
             }
         }

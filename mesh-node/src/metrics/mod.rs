@@ -102,6 +102,14 @@ pub struct Metrics {
     pub policy_decisions: Family<DecisionLabels, Counter>,
     pub hbone_connections: Counter,
     pub enrolled_workloads: Gauge,
+    pub connection_errors: Family<ErrorLabels, Counter>,
+}
+
+/// Why a connection was refused or cut short by the daemon.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -128,6 +136,7 @@ impl Metrics {
             policy_decisions: Family::default(),
             hbone_connections: Counter::default(),
             enrolled_workloads: Gauge::default(),
+            connection_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -185,11 +194,24 @@ impl Metrics {
             "Workloads enrolled on this node",
             metrics.enrolled_workloads.clone(),
         );
+        registry.register(
+            "mesh_connection_errors",
+            "Connections refused or ended by the daemon, by listener and reason (TLS handshake, \
+             handshake timeout, HTTP/2 protocol, limits)",
+            metrics.connection_errors.clone(),
+        );
         registry.register_collector(Box::new(collector));
         Arc::new(Self {
             registry,
             ..metrics
         })
+    }
+
+    /// Counts a connection error.
+    pub fn error(&self, listener: &'static str, reason: &'static str) {
+        self.connection_errors
+            .get_or_create(&ErrorLabels { listener, reason })
+            .inc();
     }
 
     /// The exposition (Prometheus text format).

@@ -17,7 +17,10 @@ mod outbound;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -26,7 +29,7 @@ pub use forward::connect_in_netns;
 use rustls::crypto::CryptoProvider;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::{
     hbone::{self, InboundTarget, Pool},
@@ -110,14 +113,20 @@ pub struct Proxy {
     active: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when the daemon starts draining: HBONE servers send GOAWAY.
     draining: tokio::sync::watch::Sender<bool>,
+    handshake_timeout: Duration,
+    max_connections: usize,
+    max_connections_per_workload: usize,
 }
 
-/// Counts a connection as active while alive.
-pub struct Active(Arc<std::sync::atomic::AtomicUsize>);
+/// Counts a connection as active (in total, and for its workload) while alive.
+pub struct Active(Arc<AtomicUsize>, Option<Arc<AtomicUsize>>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(w) = &self.1 {
+            w.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -134,6 +143,8 @@ pub struct PodContext {
     pub workload: Arc<Workload>,
     pub identity: Identity,
     pub worker: Arc<NetnsWorker>,
+    /// Connections of this workload being handled (for the per-workload limit).
+    pub active: Arc<AtomicUsize>,
 }
 
 /// The accept loops serving one pod; dropping it stops them, closes the listeners and releases
@@ -165,6 +176,9 @@ pub struct ProxyOptions {
     pub metrics: Arc<Metrics>,
     pub node: String,
     pub mark: u32,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_workload: usize,
     pub connect_timeout: Duration,
     pub reserved_ports: [u16; 3],
 }
@@ -185,7 +199,41 @@ impl Proxy {
             metrics: options.metrics,
             active: Arc::default(),
             draining: tokio::sync::watch::Sender::new(false),
+            handshake_timeout: options.handshake_timeout,
+            max_connections: options.max_connections,
+            max_connections_per_workload: options.max_connections_per_workload,
         }
+    }
+
+    /// Time a peer has to finish the TLS handshake on 15008.
+    #[must_use]
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    /// Counts a new connection of `pod` (arriving on `listener`) as active, unless a limit is
+    /// reached: then it is logged and counted, and `None` says to refuse it.
+    pub fn track_for(&self, pod: &PodContext, listener: &'static str) -> Option<Active> {
+        let total = self.active.fetch_add(1, Ordering::Relaxed) + 1;
+        let mine = pod.active.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = Active(Arc::clone(&self.active), Some(Arc::clone(&pod.active)));
+        let reason = if total > self.max_connections {
+            "limit_total"
+        } else if mine > self.max_connections_per_workload {
+            "limit_workload"
+        } else {
+            return Some(guard);
+        };
+        warn!(
+            listener,
+            workload = %pod.workload.uid(),
+            reason,
+            max_total = self.max_connections,
+            max_per_workload = self.max_connections_per_workload,
+            "connection limit reached; refusing the connection"
+        );
+        self.metrics.error(listener, reason);
+        None
     }
 
     /// Starts draining: HBONE connections get a graceful GOAWAY (peers open new streams on a
@@ -200,18 +248,10 @@ impl Proxy {
         self.draining.subscribe()
     }
 
-    /// Marks a connection active until the guard is dropped.
-    #[must_use]
-    pub fn track(&self) -> Active {
-        self.active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Active(Arc::clone(&self.active))
-    }
-
     /// Connections being handled now.
     #[must_use]
     pub fn active(&self) -> usize {
-        self.active.load(std::sync::atomic::Ordering::Relaxed)
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Starts the metrics record of an inbound HBONE stream to `pod`.
@@ -306,6 +346,7 @@ impl Proxy {
             workload: pod.workload,
             identity: identity.clone(),
             worker: pod.worker,
+            active: Arc::default(),
         });
         let mut serving = PodServing {
             tasks: Vec::new(),
@@ -353,7 +394,10 @@ impl Proxy {
                 uid.clone(),
                 move |tcp, peer| {
                     let (this, ctx) = (Arc::clone(&this), Arc::clone(&ctx));
-                    let active = this.track();
+                    let Some(active) = this.track_for(&ctx, "outbound") else {
+                        forward::reset(tcp);
+                        return;
+                    };
                     tokio::spawn(async move {
                         this.outbound(&ctx, tcp, peer).await;
                         drop(active);
@@ -368,7 +412,10 @@ impl Proxy {
             uid.clone(),
             move |tcp, peer| {
                 let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
-                let active = this.track();
+                let Some(active) = this.track_for(&ctx, "inbound") else {
+                    forward::reset(tcp);
+                    return;
+                };
                 tokio::spawn(async move {
                     this.inbound(&ctx, tcp, peer).await;
                     drop(active);
