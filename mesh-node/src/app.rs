@@ -156,6 +156,7 @@ pub async fn run(
         "ready"
     );
 
+    let _trim = tokio::spawn(release_idle_memory(Arc::clone(&proxy)));
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     retry.tick().await;
     let signal = loop {
@@ -193,6 +194,23 @@ pub async fn run(
          again; `mesh-node cleanup` removes them)"
     );
     Ok(())
+}
+
+/// Gives memory freed by finished connections back to the system: glibc keeps freed heap pages
+/// for reuse, so after a burst (or an attack) the daemon's RSS would stay at its peak. Runs
+/// `malloc_trim` every 5 s when fewer connections are open than at the previous check.
+async fn release_idle_memory(proxy: Arc<Proxy>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    let mut last = 0;
+    loop {
+        ticker.tick().await;
+        let now = proxy.active();
+        if now < last || (now == 0 && last == 0) {
+            // SAFETY: malloc_trim only releases free memory; no pointer is involved.
+            unsafe { libc::malloc_trim(0) };
+        }
+        last = now;
+    }
 }
 
 /// Waits until no connection is being handled, at most `deadline`.

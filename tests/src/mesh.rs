@@ -50,6 +50,10 @@ pub struct NodeSettings {
     pub cert_lifetime_seconds: u64,
     /// The `policies:` list (YAML items of Istio documents), empty for none.
     pub policies: String,
+    /// `proxy.handshakeTimeoutMs`.
+    pub handshake_timeout_ms: u64,
+    /// `proxy.maxConnectionsPerWorkload`.
+    pub max_connections_per_workload: usize,
 }
 
 impl Default for NodeSettings {
@@ -57,6 +61,8 @@ impl Default for NodeSettings {
         Self {
             cert_lifetime_seconds: 86_400,
             policies: String::new(),
+            handshake_timeout_ms: 10_000,
+            max_connections_per_workload: 20_000,
         }
     }
 }
@@ -74,11 +80,13 @@ pub fn config_yaml(
     let bpffs = bed.bpffs_dir()?.join(node);
     let mut yaml = format!(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
-         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n\
+         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
          caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}workloads:\n",
         n.cgroup().display(),
         bpffs.display(),
+        settings.handshake_timeout_ms,
+        settings.max_connections_per_workload,
         settings.cert_lifetime_seconds,
         if settings.policies.trim().is_empty() {
             "  []\n"
