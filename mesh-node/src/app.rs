@@ -176,6 +176,18 @@ pub async fn run(
         }
     };
     info!(signal, "shutting down");
+    shutdown(
+        &mut inpod,
+        &proxy,
+        &readiness,
+        Duration::from_millis(config.proxy.drain_timeout_ms),
+    )
+    .await;
+    Ok(())
+}
+
+/// Stops accepting, drains open connections, and leaves the kernel state pinned.
+async fn shutdown(inpod: &mut InPod, proxy: &Proxy, readiness: &Readiness, deadline: Duration) {
     match inpod.programs().counters() {
         Ok(counters) => {
             let counters: Vec<_> = counters.iter().collect();
@@ -188,12 +200,11 @@ pub async fn run(
     proxy.start_draining();
     inpod.stop_serving();
     readiness.set(false, "draining");
-    drain(&proxy, Duration::from_millis(config.proxy.drain_timeout_ms)).await;
+    drain(proxy, deadline).await;
     info!(
         "stopped; kernel programs stay pinned (enrolled pods fail closed until a daemon runs \
          again; `mesh-node cleanup` removes them)"
     );
-    Ok(())
 }
 
 /// Gives memory freed by finished connections back to the system: glibc keeps freed heap pages

@@ -78,20 +78,18 @@ fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
             .node("node-b", &["b1"]),
     )
     .expect("testbed");
-    let mut echo_a2 = bed
-        .pod("a2")
-        .spawn(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
-    echo_a2
-        .wait_for_output("listening", Duration::from_secs(5))
-        .expect("up");
-    let mut echo_b1 = bed
-        .pod("b1")
-        .spawn(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
-    echo_b1
-        .wait_for_output("listening", Duration::from_secs(5))
-        .expect("up");
+    let _apps: Vec<_> = ["a2", "b1"]
+        .iter()
+        .map(|pod| {
+            let mut p = bed
+                .pod(pod)
+                .spawn(&[APP, "echo", "[::]:7000"])
+                .expect("echo");
+            p.wait_for_output("listening", Duration::from_secs(5))
+                .expect("up");
+            p
+        })
+        .collect();
     let settings = NodeSettings {
         handshake_timeout_ms: 1000,
         ..NodeSettings::default()
