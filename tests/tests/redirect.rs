@@ -382,7 +382,25 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
         out.stderr
     );
 
+    // The restarted daemon adopts the pinned state and serves within a second.
+    let restarted_at = std::time::Instant::now();
     let daemon = daemon.restart(&bed).expect("restart");
+    let mut served = false;
+    while restarted_at.elapsed() < Duration::from_secs(1) {
+        let out = bed
+            .pod("a1")
+            .exec(&[APP, "client", &out_target.to_string(), "100"])
+            .expect("client");
+        if out.status.success() {
+            served = true;
+            break;
+        }
+    }
+    assert!(
+        served,
+        "not serving within a second of the restart ({:?})",
+        restarted_at.elapsed()
+    );
     let ready = &daemon.records("ready")[0];
     assert_eq!(ready["adopted"], true, "{ready}");
     assert_eq!(daemon.records("pod enrolled")[0]["adopted"], true);
@@ -400,7 +418,8 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
     assert_eq!(netns_links(&bed, "a1"), 1, "one sk_lookup link");
     assert_intact(&client(&bed, "a1", out_target, 1000), out_target, 1000);
     assert_intact(&client(&bed, "b1", in_target, 1000), in_target, 1000);
-    assert_eq!(daemon.captured("outbound").len(), 1);
+    // The probe that found it serving, and the client above.
+    assert_eq!(daemon.captured("outbound").len(), 2);
     assert_eq!(daemon.captured("inbound").len(), 1);
 }
 

@@ -115,3 +115,89 @@ fn an_old_daemon_drains_its_open_connections() {
         "drained, not cut"
     );
 }
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let mut server = bed
+        .pod("b1")
+        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .expect("server");
+    server
+        .wait_for_output("listening", Duration::from_secs(5))
+        .expect("server up");
+    let enrolled = ["a1", "b1"];
+    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
+    let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let target = bed.pod("b1").addr(false, 9000).to_string();
+    // Warm up (pooled connection, certificates, allocator), then take the baseline.
+    let warm = bed
+        .pod("a1")
+        .exec(&[BENCH, "churn", &target, "1"])
+        .expect("warm-up");
+    assert!(warm.status.success());
+    std::thread::sleep(Duration::from_secs(1));
+    let pids = [a.proc().pid(), b.proc().pid()];
+    let before: Vec<(usize, u64)> = pids.iter().map(|p| (fds(*p), rss(*p))).collect();
+
+    // Four clients making new connections for 15 s through both daemons.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            bed.pod("a1")
+                .spawn(&[BENCH, "churn", &target, "15"])
+                .expect("churn")
+        })
+        .collect();
+    let mut total = 0;
+    for mut c in clients {
+        assert!(
+            c.wait(Duration::from_mins(1))
+                .expect("churn ends")
+                .success()
+        );
+        let report: serde_json::Value = serde_json::from_str(c.stdout().trim()).expect("JSON");
+        assert_eq!(report["failed"], 0, "{report}");
+        total += report["ok"].as_u64().unwrap();
+    }
+    eprintln!("{total} connections churned through two daemons");
+    assert!(total > 5_000, "{total}");
+
+    let settled = |pid: u32, (fd0, rss0): (usize, u64)| {
+        fds(pid) <= fd0 + 2 && rss(pid) <= rss0 + rss0 / 10 + 1_048_576
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pids.iter().zip(&before).all(|(p, b)| settled(*p, *b))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for (pid, (fd0, rss0)) in pids.iter().zip(&before) {
+        eprintln!(
+            "daemon {pid}: fds {fd0} → {}, RSS {rss0} → {}",
+            fds(*pid),
+            rss(*pid)
+        );
+        assert!(
+            settled(*pid, (*fd0, *rss0)),
+            "daemon {pid} did not return to baseline"
+        );
+    }
+    assert!(a.proc().is_running() && b.proc().is_running());
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -30,6 +31,12 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Run every fuzz target (cargo-fuzz, nightly) for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Bring up a 2-node, 4-pod testbed, run mesh-node on each node and real traffic between
     /// the pods, print what happened, and tear everything down.
     Demo,
@@ -42,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test => test::run(),
         Command::Demo => demo::run(),
         Command::Bench { quick } => bench::run(quick),
+        Command::Fuzz { seconds } => fuzz::run(seconds),
     }
 }

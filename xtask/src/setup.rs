@@ -48,6 +48,7 @@ pub fn run() -> anyhow::Result<()> {
     link_toolchain()?;
     mount_bpffs()?;
     install_pip(PIP_PACKAGES)?;
+    install_cargo_fuzz()?;
     println!(
         "setup complete in {:.1}s (LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION}, toolchain {TOOLCHAIN})",
         start.elapsed().as_secs_f64()
@@ -181,6 +182,22 @@ fn install_pip(packages: &[(&str, &str)]) -> anyhow::Result<()> {
             .args(["-m", "pip", "install", "--quiet"])
             .args(&missing),
     )?;
+    step.done();
+    Ok(())
+}
+
+/// cargo-fuzz for `cargo xtask fuzz` (the fuzz targets build with the machine's nightly
+/// toolchain).
+fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let present = Command::new(cargo_bin().join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    let step = Step::start("cargo install cargo-fuzz (about a minute)");
+    run_checked(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
     step.done();
     Ok(())
 }

@@ -116,6 +116,14 @@ pub fn run() -> anyhow::Result<()> {
     }
     step.done();
 
+    // A short fuzzing pass over every parser of untrusted input.
+    let step = Step::start("cargo xtask fuzz --seconds 5 (a short pass)");
+    if let Err(e) = crate::fuzz::run(5) {
+        println!("fuzzing failed: {e:#}");
+        ok = false;
+    }
+    step.done();
+
     println!(
         "namespaced tests run: {} in {}",
         tally.namespaced,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 pub use pipe::pipe;
 pub use pool::{HboneError, Pool, PoolKey, Stream};
-pub use server::{InboundTarget, serve_connection};
+pub use server::{InboundTarget, check_connect, serve_connection};
 
 /// Stream flow-control window (4 MiB).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;

@@ -125,6 +125,29 @@ pub async fn serve_connection(
     }
 }
 
+/// Validates a request's method and authority against the listening workload: the target
+/// address, or why the answer is 400. Pure, so it is fuzzed directly.
+pub fn check_connect(
+    method: &Method,
+    authority: Option<&str>,
+    workload_ips: &[std::net::IpAddr],
+    reserved_ports: &[u16],
+) -> Result<SocketAddr, &'static str> {
+    if method != Method::CONNECT {
+        return Err("not a CONNECT");
+    }
+    let dst = authority
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .ok_or("authority is not ip:port")?;
+    if !workload_ips.contains(&dst.ip()) {
+        return Err("authority IP is not this workload");
+    }
+    if reserved_ports.contains(&dst.port()) {
+        return Err("reserved port");
+    }
+    Ok(dst)
+}
+
 /// Why a CONNECT was answered with something other than 200.
 fn reject(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let response = Response::builder()
@@ -154,25 +177,18 @@ async fn handle(
             "HBONE request rejected (400)"
         );
     };
-    if request.method() != Method::CONNECT {
-        bad("not a CONNECT");
-        return reject(&mut respond, StatusCode::BAD_REQUEST);
-    }
-    let Some(dst) = authority
-        .as_deref()
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-    else {
-        bad("authority is not ip:port");
-        return reject(&mut respond, StatusCode::BAD_REQUEST);
+    let dst = match check_connect(
+        request.method(),
+        authority.as_deref(),
+        &target.pod.workload.ips,
+        &target.reserved_ports,
+    ) {
+        Ok(dst) => dst,
+        Err(reason) => {
+            bad(reason);
+            return reject(&mut respond, StatusCode::BAD_REQUEST);
+        }
     };
-    if !target.pod.workload.ips.contains(&dst.ip()) {
-        bad("authority IP is not this workload");
-        return reject(&mut respond, StatusCode::BAD_REQUEST);
-    }
-    if target.reserved_ports.contains(&dst.port()) {
-        bad("reserved port");
-        return reject(&mut respond, StatusCode::BAD_REQUEST);
-    }
     let record = target
         .proxy
         .record_inbound(&target.pod, peer, Some(source), dst);
