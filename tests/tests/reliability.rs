@@ -201,3 +201,81 @@ fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
     }
     assert!(a.proc().is_running() && b.proc().is_running());
 }
+
+#[test]
+fn running_out_of_file_descriptors_is_graceful() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let mut server = bed
+        .pod("b1")
+        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .expect("server");
+    server
+        .wait_for_output("listening", Duration::from_secs(5))
+        .expect("server up");
+    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon a");
+    let pid = a.proc().pid();
+    let target = bed.pod("b1").addr(false, 9000).to_string();
+    // Leave the daemon a few descriptors only (soft limit; raising the hard one back would need
+    // CAP_SYS_RESOURCE).
+    let limit = fds(pid) + 6;
+    let original_soft: String = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        .expect("the daemon's open-file limit");
+    let out = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={limit}:")])
+        .output()
+        .expect("prlimit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cpu = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| {
+                r.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    };
+    let cpu_before = cpu(pid);
+    // 20 idle connections: the daemon runs out of descriptors part way.
+    let mut idle = bed
+        .pod("a1")
+        .spawn(&[BENCH, "idle", &target, "20"])
+        .expect("idle");
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu(pid) - cpu_before;
+    assert!(
+        ticks < 100,
+        "the accept loop must not spin: {ticks} ticks in 2 s"
+    );
+    assert!(a.proc().is_running(), "the daemon survived");
+    assert!(
+        !a.records("accept failed").is_empty(),
+        "the exhaustion is logged"
+    );
+    drop(idle.stop(Duration::from_secs(1)));
+    // With the limit back up, it serves again.
+    let out = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={original_soft}:")])
+        .output()
+        .expect("prlimit");
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let out = bed
+        .pod("a1")
+        .exec(&[BENCH, "connrate", &target, "1"])
+        .expect("client");
+    assert!(out.status.success(), "serves again: {}", out.stderr);
+}
