@@ -9,6 +9,24 @@ pub mod mesh;
 pub mod testbed;
 
 pub use mesh::Daemon;
+
+/// Open file descriptors of a process (0 if it is gone).
+#[must_use]
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Resident memory of a process in bytes (0 if it is gone).
+#[must_use]
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
 pub use testbed::{CmdOutput, Node, Pod, Proc, Testbed, Topology};
 
 /// Environment variable that lets a namespaced test skip (pass without running) when the

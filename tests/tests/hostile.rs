@@ -3,26 +3,14 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{Daemon, Testbed, Topology, mesh::NodeSettings, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Testbed, Topology, mesh::NodeSettings, namespaced_test_can_run, open_fds, rss_bytes,
+};
 
 const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
 const BENCH: &str = env!("CARGO_BIN_EXE_mesh-bench");
 const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
 const HOSTILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/hostile.py");
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
 
 fn hostile(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
     let mut cmd = vec!["python3", HOSTILE];
@@ -81,13 +69,9 @@ fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
     let _apps: Vec<_> = ["a2", "b1"]
         .iter()
         .map(|pod| {
-            let mut p = bed
-                .pod(pod)
-                .spawn(&[APP, "echo", "[::]:7000"])
-                .expect("echo");
-            p.wait_for_output("listening", Duration::from_secs(5))
-                .expect("up");
-            p
+            bed.pod(pod)
+                .spawn_server(&[APP, "echo", "[::]:7000"])
+                .expect("echo")
         })
         .collect();
     let settings = NodeSettings {
@@ -102,7 +86,7 @@ fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
     let a2_ip = bed.pod("a2").ipv4().to_string();
     assert!(works(&bed, "b1", &a2_app) && works(&bed, "a2", &b1_app));
     std::thread::sleep(Duration::from_millis(300));
-    let (fds0, rss0) = (fds(pid), rss(pid));
+    let (fds0, rss0) = (open_fds(pid), rss_bytes(pid));
 
     // 15008: random bytes, a TLS handshake that never finishes.
     assert_eq!(
@@ -163,14 +147,19 @@ fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
 
     // File descriptors and memory return to baseline.
     // (The daemon gives freed memory back every few seconds.)
-    let settled = || fds(pid) <= fds0 + 2 && rss(pid) <= rss0 + rss0 / 10 + 1_048_576;
+    let settled = || open_fds(pid) <= fds0 + 2 && rss_bytes(pid) <= rss0 + rss0 / 10 + 1_048_576;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !settled() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(fds(pid) <= fds0 + 2, "fds {} → {}", fds0, fds(pid));
-    let rss1 = rss(pid);
-    eprintln!("RSS {rss0} → {rss1}, fds {fds0} → {}", fds(pid));
+    assert!(
+        open_fds(pid) <= fds0 + 2,
+        "fds {} → {}",
+        fds0,
+        open_fds(pid)
+    );
+    let rss1 = rss_bytes(pid);
+    eprintln!("RSS {rss0} → {rss1}, fds {fds0} → {}", open_fds(pid));
     assert!(
         rss1 <= rss0 + rss0 / 2 + 4 * 1_048_576,
         "RSS {rss0} → {rss1}"
@@ -188,13 +177,10 @@ fn connection_limits_refuse_with_a_log_line_and_recover() {
             .node("node-b", &["b1"]),
     )
     .expect("testbed");
-    let mut server = bed
+    let _server = bed
         .pod("b1")
-        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
-    server
-        .wait_for_output("listening", Duration::from_secs(5))
-        .expect("up");
     let settings = NodeSettings {
         max_connections_per_workload: 20,
         ..NodeSettings::default()

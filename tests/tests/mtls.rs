@@ -22,14 +22,9 @@ fn up() -> Testbed {
 fn echo_servers(bed: &Testbed, pods: &[&str]) -> Vec<Proc> {
     pods.iter()
         .map(|pod| {
-            let mut server = bed
-                .pod(pod)
-                .spawn(&[APP, "echo", &format!("[::]:{PORT}")])
-                .expect("spawn");
-            server
-                .wait_for_output("listening", Duration::from_secs(5))
-                .expect("echo up");
-            server
+            bed.pod(pod)
+                .spawn_server(&[APP, "echo", &format!("[::]:{PORT}")])
+                .expect("spawn")
         })
         .collect()
 }

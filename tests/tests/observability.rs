@@ -107,12 +107,10 @@ fn prometheus_scrapes_the_mesh_and_sees_the_traffic() {
             .node("node-b", &["b1"]),
     )
     .expect("testbed");
-    let mut echo = bed
+    let _echo = bed
         .pod("b1")
-        .spawn(&[APP, "echo", "[::]:7000"])
+        .spawn_server(&[APP, "echo", "[::]:7000"])
         .expect("echo");
-    echo.wait_for_output("listening", Duration::from_secs(5))
-        .expect("echo up");
     let enrolled = ["a1", "b1"];
     let _a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
     let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");

@@ -22,13 +22,9 @@ fn servers(bed: &Testbed, pod: &str) -> Vec<Proc> {
     [7000, 7001]
         .iter()
         .map(|port| {
-            let mut p = bed
-                .pod(pod)
-                .spawn(&[APP, "echo", &format!("[::]:{port}")])
-                .expect("spawn");
-            p.wait_for_output("listening", Duration::from_secs(5))
-                .expect("up");
-            p
+            bed.pod(pod)
+                .spawn_server(&[APP, "echo", &format!("[::]:{port}")])
+                .expect("spawn")
         })
         .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{Daemon, Testbed, Topology, namespaced_test_can_run};
+use mesh_tests::{Daemon, Testbed, Topology, namespaced_test_can_run, open_fds, rss_bytes};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_mesh-bench");
 const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
@@ -37,13 +37,10 @@ fn upgrading_both_daemons_refuses_no_new_connection() {
         return;
     }
     let bed = up();
-    let mut server = bed
+    let _server = bed
         .pod("b1")
-        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
-    server
-        .wait_for_output("listening", Duration::from_secs(5))
-        .expect("server up");
     let enrolled = ["a1", "b1"];
     let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
     let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
@@ -81,12 +78,10 @@ fn an_old_daemon_drains_its_open_connections() {
         return;
     }
     let bed = up();
-    let mut echo = bed
+    let _echo = bed
         .pod("b1")
-        .spawn(&[APP, "echo", "[::]:7000"])
+        .spawn_server(&[APP, "echo", "[::]:7000"])
         .expect("echo");
-    echo.wait_for_output("listening", Duration::from_secs(5))
-        .expect("echo up");
     let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon a");
     let target = bed.pod("b1").addr(false, 7000).to_string();
     // A connection that lives 4 s, opened before the upgrade.
@@ -116,33 +111,16 @@ fn an_old_daemon_drains_its_open_connections() {
     );
 }
 
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 #[test]
 fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
     if !namespaced_test_can_run() {
         return;
     }
     let bed = up();
-    let mut server = bed
+    let _server = bed
         .pod("b1")
-        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
-    server
-        .wait_for_output("listening", Duration::from_secs(5))
-        .expect("server up");
     let enrolled = ["a1", "b1"];
     let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
     let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
@@ -155,7 +133,7 @@ fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
     assert!(warm.status.success());
     std::thread::sleep(Duration::from_secs(1));
     let pids = [a.proc().pid(), b.proc().pid()];
-    let before: Vec<(usize, u64)> = pids.iter().map(|p| (fds(*p), rss(*p))).collect();
+    let before: Vec<(usize, u64)> = pids.iter().map(|p| (open_fds(*p), rss_bytes(*p))).collect();
 
     // Four clients making new connections for 15 s through both daemons.
     let clients: Vec<_> = (0..4)
@@ -180,7 +158,7 @@ fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
     assert!(total > 5_000, "{total}");
 
     let settled = |pid: u32, (fd0, rss0): (usize, u64)| {
-        fds(pid) <= fd0 + 2 && rss(pid) <= rss0 + rss0 / 10 + 1_048_576
+        open_fds(pid) <= fd0 + 2 && rss_bytes(pid) <= rss0 + rss0 / 10 + 1_048_576
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !pids.iter().zip(&before).all(|(p, b)| settled(*p, *b))
@@ -191,8 +169,8 @@ fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
     for (pid, (fd0, rss0)) in pids.iter().zip(&before) {
         eprintln!(
             "daemon {pid}: fds {fd0} → {}, RSS {rss0} → {}",
-            fds(*pid),
-            rss(*pid)
+            open_fds(*pid),
+            rss_bytes(*pid)
         );
         assert!(
             settled(*pid, (*fd0, *rss0)),
@@ -208,19 +186,16 @@ fn running_out_of_file_descriptors_is_graceful() {
         return;
     }
     let bed = up();
-    let mut server = bed
+    let _server = bed
         .pod("b1")
-        .spawn(&[BENCH, "serve", "[::]:9000"])
+        .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
-    server
-        .wait_for_output("listening", Duration::from_secs(5))
-        .expect("server up");
     let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon a");
     let pid = a.proc().pid();
     let target = bed.pod("b1").addr(false, 9000).to_string();
     // Leave the daemon a few descriptors only (soft limit; raising the hard one back would need
     // CAP_SYS_RESOURCE).
-    let limit = fds(pid) + 6;
+    let limit = open_fds(pid) + 6;
     let original_soft: String = std::fs::read_to_string(format!("/proc/{pid}/limits"))
         .unwrap_or_default()
         .lines()

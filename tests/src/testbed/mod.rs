@@ -427,6 +427,13 @@ impl Pod {
         process::exec(&self.place, argv, process::EXEC_TIMEOUT)
     }
 
+    /// Starts a server inside the pod and waits (5 s at most) until it prints `listening`.
+    pub fn spawn_server(&self, argv: &[&str]) -> anyhow::Result<Proc> {
+        let mut server = self.spawn(argv)?;
+        server.wait_for_output("listening", std::time::Duration::from_secs(5))?;
+        Ok(server)
+    }
+
     /// Runs a command inside the pod with a custom time limit.
     pub fn exec_timeout(
         &self,
