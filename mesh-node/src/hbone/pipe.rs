@@ -34,6 +34,7 @@ pub async fn pipe(
     revoked: Option<&tokio::sync::Notify>,
     (from_tcp, from_h2): (&ByteCount, &ByteCount),
 ) -> io::Result<(u64, u64)> {
+    let _ = tcp.set_nodelay(true);
     let fd = tcp.as_raw_fd();
     let (read, write) = tcp.into_split();
     let up = tcp_to_h2(read, send, from_tcp);

@@ -39,6 +39,8 @@ pub async fn serve_connection(
     target: Arc<InboundTarget>,
 ) {
     let uid = target.pod.workload.uid();
+    // Small HTTP/2 frames (responses, window updates) must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
     let metrics = Arc::clone(target.proxy.metrics());
     let handshake_timeout = target.proxy.handshake_timeout();
     let handshake_started = std::time::Instant::now();
