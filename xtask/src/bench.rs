@@ -52,9 +52,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     crate::util::require_root("bench")?;
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
+    // Only a report of the same kind is comparable (a quick run's 1-second samples are far
+    // noisier than a full run's).
     let previous: Option<Vec<Figure>> = std::fs::read_to_string(dir.join("report.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|v| v["quick"] == quick)
         .and_then(|v| serde_json::from_value(v["figures"].clone()).ok());
 
     let step = Step::start("building mesh-node and the load generator");
