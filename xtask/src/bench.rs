@@ -7,11 +7,9 @@
 mod report;
 mod scenarios;
 
-use std::path::PathBuf;
-
 use anyhow::{Context as _, bail};
 
-use crate::util::{Step, cargo, output, run_checked, workspace_root};
+use crate::util::{Step, build_release_bins, cargo, output, target_dir};
 
 /// One reported figure.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -43,11 +41,6 @@ pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
-}
-
 pub fn run(quick: bool) -> anyhow::Result<()> {
     crate::util::require_root("bench")?;
     let dir = target_dir().join("bench");
@@ -61,21 +54,10 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         .and_then(|v| serde_json::from_value(v["figures"].clone()).ok());
 
     let step = Step::start("building mesh-node and the load generator");
-    run_checked(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "mesh-node",
-        "--package",
-        "mesh-tests",
-        "--bin",
-        "mesh-node",
-        "--bin",
-        "mesh-bench",
-    ]))?;
+    let bin = build_release_bins(&["mesh-bench"])?;
     step.done();
 
-    let mut figures = scenarios::run_all(quick, &target_dir().join("release"))?;
+    let mut figures = scenarios::run_all(quick, &bin)?;
     figures.extend(policy(quick)?);
     report::write(&dir, quick, &figures, previous.as_deref())?;
     Ok(())

@@ -7,38 +7,20 @@
 //! pod at run time, kills a daemon and restarts it, prints the kernel counters, tears
 //! everything down and checks that nothing was left behind.
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use mesh_tests::{Daemon, Testbed, Topology};
 
-use crate::util::{Step, cargo, require_root, run_checked, workspace_root};
+use crate::util::{Step, build_release_bins, require_root};
 
 const APP_PORT: u16 = 7000;
 
 pub fn run() -> anyhow::Result<()> {
     require_root("demo")?;
     let step = Step::start("building mesh-node, its kernel programs and the test app");
-    run_checked(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "mesh-node",
-        "--package",
-        "mesh-tests",
-        "--bin",
-        "mesh-node",
-        "--bin",
-        "mesh-testapp",
-    ]))?;
+    let target = build_release_bins(&["mesh-testapp"])?;
     step.done();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
-        .join("release");
 
     let before = MachineState::read();
     let step = Step::start("bringing up the testbed: 2 nodes, 4 pods");

@@ -17,6 +17,32 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// Builds the daemon and the named binaries of the tests crate in release mode (the kernel
+/// programs with them); returns the directory holding the binaries.
+pub fn build_release_bins(test_bins: &[&str]) -> anyhow::Result<PathBuf> {
+    let mut args = vec![
+        "build",
+        "--release",
+        "--package",
+        "mesh-node",
+        "--package",
+        "mesh-tests",
+        "--bin",
+        "mesh-node",
+    ];
+    for bin in test_bins {
+        args.extend(["--bin", bin]);
+    }
+    run_checked(&mut cargo(&args))?;
+    Ok(target_dir().join("release"))
+}
+
 /// Fails early, with the reason, when not running as root.
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     if !nix_is_root() {
