@@ -265,30 +265,26 @@ impl Programs {
             .ok_or(RedirectError::MissingProgram { name })?;
         let prog_pin = self.bpffs.join("progs").join(name);
         let _ = fs::remove_file(&prog_pin);
+        // The same steps for both program types (their `attach` methods are not a trait).
+        macro_rules! load_pin_attach {
+            ($ty:ty) => {{
+                let program: &mut $ty = program.try_into().map_err(prog_err(name))?;
+                program.load().map_err(prog_err(name))?;
+                pin_program(program.pin(&prog_pin), &prog_pin);
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+                let link = program.take_link(id).map_err(prog_err(name))?;
+                FdLink::try_from(link).map_err(|e| RedirectError::Link {
+                    path: PathBuf::from(name),
+                    source: io::Error::other(e),
+                })
+            }};
+        }
         if name == SOCKOPS_PROGRAM {
-            let program: &mut SockOps = program.try_into().map_err(prog_err(name))?;
-            program.load().map_err(prog_err(name))?;
-            pin_program(program.pin(&prog_pin), &prog_pin);
-            let id = program
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            let link = program.take_link(id).map_err(prog_err(name))?;
-            FdLink::try_from(link).map_err(|e| RedirectError::Link {
-                path: PathBuf::from(name),
-                source: io::Error::other(e),
-            })
+            load_pin_attach!(SockOps)
         } else {
-            let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
-            program.load().map_err(prog_err(name))?;
-            pin_program(program.pin(&prog_pin), &prog_pin);
-            let id = program
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            let link = program.take_link(id).map_err(prog_err(name))?;
-            FdLink::try_from(link).map_err(|e| RedirectError::Link {
-                path: PathBuf::from(name),
-                source: io::Error::other(e),
-            })
+            load_pin_attach!(CgroupSockAddr)
         }
     }
 
