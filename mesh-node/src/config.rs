@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Workload, validate_workloads};
+use crate::state::{Service, Workload, validate_services, validate_workloads};
 
 /// The embedded default configuration (`mesh-node config default`).
 pub const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
@@ -24,6 +24,9 @@ pub const ENV_LOG: &str = "MESH_LOG";
 pub struct Config {
     /// Name of this node: the daemon serves the workloads placed on it. Default: the host name.
     pub node: String,
+    /// Zone of this node, for services that prefer endpoints in the same zone. Default: none;
+    /// with the Kubernetes source, the Node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
     /// Logging.
     pub log: LogConfig,
     /// Kernel redirection.
@@ -32,6 +35,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Workload identities and certificates.
     pub identity: IdentityConfig,
+    /// The Kubernetes state source.
+    pub kubernetes: KubernetesConfig,
     /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
     /// `istio-system`.
     pub root_namespace: String,
@@ -41,6 +46,49 @@ pub struct Config {
     /// The workloads of the mesh (file state source). The daemon enrolls the ones placed on
     /// its node with `enrolled: true`. Re-read when the file changes.
     pub workloads: Vec<Workload>,
+    /// Services (file state source): virtual addresses whose connections are load-balanced
+    /// across endpoints. Re-read when the file changes.
+    pub services: Vec<Service>,
+}
+
+/// The Kubernetes state source: workloads, services and policies from the API server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesConfig {
+    /// Learn workloads, services and policies from the Kubernetes API (in addition to the
+    /// file's `workloads`, `services` and `policies`, which stay useful for VMs). Default:
+    /// `false`.
+    pub enabled: bool,
+    /// kubeconfig file to reach the API server. Default: none: `$KUBECONFIG`, then
+    /// `~/.kube/config`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Label that opts a namespace in (and, set to `optOutValue`, a pod out). Default:
+    /// `mesh.io/dataplane-mode` (`istio.io/dataplane-mode` reuses Istio's labels).
+    pub enroll_label: String,
+    /// Value of `enrollLabel` on a namespace that enrolls its pods. Default: `ambient`.
+    pub enroll_value: String,
+    /// Value of `enrollLabel` on a pod that keeps it out of the mesh. Default: `none`.
+    pub opt_out_value: String,
+    /// The host's `/proc` (the daemon runs with `hostPID`), scanned for the network
+    /// namespaces of this node's pods. Default: `/proc`.
+    pub proc_root: PathBuf,
+    /// How often this node's pods are matched with their network namespaces again (pod
+    /// sandboxes can be replaced without a pod change), in milliseconds. Default: 5000.
+    pub rescan_interval_ms: u64,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kubeconfig: None,
+            enroll_label: "mesh.io/dataplane-mode".to_owned(),
+            enroll_value: "ambient".to_owned(),
+            opt_out_value: "none".to_owned(),
+            proc_root: PathBuf::from("/proc"),
+            rescan_interval_ms: 5_000,
+        }
+    }
 }
 
 /// Identity and certificate settings.
@@ -75,13 +123,16 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             node: String::new(),
+            zone: None,
             log: LogConfig::default(),
             redirect: RedirectConfig::default(),
             proxy: ProxyConfig::default(),
             identity: IdentityConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             root_namespace: "istio-system".to_owned(),
             policies: Vec::new(),
             workloads: Vec::new(),
+            services: Vec::new(),
         }
     }
 }
@@ -326,7 +377,22 @@ impl Config {
                 error: e,
             });
         }
-        if let Err((field, reason)) = validate_workloads(&self.workloads) {
+        let k8s = &self.kubernetes;
+        if k8s.enroll_label.is_empty() || k8s.enroll_value.is_empty() {
+            return Err(invalid(
+                "kubernetes.enrollLabel",
+                "the label and its value must not be empty",
+            ));
+        }
+        if !k8s.proc_root.is_absolute() {
+            return Err(invalid("kubernetes.procRoot", "must be an absolute path"));
+        }
+        if k8s.rescan_interval_ms == 0 {
+            return Err(invalid("kubernetes.rescanIntervalMs", "must be positive"));
+        }
+        if let Err((field, reason)) =
+            validate_workloads(&self.workloads).and_then(|()| validate_services(&self.services))
+        {
             return Err(ConfigError::Invalid {
                 origin: origin.clone(),
                 field,
@@ -407,6 +473,12 @@ mod tests {
                 "workloads:\n- {name: a, node: n, ips: []}\n",
                 "workloads[0].ips",
             ),
+            (
+                "services:\n- {name: s, addresses: [], ports: [{port: 1}]}\n",
+                "services[0].addresses",
+            ),
+            ("kubernetes:\n  procRoot: proc\n", "kubernetes.procRoot"),
+            ("kubernetes:\n  enrollValue: ''\n", "kubernetes.enrollLabel"),
         ] {
             let err = Config::parse(text, &origin).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?}: {err}");
@@ -443,6 +515,7 @@ mod tests {
     fn round_trips_through_yaml() {
         let config = Config {
             node: "n1".into(),
+            zone: Some("z1".into()),
             log: LogConfig {
                 format: LogFormat::Json,
                 filter: "warn".into(),
@@ -467,6 +540,15 @@ mod tests {
                 ca_key_file: "/ca/key.pem".into(),
                 cert_lifetime_seconds: 60,
             },
+            kubernetes: KubernetesConfig {
+                enabled: true,
+                kubeconfig: Some("/etc/kube/config".into()),
+                enroll_label: "istio.io/dataplane-mode".into(),
+                enroll_value: "ambient".into(),
+                opt_out_value: "none".into(),
+                proc_root: "/host/proc".into(),
+                rescan_interval_ms: 1000,
+            },
             root_namespace: "mesh-root".into(),
             policies: Vec::new(),
             workloads: vec![Workload {
@@ -479,6 +561,12 @@ mod tests {
                 netns: Some("/run/netns/web-1".into()),
                 enrolled: true,
             }],
+            services: vec![
+                serde_yaml_ng::from_str(
+                    "{name: web, namespace: shop, addresses: [198.19.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, loadBalancing: preferNode}",
+                )
+                .expect("service"),
+            ],
         };
         let text = serde_yaml_ng::to_string(&config).expect("serialize");
         assert_eq!(

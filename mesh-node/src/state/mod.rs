@@ -2,6 +2,9 @@
 //! source at a time (`file` today).
 
 pub mod file;
+pub mod service;
+
+pub use service::{Service, ServiceTable, validate_services};
 
 use std::{net::IpAddr, path::PathBuf};
 
@@ -11,6 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug)]
 pub struct MeshState {
     pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
     pub policies: std::sync::Arc<crate::policy::PolicyStore>,
 }
 
@@ -19,6 +23,7 @@ impl MeshState {
     pub fn from_config(config: &crate::config::Config) -> Result<Self, crate::policy::PolicyError> {
         Ok(Self {
             workloads: config.workloads.clone(),
+            services: config.services.clone(),
             policies: std::sync::Arc::new(crate::policy::PolicyStore::new(
                 &config.root_namespace,
                 &config.policies,
