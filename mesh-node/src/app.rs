@@ -58,6 +58,8 @@ pub enum AppError {
     Signals(#[source] std::io::Error),
     #[error("serializing the configuration")]
     Serialize(#[source] serde_json::Error),
+    #[error("Kubernetes state source")]
+    Kube(#[source] state::kube::KubeError),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. `config_file` is watched for workload changes.
@@ -136,9 +138,7 @@ pub async fn run(
         },
     );
 
-    let initial = MeshState::from_config(&config).map_err(AppError::Policy)?;
-    let (tx, mut states) = watch::channel(Arc::new(initial));
-    let _watcher = config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, tx));
+    let (_sources, mut states) = start_sources(&config, config_file).await?;
     let mut warned = HashSet::new();
     let observers = Observers {
         metrics: &metrics,
@@ -153,6 +153,7 @@ pub async fn run(
         adopted = attachment == Attachment::Adopted,
         enrolled = inpod.enrolled(),
         failed = ?inpod.failed(),
+        pending = current.pending.as_deref().unwrap_or(""),
         "ready"
     );
 
@@ -184,6 +185,51 @@ pub async fn run(
     )
     .await;
     Ok(())
+}
+
+/// Starts the state sources: the file watcher, and with `kubernetes.enabled` the Kubernetes
+/// source, which merges the file's state into the cluster's. Returns their tasks and the
+/// channel of states (the first one is pending until the cluster's state is synced).
+async fn start_sources(
+    config: &Config,
+    config_file: Option<PathBuf>,
+) -> Result<
+    (
+        Vec<tokio::task::JoinHandle<()>>,
+        watch::Receiver<Arc<MeshState>>,
+    ),
+    AppError,
+> {
+    let from_file = MeshState::from_config(config).map_err(AppError::Policy)?;
+    if !config.kubernetes.enabled {
+        let (tx, states) = watch::channel(Arc::new(from_file));
+        let watcher = config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, tx));
+        return Ok((watcher.into_iter().collect(), states));
+    }
+    crate::redirect::set_proc_root(config.kubernetes.proc_root.clone());
+    let client = state::kube::client(&config.kubernetes)
+        .await
+        .map_err(AppError::Kube)?;
+    let pending = MeshState {
+        workloads: Vec::new(),
+        services: Vec::new(),
+        policies: Arc::clone(&from_file.policies),
+        zone: config.zone.clone(),
+        pending: Some("waiting for the initial sync with the Kubernetes API".to_owned()),
+    };
+    let (file_tx, file_rx) = watch::channel(Arc::new(from_file));
+    let (tx, states) = watch::channel(Arc::new(pending));
+    let mut tasks = vec![state::kube::spawn(
+        client,
+        config.kubernetes.clone(),
+        config.node.clone(),
+        config.root_namespace.clone(),
+        config.zone.clone(),
+        file_rx,
+        tx,
+    )];
+    tasks.extend(config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, file_tx)));
+    Ok((tasks, states))
 }
 
 /// Stops accepting, drains open connections, and leaves the kernel state pinned.
@@ -304,7 +350,19 @@ fn apply(
     warned: &mut HashSet<(String, String)>,
     observers: &Observers<'_>,
 ) {
+    if let Some(reason) = &state.pending {
+        // Enrolling or unenrolling on a partial state would undo a previous daemon's
+        // enrollments (pods fail closed meanwhile, as while no daemon runs).
+        observers.readiness.set(false, reason);
+        return;
+    }
     inpod.reconcile(&state.workloads);
+    proxy.set_services(crate::state::ServiceTable::build(
+        &state.services,
+        &state.workloads,
+        inpod.node(),
+        state.zone.as_deref(),
+    ));
     let enrolled = i64::try_from(inpod.enrolled()).unwrap_or(i64::MAX);
     observers.metrics.enrolled_workloads.set(enrolled);
     if inpod.failed().is_empty() {
@@ -323,7 +381,7 @@ fn apply(
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = serde_json::json!({
         "workloads": state.workloads,
-        "services": [],
+        "services": state.services,
         "policies": state.policies.documents(),
         "enrolled": inpod.enrolled_pods(),
         "failed": inpod.failed(),

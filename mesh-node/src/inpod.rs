@@ -52,6 +52,12 @@ impl InPod {
         }
     }
 
+    /// This node's name.
+    #[must_use]
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// The kernel object (for counters).
     #[must_use]
     pub fn programs(&self) -> &Programs {

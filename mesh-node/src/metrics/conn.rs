@@ -24,6 +24,8 @@ pub struct Endpoint {
     pub workload: Option<Arc<Workload>>,
     pub identity: Option<Identity>,
     pub addr: Option<SocketAddr>,
+    /// The service the connection was addressed to (`name.namespace.svc.cluster.local`).
+    pub service: Option<Arc<str>>,
 }
 
 /// `connection_security_policy`.
@@ -127,7 +129,11 @@ impl ConnRecord {
             destination_workload: label(dst, |w| Some(canonical(w))),
             destination_workload_namespace: label(dst, |w| Some(w.namespace.clone())),
             destination_principal: principal(destination.identity.as_ref()),
-            destination_service: "unknown".to_owned(),
+            destination_service: destination
+                .service
+                .as_deref()
+                .unwrap_or("unknown")
+                .to_owned(),
             destination_app: label(dst, |w| w.labels.get("app").cloned()),
             destination_version: label(dst, |w| w.labels.get("version").cloned()),
             request_protocol: "tcp",

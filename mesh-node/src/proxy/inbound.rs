@@ -35,6 +35,7 @@ impl Proxy {
                 workload: self.workload_at(peer.ip()),
                 identity: None,
                 addr: Some(peer),
+                service: None,
             },
             Self::local_endpoint(ctx, dst),
             Security::None,

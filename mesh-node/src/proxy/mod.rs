@@ -37,7 +37,7 @@ use crate::{
     metrics::{Endpoint, Metrics},
     policy::PolicyStore,
     redirect::{EnrolledPod, NetnsWorker, OrigDstTable},
-    state::Workload,
+    state::{ServiceTable, Workload},
     tls,
 };
 
@@ -106,6 +106,7 @@ pub struct Proxy {
     mesh: MeshTls,
     pool: Pool,
     directory: RwLock<Directory>,
+    services: RwLock<Arc<ServiceTable>>,
     policies: RwLock<Arc<PolicyStore>>,
     admissions: Arc<Admissions>,
     metrics: Arc<Metrics>,
@@ -194,6 +195,7 @@ impl Proxy {
             mesh,
             pool: Pool::new(Arc::clone(&options.metrics)),
             directory: RwLock::new(Directory::default()),
+            services: RwLock::new(Arc::new(ServiceTable::default())),
             policies: RwLock::new(Arc::new(PolicyStore::default())),
             admissions: Arc::new(Admissions::default()),
             metrics: options.metrics,
@@ -271,6 +273,7 @@ impl Proxy {
                 workload: self.workload_at(peer.ip()),
                 identity: source.cloned(),
                 addr: Some(peer),
+                service: None,
             },
             Self::local_endpoint(pod, dst),
             crate::metrics::Security::MutualTls,
@@ -289,6 +292,7 @@ impl Proxy {
             workload: Some(Arc::clone(&pod.workload)),
             identity: Some(pod.identity.clone()),
             addr: Some(addr),
+            service: None,
         }
     }
 
@@ -311,6 +315,23 @@ impl Proxy {
     #[must_use]
     pub fn admissions(&self) -> &Admissions {
         &self.admissions
+    }
+
+    /// Replaces the service table.
+    pub fn set_services(&self, services: ServiceTable) {
+        *self
+            .services
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(services);
+    }
+
+    /// The endpoints behind `dst`, if it is a service address.
+    fn service_at(&self, dst: SocketAddr) -> Option<Arc<crate::state::service::Backends>> {
+        self.services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(dst)
+            .cloned()
     }
 
     /// Replaces the set of known workloads (all nodes).

@@ -46,6 +46,27 @@ impl Proxy {
             forward::reset(client);
             return;
         };
+        // A service address: one endpoint per connection.
+        let (dst, service) = match self.service_at(dst) {
+            None => (dst, None),
+            Some(backends) => {
+                if let Some(endpoint) = backends.pick() {
+                    debug!(service = %backends.service.hostname, vip = %dst, endpoint = %endpoint, "service endpoint chosen");
+                    (endpoint, Some(Arc::clone(&backends.service.hostname)))
+                } else {
+                    warn!(
+                        direction = "outbound",
+                        src_workload = %uid,
+                        service = %backends.service.hostname,
+                        orig_dst = %dst,
+                        "no ready endpoint for the service; closing the connection"
+                    );
+                    self.metrics.error("outbound", "no_endpoint");
+                    forward::reset(client);
+                    return;
+                }
+            }
+        };
         let target = self.workload_at(dst.ip()).filter(|w| w.enrolled);
         let (path, local_target) = match &target {
             Some(w) if w.node == self.node => match self.local_pod(&w.uid()) {
@@ -76,6 +97,7 @@ impl Proxy {
                 identity: target.as_ref().map(|w| self.mesh.identity(w)),
                 workload: target.clone(),
                 addr: Some(dst),
+                service,
             },
             if path == Path::Hbone {
                 Security::MutualTls

@@ -129,7 +129,18 @@ pub fn marked_socket(v6: bool, mark: u32) -> io::Result<Socket> {
 /// listener of the group (Linux 5.14, `Documentation/networking/ip-sysctl.rst`), in the calling
 /// thread's netns, so an upgrade refuses no connection.
 pub fn enable_request_migration() -> io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+    let root = PROC_ROOT.get().map_or(Path::new("/proc"), PathBuf::as_path);
+    std::fs::write(root.join("sys/net/ipv4/tcp_migrate_req"), "1")
+}
+
+/// The procfs mount that sysctls are written through (sysctls under `net/` apply to the
+/// writer's network namespace whatever the mount). In a container `/proc/sys` is read-only;
+/// the host's `/proc` mounted elsewhere is not.
+static PROC_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the procfs mount used for sysctls (once, at start; default `/proc`).
+pub fn set_proc_root(root: PathBuf) {
+    let _ = PROC_ROOT.set(root);
 }
 
 /// A marked, non-blocking listening socket bound to `addr` in the calling thread's netns.

@@ -2,6 +2,7 @@
 //! source at a time (`file` today).
 
 pub mod file;
+pub mod kube;
 pub mod service;
 
 pub use service::{Service, ServiceTable, validate_services};
@@ -16,6 +17,11 @@ pub struct MeshState {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: std::sync::Arc<crate::policy::PolicyStore>,
+    /// This node's zone (for services preferring their zone), when known.
+    pub zone: Option<String>,
+    /// Why the state is not complete yet (a source has not synced): while set, the daemon
+    /// neither enrolls nor unenrolls pods and reports not ready.
+    pub pending: Option<String>,
 }
 
 impl MeshState {
@@ -24,6 +30,8 @@ impl MeshState {
         Ok(Self {
             workloads: config.workloads.clone(),
             services: config.services.clone(),
+            zone: config.zone.clone(),
+            pending: None,
             policies: std::sync::Arc::new(crate::policy::PolicyStore::new(
                 &config.root_namespace,
                 &config.policies,

@@ -1,0 +1,453 @@
+//! Kubernetes objects → the mesh's state: pods → workloads, services with their
+//! `EndpointSlice`s → services, Istio policy objects → policy documents.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service as KubeService},
+    discovery::v1::EndpointSlice,
+};
+use kube::{ResourceExt, api::DynamicObject};
+
+use crate::{
+    config::KubernetesConfig,
+    policy::PolicyDocument,
+    state::{
+        Workload,
+        service::{Locality, Service, ServiceEndpoint, ServicePort},
+    },
+};
+
+/// Label of an `EndpointSlice` naming its service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Istio's annotation for a service's traffic distribution.
+const ISTIO_TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
+
+/// Which namespaces are in the mesh.
+#[must_use]
+pub fn enrolled_namespaces<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    config: &KubernetesConfig,
+) -> HashSet<String> {
+    namespaces
+        .into_iter()
+        .filter(|ns| ns.labels().get(&config.enroll_label) == Some(&config.enroll_value))
+        .map(ResourceExt::name_any)
+        .collect()
+}
+
+/// The workload of a pod, or `None` for pods without addresses of their own (not yet
+/// scheduled or started, finished, or on the host network).
+#[must_use]
+pub fn workload(
+    pod: &Pod,
+    enrolled_namespaces: &HashSet<String>,
+    config: &KubernetesConfig,
+) -> Option<Workload> {
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let node = spec.node_name.clone()?;
+    let mut ips: Vec<std::net::IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    let namespace = pod.namespace().unwrap_or_else(|| "default".to_owned());
+    let labels: BTreeMap<String, String> = pod.labels().clone();
+    let opted_out = labels.get(&config.enroll_label) == Some(&config.opt_out_value);
+    Some(Workload {
+        name: pod.name_any(),
+        enrolled: enrolled_namespaces.contains(&namespace) && !opted_out,
+        namespace,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        labels,
+        ips,
+        node,
+        netns: None,
+    })
+}
+
+/// A service with its endpoints, or `None` for services without a virtual address (headless,
+/// `ExternalName`) or without TCP ports.
+#[must_use]
+pub fn service(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Service> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let addresses: Vec<std::net::IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .fold(Vec::new(), |mut all, ip| {
+            if !all.contains(&ip) {
+                all.push(ip);
+            }
+            all
+        });
+    if addresses.is_empty() {
+        return None;
+    }
+    let tcp_ports: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .collect();
+    let ports: Vec<ServicePort> = tcp_ports
+        .iter()
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone(),
+                port: u16::try_from(p.port).ok()?,
+                target_port: match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                        u16::try_from(*n).ok()
+                    }
+                    _ => None,
+                },
+            })
+        })
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        // Slice port name → port number on the endpoints.
+        let slice_ports: HashMap<String, u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
+        let port_map: BTreeMap<u16, u16> = ports
+            .iter()
+            .filter_map(|p| {
+                let name = p.name.clone().unwrap_or_default();
+                Some((p.port, *slice_ports.get(&name)?))
+            })
+            .collect();
+        for e in &slice.endpoints {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            for address in e.addresses.iter().filter_map(|a| a.parse().ok()) {
+                endpoints.push(ServiceEndpoint {
+                    address,
+                    ready,
+                    node: e.node_name.clone(),
+                    zone: e.zone.clone(),
+                    ports: port_map.clone(),
+                });
+            }
+        }
+    }
+    endpoints.sort_by_key(|e| e.address);
+    endpoints.dedup_by_key(|e| e.address);
+    Some(Service {
+        name: svc.name_any(),
+        namespace: svc.namespace().unwrap_or_else(|| "default".to_owned()),
+        addresses,
+        ports,
+        selector: None,
+        endpoints,
+        load_balancing: locality(svc),
+    })
+}
+
+/// A service's locality preference: `internalTrafficPolicy: Local` keeps connections on the
+/// node; `trafficDistribution` (or Istio's annotation) `PreferClose`/`PreferSameZone` prefers
+/// the zone, `PreferSameNode` the node.
+fn locality(svc: &KubeService) -> Locality {
+    let spec = svc.spec.as_ref();
+    if spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local") {
+        return Locality::NodeOnly;
+    }
+    let distribution = svc
+        .annotations()
+        .get(ISTIO_TRAFFIC_DISTRIBUTION)
+        .cloned()
+        .or_else(|| spec.and_then(|s| s.traffic_distribution.clone()));
+    match distribution.as_deref() {
+        Some("PreferClose" | "PreferSameZone") => Locality::PreferZone,
+        Some("PreferSameNode") => Locality::PreferNode,
+        _ => Locality::Any,
+    }
+}
+
+/// An Istio policy object as a policy document (only the fields the mesh reads: the status
+/// and server-side metadata are left out).
+pub fn policy(obj: &DynamicObject, kind: &str) -> Result<PolicyDocument, String> {
+    let api_version = obj.types.as_ref().map_or_else(
+        || "security.istio.io/v1".to_owned(),
+        |t| t.api_version.clone(),
+    );
+    let mut metadata = serde_json::json!({
+        "name": obj.name_any(),
+        "namespace": obj.namespace().unwrap_or_else(|| "default".to_owned()),
+    });
+    if !obj.annotations().is_empty() {
+        metadata["annotations"] = serde_json::to_value(obj.annotations()).unwrap_or_default();
+    }
+    let value = serde_json::json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": metadata,
+        "spec": obj.data.get("spec").cloned().unwrap_or_else(|| serde_json::json!({})),
+    });
+    // serde_json names the field in its message ("unknown field `x`, expected one of …").
+    serde_json::from_value::<PolicyDocument>(value).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> KubernetesConfig {
+        KubernetesConfig::default()
+    }
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("pod")
+    }
+
+    fn web_pod(ns: &str, labels: &serde_json::Value) -> Pod {
+        pod(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": ns, "uid": "u1", "labels": labels},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}
+        }))
+    }
+
+    #[test]
+    fn namespaces_opt_in_by_label() {
+        let ns = |name: &str, labels: serde_json::Value| -> Namespace {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "labels": labels}}),
+            )
+            .unwrap()
+        };
+        let all = [
+            ns(
+                "shop",
+                serde_json::json!({"mesh.io/dataplane-mode": "ambient"}),
+            ),
+            ns(
+                "other",
+                serde_json::json!({"mesh.io/dataplane-mode": "none"}),
+            ),
+            ns("plain", serde_json::json!({})),
+        ];
+        assert_eq!(
+            enrolled_namespaces(&all, &config()),
+            HashSet::from(["shop".to_owned()])
+        );
+        let istio = KubernetesConfig {
+            enroll_label: "istio.io/dataplane-mode".into(),
+            ..config()
+        };
+        assert!(enrolled_namespaces(&all, &istio).is_empty());
+    }
+
+    #[test]
+    fn pod_becomes_workload() {
+        let enrolled = HashSet::from(["shop".to_owned()]);
+        let w = workload(
+            &web_pod("shop", &serde_json::json!({"app": "web"})),
+            &enrolled,
+            &config(),
+        )
+        .expect("workload");
+        assert_eq!(w.uid(), "shop/web-1");
+        assert_eq!(w.service_account, "web");
+        assert_eq!(w.node, "node-a");
+        assert_eq!(w.ips.len(), 2);
+        assert!(w.enrolled);
+        assert_eq!(w.labels["app"], "web");
+        let out = workload(
+            &web_pod(
+                "shop",
+                &serde_json::json!({"mesh.io/dataplane-mode": "none"}),
+            ),
+            &enrolled,
+            &config(),
+        )
+        .unwrap();
+        assert!(!out.enrolled, "pod-level opt-out");
+        let elsewhere = workload(
+            &web_pod("other", &serde_json::json!({})),
+            &enrolled,
+            &config(),
+        );
+        assert!(!elsewhere.unwrap().enrolled);
+    }
+
+    #[test]
+    fn pods_without_own_address_are_skipped() {
+        let enrolled = HashSet::new();
+        let pending = pod(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"containers": []},
+            "status": {"phase": "Pending"}
+        }));
+        assert!(workload(&pending, &enrolled, &config()).is_none());
+        let host = pod(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "shop"},
+            "spec": {"nodeName": "n", "hostNetwork": true, "containers": []},
+            "status": {"phase": "Running", "podIP": "192.0.2.1"}
+        }));
+        assert!(workload(&host, &enrolled, &config()).is_none());
+        let done = pod(serde_json::json!({
+            "metadata": {"name": "d", "namespace": "shop"},
+            "spec": {"nodeName": "n", "containers": []},
+            "status": {"phase": "Succeeded", "podIP": "10.0.0.9"}
+        }));
+        assert!(workload(&done, &enrolled, &config()).is_none());
+    }
+
+    fn kube_service(extra: &serde_json::Value) -> KubeService {
+        let mut json = serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": "http-alt"},
+                    {"name": "dns", "port": 53, "protocol": "UDP"}
+                ]
+            }
+        });
+        merge(&mut json, extra);
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn merge(a: &mut serde_json::Value, b: &serde_json::Value) {
+        if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object()) {
+            for (k, v) in b {
+                merge(a.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        } else {
+            *a = b.clone();
+        }
+    }
+
+    fn slice(endpoints: &serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn service_with_slices() {
+        let s = slice(&serde_json::json!([
+            {"addresses": ["10.0.0.5"], "conditions": {"ready": true}, "nodeName": "node-a", "zone": "z1"},
+            {"addresses": ["10.0.1.5"], "conditions": {"ready": false}, "nodeName": "node-b"}
+        ]));
+        let svc = service(&kube_service(&serde_json::json!({})), &[&s]).expect("service");
+        assert_eq!(svc.hostname(), "web.shop.svc.cluster.local");
+        assert_eq!(
+            svc.addresses,
+            ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(svc.ports.len(), 1, "UDP ports are not proxied");
+        assert_eq!(svc.ports[0].target_port, None, "named target port");
+        assert_eq!(svc.endpoints.len(), 2);
+        assert_eq!(
+            svc.endpoints[0].ports[&80], 8080,
+            "resolved through the slice"
+        );
+        assert_eq!(svc.endpoints[0].zone.as_deref(), Some("z1"));
+        assert!(!svc.endpoints[1].ready);
+        assert_eq!(svc.load_balancing, Locality::Any);
+        let table = crate::state::ServiceTable::build(&[svc], &[], "node-x", None);
+        let b = table.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(b.pick().unwrap().to_string(), "10.0.0.5:8080");
+        assert_eq!(b.len(), 1, "the unready endpoint takes no connection");
+    }
+
+    #[test]
+    fn headless_and_external_services_are_not_proxied() {
+        let headless = kube_service(
+            &serde_json::json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}}),
+        );
+        assert!(service(&headless, &[]).is_none());
+        let external = kube_service(
+            &serde_json::json!({"spec": {"type": "ExternalName", "externalName": "example.org"}}),
+        );
+        assert!(service(&external, &[]).is_none());
+    }
+
+    #[test]
+    fn locality_from_spec_and_annotation() {
+        let local = kube_service(&serde_json::json!({"spec": {"internalTrafficPolicy": "Local"}}));
+        assert_eq!(
+            service(&local, &[]).unwrap().load_balancing,
+            Locality::NodeOnly
+        );
+        let close =
+            kube_service(&serde_json::json!({"spec": {"trafficDistribution": "PreferClose"}}));
+        assert_eq!(
+            service(&close, &[]).unwrap().load_balancing,
+            Locality::PreferZone
+        );
+        let node = kube_service(
+            &serde_json::json!({"metadata": {"annotations": {ISTIO_TRAFFIC_DISTRIBUTION: "PreferSameNode"}}}),
+        );
+        assert_eq!(
+            service(&node, &[]).unwrap().load_balancing,
+            Locality::PreferNode
+        );
+    }
+
+    #[test]
+    fn policy_objects_become_documents() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-b", "namespace": "shop", "uid": "x", "resourceVersion": "7",
+                         "managedFields": [], "annotations": {"istio.io/dry-run": "true"}},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["b"]}}]}]},
+            "status": {"validationMessages": []}
+        }))
+        .unwrap();
+        let doc = policy(&obj, "AuthorizationPolicy").expect("document");
+        assert_eq!(doc.metadata.name, "deny-b");
+        assert_eq!(doc.metadata.namespace, "shop");
+        let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {"action": "DENY", "rulez": []}
+        }))
+        .unwrap();
+        let err = policy(&bad, "AuthorizationPolicy").unwrap_err();
+        assert!(err.contains("rulez"), "{err}");
+    }
+}
