@@ -5,6 +5,8 @@
 //! network namespaces, veth pairs and cgroup v2 directories, torn down on drop (including
 //! during a panic). See `docs/testing.md`.
 
+#[cfg(feature = "apiserver")]
+pub mod apiserver;
 pub mod mesh;
 pub mod testbed;
 

@@ -216,6 +216,7 @@ impl ConnRecord {
             dst_workload = %workload(&self.destination),
             dst_identity = %identity(&self.destination),
             dst_addr = %addr(&self.destination),
+            dst_service = self.destination.service.as_deref().unwrap_or(""),
             bytes_sent = self.sent.get(),
             bytes_received = self.received.get(),
             duration_ms = elapsed.as_millis(),

@@ -427,6 +427,20 @@ impl Pod {
         process::exec(&self.place, argv, process::EXEC_TIMEOUT)
     }
 
+    /// Starts a long-lived process inside the pod's netns, in the cgroup `sub` below the pod's
+    /// cgroup (created, with its parents, if missing): e.g. a kubelet-style
+    /// `kubepods/besteffort/pod<uid>/<container>` path, as a container runtime would place it.
+    pub fn spawn_in_cgroup(&self, sub: &str, argv: &[&str]) -> anyhow::Result<Proc> {
+        let cgroup = self.place.cgroup.join(sub);
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let place = Place {
+            cgroup,
+            ..self.place.clone()
+        };
+        process::spawn(&place, argv, &[])
+    }
+
     /// Starts a server inside the pod and waits (5 s at most) until it prints `listening`.
     pub fn spawn_server(&self, argv: &[&str]) -> anyhow::Result<Proc> {
         let mut server = self.spawn(argv)?;
