@@ -54,6 +54,8 @@ pub struct NodeSettings {
     pub handshake_timeout_ms: u64,
     /// `proxy.maxConnectionsPerWorkload`.
     pub max_connections_per_workload: usize,
+    /// The `services:` list (YAML items), empty for none.
+    pub services: String,
 }
 
 impl Default for NodeSettings {
@@ -63,6 +65,7 @@ impl Default for NodeSettings {
             policies: String::new(),
             handshake_timeout_ms: 10_000,
             max_connections_per_workload: 20_000,
+            services: String::new(),
         }
     }
 }
@@ -82,7 +85,7 @@ pub fn config_yaml(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
          redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
-         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}workloads:\n",
+         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}services:\n{}workloads:\n",
         n.cgroup().display(),
         bpffs.display(),
         settings.handshake_timeout_ms,
@@ -92,6 +95,11 @@ pub fn config_yaml(
             "  []\n"
         } else {
             settings.policies.as_str()
+        },
+        if settings.services.trim().is_empty() {
+            "  []\n"
+        } else {
+            settings.services.as_str()
         },
         ca = ca.display(),
     );
