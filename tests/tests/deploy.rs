@@ -1,9 +1,9 @@
 //! The Kubernetes manifests under `deploy/`: every overlay renders with `kubectl kustomize`,
 //! every rendered object parses into its Kubernetes type (with no field the type does not know),
-//! and the result is what `docs/operations.md` says: the DaemonSet's security settings, mounts,
+//! and the result is what `docs/operations.md` says: the `DaemonSet`'s security settings, mounts,
 //! probe and termination against the configuration it embeds (parsed by the daemon's own code),
-//! read-only RBAC on exactly what the Kubernetes source reads, Istio's CRDs, the ServiceMonitor,
-//! and the uninstall DaemonSet.
+//! read-only RBAC on exactly what the Kubernetes source reads, Istio's CRDs, the `ServiceMonitor`,
+//! and the uninstall `DaemonSet`.
 //!
 //! Not a namespaced test: it needs `kubectl` (`cargo xtask setup` checks for it) and nothing
 //! else, and `cargo xtask test` does not count it among the namespaced ones.
@@ -32,9 +32,9 @@ use serde_json::Value;
 
 /// The namespace everything is installed in.
 const NAMESPACE: &str = "mesh-system";
-/// The daemon's DaemonSet, ServiceAccount and container.
+/// The daemon's `DaemonSet`, `ServiceAccount` and container.
 const DAEMON: &str = "mesh-node";
-/// The file in the configuration ConfigMap.
+/// The file in the configuration `ConfigMap`.
 const CONFIG_KEY: &str = "mesh-node.yaml";
 /// The capabilities of the daemon, each justified in `deploy/base/daemonset.yaml` and
 /// `docs/operations.md`.
@@ -175,9 +175,9 @@ enum Object {
     ClusterRoleBinding(ClusterRoleBinding),
     ConfigMap(ConfigMap),
     DaemonSet(Box<DaemonSet>),
-    Service(Service),
+    Service(Box<Service>),
     Crd(Box<CustomResourceDefinition>),
-    ServiceMonitor(ServiceMonitor),
+    ServiceMonitor(Box<ServiceMonitor>),
 }
 
 impl Object {
@@ -227,7 +227,7 @@ fn typed<T: DeserializeOwned + Serialize>(value: &Value) -> anyhow::Result<T> {
     let typed: T = serde_json::from_value(value.clone())?;
     let again = serde_json::to_value(&typed)?;
     let mut lost = Vec::new();
-    compare(String::new(), value, &again, &mut lost);
+    compare("", value, &again, &mut lost);
     ensure!(
         lost.is_empty(),
         "fields unknown to the type or changed by it: {}",
@@ -237,20 +237,20 @@ fn typed<T: DeserializeOwned + Serialize>(value: &Value) -> anyhow::Result<T> {
 }
 
 /// Paths where `original` has something that `again` does not have identically.
-fn compare(path: String, original: &Value, again: &Value, out: &mut Vec<String>) {
+fn compare(path: &str, original: &Value, again: &Value, out: &mut Vec<String>) {
     match (original, again) {
         (Value::Object(a), Value::Object(b)) => {
             for (key, value) in a {
                 let path = format!("{path}.{key}");
                 match b.get(key) {
-                    Some(other) => compare(path, value, other, out),
+                    Some(other) => compare(&path, value, other, out),
                     None => out.push(path),
                 }
             }
         }
         (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                compare(format!("{path}[{i}]"), x, y, out);
+                compare(&format!("{path}[{i}]"), x, y, out);
             }
         }
         // 2 and 2.0 are the same number to the API server.
@@ -271,7 +271,7 @@ fn parse(value: &Value) -> anyhow::Result<Object> {
         ("v1", "Namespace") => typed(value).map(Object::Namespace),
         ("v1", "ServiceAccount") => typed(value).map(Object::ServiceAccount),
         ("v1", "ConfigMap") => typed(value).map(Object::ConfigMap),
-        ("v1", "Service") => typed(value).map(Object::Service),
+        ("v1", "Service") => typed(value).map(|s| Object::Service(Box::new(s))),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => typed(value).map(Object::ClusterRole),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             typed(value).map(Object::ClusterRoleBinding)
@@ -280,7 +280,9 @@ fn parse(value: &Value) -> anyhow::Result<Object> {
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             typed(value).map(|c| Object::Crd(Box::new(c)))
         }
-        ("monitoring.coreos.com/v1", "ServiceMonitor") => typed(value).map(Object::ServiceMonitor),
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+            typed(value).map(|m| Object::ServiceMonitor(Box::new(m)))
+        }
         _ => bail!("unexpected kind {api_version}/{kind} ({name})"),
     };
     object.with_context(|| format!("{kind} {name}"))
@@ -374,7 +376,7 @@ impl Rendered {
     }
 
     /// Namespaced objects are in mesh-system, which the overlay creates, and which admits the
-    /// DaemonSet (Pod Security `privileged`).
+    /// `DaemonSet` (Pod Security `privileged`).
     fn check_namespaces(&self) -> anyhow::Result<()> {
         for object in &self.objects {
             let meta = object.metadata();
@@ -451,7 +453,7 @@ impl Rendered {
             .with_context(|| format!("the configuration in ConfigMap {name}"))
     }
 
-    /// The daemon's DaemonSet; returns the configuration it runs with.
+    /// The daemon's `DaemonSet`; returns the configuration it runs with.
     #[expect(
         clippy::too_many_lines,
         reason = "one checklist, in the order of docs/operations.md"
@@ -878,7 +880,7 @@ fn host_path(volume: &Volume) -> Option<&str> {
 }
 
 /// The pod's host paths are exactly `allowed`, each a directory that must exist; every other
-/// volume is a ConfigMap or a Secret.
+/// volume is a `ConfigMap` or a Secret.
 fn check_host_paths(pod: &PodSpec, allowed: &[&str]) -> anyhow::Result<()> {
     let mut seen = BTreeSet::new();
     for volume in pod.volumes.clone().unwrap_or_default() {
@@ -914,7 +916,7 @@ fn check_host_paths(pod: &PodSpec, allowed: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Not privileged, a read-only root, every capability dropped but exactly `add`, and (where
-/// Kubernetes allows it: not next to CAP_SYS_ADMIN) no privilege escalation.
+/// Kubernetes allows it: not next to `CAP_SYS_ADMIN`) no privilege escalation.
 fn check_security_context(container: &Container, add: &[&str]) -> anyhow::Result<()> {
     let name = &container.name;
     let sc = container
@@ -1134,26 +1136,23 @@ fn check_crd(crd: &CustomResourceDefinition) -> anyhow::Result<()> {
                 version.name
             );
         }
-        match kind {
-            "AuthorizationPolicy" => {
-                let actions = enum_of(&spec_props["action"]);
-                ensure!(
-                    actions == ["ALLOW", "DENY", "AUDIT", "CUSTOM"],
-                    "{name}: action enum {actions:?}"
-                );
-            }
-            _ => {
-                let mode = spec_props["mtls"]
-                    .properties
-                    .as_ref()
-                    .and_then(|p| p.get("mode"))
-                    .context("mtls.mode")?;
-                let modes = enum_of(mode);
-                ensure!(
-                    modes == ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"],
-                    "{name}: mtls.mode enum {modes:?}"
-                );
-            }
+        if kind == "AuthorizationPolicy" {
+            let actions = enum_of(&spec_props["action"]);
+            ensure!(
+                actions == ["ALLOW", "DENY", "AUDIT", "CUSTOM"],
+                "{name}: action enum {actions:?}"
+            );
+        } else {
+            let mode = spec_props["mtls"]
+                .properties
+                .as_ref()
+                .and_then(|p| p.get("mode"))
+                .context("mtls.mode")?;
+            let modes = enum_of(mode);
+            ensure!(
+                modes == ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"],
+                "{name}: mtls.mode enum {modes:?}"
+            );
         }
     }
     Ok(())
@@ -1194,12 +1193,35 @@ fn check_structural(schema: &JSONSchemaProps, at: &str) -> anyhow::Result<()> {
 }
 
 #[test]
-fn the_overlays_are_the_documented_ones() {
+fn the_overlays_and_capabilities_are_the_documented_ones() {
     assert_eq!(
         overlays(),
         ["base", "default", "istio", "monitoring", "uninstall"],
         "deploy/ overlays changed: update this test, docs/operations.md and README.md"
     );
+    let root = deploy_dir().parent().unwrap().to_owned();
+    let operations = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    for overlay in overlays() {
+        assert!(
+            operations.contains(&format!("`deploy/{overlay}`")),
+            "docs/operations.md does not describe deploy/{overlay}"
+        );
+    }
+    for capability in DAEMON_CAPABILITIES {
+        assert!(
+            operations.contains(&format!("| `CAP_{capability}` |")),
+            "docs/operations.md does not justify CAP_{capability}"
+        );
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for command in [
+        "kubectl apply -k deploy/default",
+        "kubectl apply -k deploy/uninstall",
+        "kubectl create secret generic mesh-ca",
+        "mesh.io/dataplane-mode=ambient",
+    ] {
+        assert!(readme.contains(command), "README.md lacks `{command}`");
+    }
 }
 
 #[test]
@@ -1243,6 +1265,7 @@ fn the_cluster_configuration_is_the_daemons_default_but_for_the_cluster_paths() 
 /// The checks are not vacuous: each of these mistakes, made on the rendered default overlay,
 /// is caught.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one list of mistakes")]
 fn the_checks_reject_wrong_manifests() {
     type Mutation = fn(&mut Vec<Value>);
     fn object<'a>(values: &'a mut [Value], kind: &str, name: &str) -> &'a mut Value {
