@@ -49,11 +49,61 @@ pub fn run() -> anyhow::Result<()> {
     mount_bpffs()?;
     install_pip(PIP_PACKAGES)?;
     install_cargo_fuzz()?;
+    let kubectl = check_kubectl();
     println!(
-        "setup complete in {:.1}s (LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION}, toolchain {TOOLCHAIN})",
-        start.elapsed().as_secs_f64()
+        "setup complete in {:.1}s (LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION}, toolchain {TOOLCHAIN}, {})",
+        start.elapsed().as_secs_f64(),
+        match &kubectl {
+            Ok(version) => format!("kubectl with kustomize {version}"),
+            Err(_) => "no usable kubectl".to_owned(),
+        }
     );
+    if let Err(why) = kubectl {
+        // The demo and the namespaced tests do not need kubectl: say what is missing, loudly,
+        // without failing them. `cargo xtask test` refuses to start without it.
+        println!("\nWARNING: {why}\n{KUBECTL_HELP}");
+    }
     Ok(())
+}
+
+/// What to do when kubectl is missing or too old. No registry these machines reach has a
+/// recent one: Debian 12's `kubernetes-client` is 1.20, whose kustomize (v2) cannot render
+/// `deploy/`.
+pub const KUBECTL_HELP: &str = "\
+deploy's test (tests/tests/deploy.rs) renders deploy/ with `kubectl kustomize`, which needs
+kubectl >= 1.27 (kustomize v5). Install it from the Kubernetes project's packages
+(https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/: the pkgs.k8s.io apt
+repository, or the single kubectl binary into /usr/local/bin). Debian's `kubernetes-client`
+package is too old (1.20, kustomize v2).";
+
+/// The kustomize version of the `kubectl` on PATH (`v5.5.0`), if it is recent enough to render
+/// `deploy/` (kustomize v5: kubectl >= 1.27).
+pub fn check_kubectl() -> Result<String, String> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .map_err(|e| format!("kubectl is not installed ({e})"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`kubectl version --client` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("`kubectl version --client -o json` printed no JSON ({e})"))?;
+    let version = info["kustomizeVersion"].as_str().unwrap_or_default();
+    let major = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(major) if major >= 5 => Ok(version.to_owned()),
+        _ => Err(format!(
+            "kubectl {} has kustomize {version:?}; v5 or newer is needed",
+            info["clientVersion"]["gitVersion"].as_str().unwrap_or("?")
+        )),
+    }
 }
 
 fn is_installed(package: &str) -> bool {
