@@ -164,6 +164,7 @@ pub fn spawn_readiness(
     readiness: Arc<Readiness>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = bind(addr, "readiness")?;
+    let succession = Succession::new(&listener, addr.port());
     Ok(tokio::spawn(serve(
         listener,
         "readiness",
@@ -175,6 +176,13 @@ pub fn spawn_readiness(
                     "try /healthz/ready\n".to_owned(),
                 );
             }
+            if succession.superseded() {
+                return respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "superseded: a newer mesh-node serves this node\n".to_owned(),
+                );
+            }
             let (ready, reason) = readiness.get();
             let status = if ready {
                 StatusCode::OK
@@ -184,6 +192,60 @@ pub fn spawn_readiness(
             respond(status, "text/plain", format!("{reason}\n"))
         }),
     )))
+}
+
+/// Which daemon answers a readiness probe is up to the kernel while an old and a new daemon
+/// share the port (`SO_REUSEPORT`, during an upgrade): the old one must not answer for the new
+/// one. A daemon that sees a listener on its port that was not there when it bound its own
+/// (a successor) answers 503; listeners that were there before (a predecessor) don't count.
+struct Succession {
+    port: u16,
+    own: u64,
+    predecessors: Vec<u64>,
+}
+
+impl Succession {
+    fn new(listener: &TcpListener, port: u16) -> Self {
+        let own = nix::sys::stat::fstat(listener).map_or(0, |st| st.st_ino);
+        let predecessors = listeners_on(port)
+            .into_iter()
+            .filter(|inode| *inode != own)
+            .collect();
+        Self {
+            port,
+            own,
+            predecessors,
+        }
+    }
+
+    fn superseded(&self) -> bool {
+        listeners_on(self.port)
+            .iter()
+            .any(|inode| *inode != self.own && !self.predecessors.contains(inode))
+    }
+}
+
+/// Socket inodes of the TCP listeners on `port` in this network namespace.
+fn listeners_on(port: u16) -> Vec<u64> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|text| parse_listeners(&text, port))
+        .collect()
+}
+
+/// Parses `/proc/net/tcp{,6}`: `sl local rem st tx:rx tr:when retr uid timeout inode …`,
+/// listeners have state `0A`.
+fn parse_listeners(text: &str, port: u16) -> Vec<u64> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            (u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A")
+                .then(|| fields.get(9)?.parse().ok())?
+        })
+        .collect()
 }
 
 /// Starts the admin API.
@@ -270,5 +332,38 @@ fn admin_route(admin: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             "text/plain",
             "endpoints: GET /config_dump, GET /logging, POST /logging?filter=...\n".to_owned(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_are_read_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:3AAD 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 81234 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000000000000:3AAD 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 81299 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:3AAD 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 90000 1 0000000000000000 20 4 30 10 -1
+   3: 00000000:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77777 1 0000000000000000 100 0 0 10 0
+";
+        assert_eq!(parse_listeners(text, 15021), [81234, 81299]);
+        assert_eq!(parse_listeners(text, 15000), [77777]);
+        assert!(parse_listeners(text, 15008).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_later_listener_supersedes_an_earlier_one() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let first = bind(addr, "test").expect("bind");
+        let port = first.local_addr().unwrap().port();
+        let old = Succession::new(&first, port);
+        assert!(!old.superseded(), "alone on its port");
+        let second = bind(SocketAddr::from(([127, 0, 0, 1], port)), "test").expect("reuseport");
+        let new = Succession::new(&second, port);
+        assert!(old.superseded(), "a successor appeared");
+        assert!(!new.superseded(), "the predecessor does not count");
+        drop(second);
+        assert!(!old.superseded(), "the successor left");
     }
 }
