@@ -79,7 +79,7 @@ pub async fn run(
     let readiness = Arc::new(Readiness::default());
     readiness.set(false, "starting");
     let ready_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_READINESS));
-    let _readiness_server =
+    let readiness_server =
         admin::spawn_readiness(ready_addr, Arc::clone(&readiness)).map_err(|e| {
             AppError::Listen {
                 address: ready_addr,
@@ -177,6 +177,8 @@ pub async fn run(
         }
     };
     info!(signal, "shutting down");
+    // A successor (upgrade) shares 15021: from now on only it answers readiness probes.
+    readiness_server.abort();
     shutdown(
         &mut inpod,
         &proxy,
