@@ -148,7 +148,8 @@ struct Fixture {
     api: ApiServer,
     daemons: Vec<Daemon>,
     uids: Vec<String>,
-    _procs: Vec<Proc>,
+    /// Pause processes (a1, a2, b1, b2), then echo servers.
+    procs: Vec<Proc>,
 }
 
 #[test]
@@ -158,6 +159,7 @@ fn kubernetes_source_drives_the_mesh() {
     }
     let mut fx = start();
     sync_then_enroll(&mut fx);
+    sandbox_restart(&mut fx);
     policies_and_outage(&mut fx);
     services(&fx);
     unlabel(&fx);
@@ -227,7 +229,7 @@ fn start() -> Fixture {
         api,
         daemons,
         uids,
-        _procs: procs,
+        procs,
     }
 }
 
@@ -291,6 +293,38 @@ fn sync_then_enroll(fx: &mut Fixture) {
         .unwrap();
     wait_until("b2 opted out", Duration::from_secs(10), || {
         enrolled_count(b, "shop/b2").1 == 1
+    });
+}
+
+/// The pod's sandbox process goes away (the pod is out until one is back) and a new one
+/// starts: the pod is enrolled again without any API change, and served.
+fn sandbox_restart(fx: &mut Fixture) {
+    fx.procs[2]
+        .stop(Duration::from_secs(1))
+        .expect("pause stops");
+    let b = &fx.daemons[1];
+    wait_until("b1 out without a sandbox", Duration::from_secs(10), || {
+        enrolled_count(b, "shop/b1") == (1, 1)
+    });
+    let pod = fx.bed.pod("b1");
+    let pause = pod
+        .spawn_in_cgroup(&kubelet_cgroup(pod.node(), &fx.uids[2]), &["sleep", "600"])
+        .expect("new pause");
+    fx.procs.push(pause);
+    let b = &fx.daemons[1];
+    wait_until(
+        "b1 back with its new sandbox",
+        Duration::from_secs(10),
+        || enrolled_count(b, "shop/b1") == (2, 1),
+    );
+    let before = access(b, |r| r["dst_workload"] == "shop/b1").len();
+    assert!(connects(&fx.bed, "a1", &b1_addr(&fx.bed)));
+    wait_until("served again", Duration::from_secs(5), || {
+        access(b, |r| {
+            r["dst_workload"] == "shop/b1" && r["path"] == "hbone"
+        })
+        .len()
+            > before
     });
 }
 
