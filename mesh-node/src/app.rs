@@ -106,6 +106,11 @@ pub async fn run(
     let ca = LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
         .map_err(AppError::Ca)?;
     let provider = tls::provider();
+    // Libraries that build TLS configurations without naming a provider (the Kubernetes
+    // client) use the process default: the same one.
+    let _ = rustls::crypto::CryptoProvider::install_default(rustls::crypto::CryptoProvider::clone(
+        &provider,
+    ));
     let certs = CertManager::new(
         Arc::new(ca),
         Duration::from_secs(config.identity.cert_lifetime_seconds),
