@@ -15,6 +15,8 @@ use mesh_tests::{Daemon, Testbed, Topology};
 use crate::util::{Step, build_release_bins, require_root};
 
 const APP_PORT: u16 = 7000;
+/// The demo's service address (exists only as a destination the daemons recognise).
+const SERVICE_VIP: &str = "198.19.255.10";
 
 pub fn run() -> anyhow::Result<()> {
     require_root("demo")?;
@@ -97,9 +99,19 @@ impl Demo<'_> {
         println!("echo servers listening on port {APP_PORT} in every pod");
 
         let enrolled = ["a1", "a2", "b1"];
+        // A service `echo`: b1 by selector, a2 listed explicitly.
+        let settings = mesh_tests::mesh::NodeSettings {
+            services: format!(
+                "- name: echo\n  namespace: default\n  addresses: [{SERVICE_VIP}]\n  \
+                 ports: [{{port: 80, targetPort: {APP_PORT}}}]\n  selector: {{app: b1}}\n  \
+                 endpoints: [{{address: {}}}]\n",
+                bed.pod("a2").ipv4()
+            ),
+            ..mesh_tests::mesh::NodeSettings::default()
+        };
         let mut daemons = Vec::new();
         for node in ["node-a", "node-b"] {
-            let daemon = Daemon::start(bed, node, self.daemon, &enrolled)?;
+            let daemon = Daemon::start_with_settings(bed, node, self.daemon, &enrolled, &settings)?;
             let ready = &daemon.records("ready")[0];
             println!(
                 "mesh-node running on {node}: {} pod(s) enrolled, kernel programs attached to {}",
@@ -132,6 +144,7 @@ impl Demo<'_> {
             self.flow(&daemons, from, to, v6, 256 << 10)?;
         }
 
+        self.service_demo(&daemons)?;
         self.policy_demo(&mut daemons)?;
 
         println!("\nunenrolling a1 at run time (editing node-a's configuration file):");
@@ -187,6 +200,41 @@ impl Demo<'_> {
             );
         }
         drop(servers);
+        Ok(())
+    }
+
+    /// Four connections from a1 to the service address, one endpoint each (round robin).
+    fn service_demo(&self, daemons: &[Daemon]) -> anyhow::Result<()> {
+        let app = self.app.to_str().context("non-UTF-8 path")?;
+        let vip = format!("{SERVICE_VIP}:80");
+        println!(
+            "\nservice echo.default.svc.cluster.local at {vip} (endpoints: b1 by selector, a2 listed):"
+        );
+        let before = daemons[0].records("service endpoint chosen").len();
+        for _ in 0..4 {
+            self.bed
+                .pod("a1")
+                .exec(&[app, "client", &vip, "1024"])?
+                .ok()
+                .with_context(|| format!("a1 -> {vip}"))?;
+        }
+        daemons[0].wait_for_records(
+            "service endpoint chosen",
+            before + 4,
+            Duration::from_secs(5),
+        )?;
+        for record in daemons[0]
+            .records("service endpoint chosen")
+            .iter()
+            .skip(before)
+        {
+            let endpoint = record["endpoint"].as_str().unwrap_or("?");
+            let pod = ["a2", "b1"]
+                .into_iter()
+                .find(|p| self.bed.pod(p).addr(false, APP_PORT).to_string() == endpoint)
+                .unwrap_or("?");
+            println!("  a1 -> {vip}: mesh-node on node-a chose {endpoint} ({pod})");
+        }
         Ok(())
     }
 
