@@ -30,6 +30,9 @@ const APT_PACKAGES: &[&str] = &[
     // The observability test scrapes the daemons with a real Prometheus (and promtool).
     "prometheus",
     "curl",
+    // `cargo xtask bench` profiles the daemons with perf (it reports a missing perf instead of
+    // failing).
+    "linux-perf",
 ];
 
 /// Python packages of the interop tests' HBONE peer (which shares no code with the project).
