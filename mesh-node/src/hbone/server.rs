@@ -204,14 +204,15 @@ async fn handle(
         record.fail("DENY", "denied by policy");
         return reject(&mut respond, StatusCode::UNAUTHORIZED);
     };
-    let upstream = match connect_in_netns(
+    // Futures that finish before the connection's long copy phase are boxed, so that the
+    // task of an open connection does not carry their state (memory per idle connection).
+    let connect = Box::pin(connect_in_netns(
         &target.pod.worker,
         dst,
         target.mark,
         target.connect_timeout,
-    )
-    .await
-    {
+    ));
+    let upstream = match connect.await {
         Ok(s) => s,
         Err(e) => {
             warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");

@@ -140,8 +140,11 @@ impl Proxy {
             destination: destination.clone(),
             address: SocketAddr::new(dst.ip(), hbone::PORT),
         };
-        // The first certificate may still be on its way from the CA.
-        if let Err(e) = self.mesh.certs.get(&ctx.identity).await {
+        // The first certificate may still be on its way from the CA. Futures that finish before
+        // the long copy phase are boxed, so that the task of an open connection does not carry
+        // their state (memory per idle connection).
+        let certificate = Box::pin(self.mesh.certs.get(&ctx.identity));
+        if let Err(e) = certificate.await {
             warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "no certificate for the source workload");
             record.fail("UF", &e.to_string());
             forward::reset(client);
@@ -156,11 +159,11 @@ impl Proxy {
                 return;
             }
         };
-        let stream = match self
-            .pool
-            .connect(&key, dst, &ctx.worker, self.mark, &config)
-            .await
-        {
+        let connect = Box::pin(
+            self.pool
+                .connect(&key, dst, &ctx.worker, self.mark, &config),
+        );
+        let stream = match connect.await {
             Ok(s) => s,
             Err(e) => {
                 warn!(
