@@ -18,7 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
-    // bpf-linker's build.
+    // bpf-linker's build; gcc also builds aws-lc (rustls' crypto provider; no cmake needed).
+    "gcc",
     "zlib1g-dev",
     "libzstd-dev",
     // The testbed and inspection.
