@@ -186,6 +186,14 @@ pub fn run_all(
             .node("node-a", &["a1", "a2"])
             .node("node-b", &["b1"]),
     )?;
+    // Thousands of short connections a second leave thousands of client ports in TIME_WAIT;
+    // let new connections reuse them (as the kernel already does on loopback) so that neither
+    // the direct baseline nor the mesh runs out of ports during the connection-rate scenario.
+    for pod in ["a1", "a2", "b1"] {
+        bed.pod(pod)
+            .exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse"])?
+            .ok()?;
+    }
     let mut servers = Vec::new();
     for pod in ["a2", "b1"] {
         let mut s = bed
