@@ -48,7 +48,7 @@ pub const CATEGORIES: &[(&str, &str)] = &[
     ("allocation", "malloc/free, Rust allocation glue"),
     (
         "metrics / logging",
-        "prometheus-client, tracing, formatting",
+        "prometheus-client, tracing, formatting, the JSON access log",
     ),
     ("mesh-node", "the daemon's own code"),
     ("other", "everything else"),
@@ -311,7 +311,14 @@ const SYSCALL_WRAPPERS: &[&str] = &[
     "readv",
     "syscall",
 ];
-const METRICS_LOGGING: &[&str] = &["prometheus_client", "tracing", "core::fmt", "metrics::"];
+const METRICS_LOGGING: &[&str] = &[
+    "prometheus_client",
+    "tracing",
+    "core::fmt",
+    "metrics::",
+    "serde_json",
+    "Stderr",
+];
 
 /// The category of one sample: by its leaf frame, and for kernel time by its stack.
 pub fn categorize(stack: &[&str]) -> &'static str {
@@ -488,7 +495,8 @@ pub fn markdown(p: &Profiles) -> String {
         "\n## Where the time goes (perf, both daemons)\n\n\
          CPU-clock samples of both `mesh-node` processes (all threads, kernel included) while one \
          scenario runs; each sample is put in one category by the function it hit (kernel time \
-         under an epoll/futex wait counts as runtime). Flame graphs are next to this report.\n",
+         spent waiting, waking a thread or switching threads counts as scheduling). Flame \
+         graphs are next to this report.\n",
     );
     if let Some(note) = &p.note {
         let _ = writeln!(md, "\nNo profile: {note}");
