@@ -34,7 +34,14 @@ impl Path {
 }
 
 impl Proxy {
-    pub(super) async fn outbound(&self, ctx: &PodContext, client: TcpStream, peer: SocketAddr) {
+    /// Carries one captured connection; `active` counts it until it is done.
+    pub(super) async fn outbound(
+        &self,
+        ctx: &PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        active: super::Active,
+    ) {
         let uid = ctx.workload.uid();
         let Some(dst) = self.orig_dst.take(ctx.worker.cookie(), peer) else {
             warn!(
@@ -84,7 +91,9 @@ impl Proxy {
             },
         );
         match (path, target, local_target) {
-            (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w, record).await,
+            (Path::Hbone, Some(w), _) => {
+                self.via_hbone(ctx, client, dst, &w, record, active).await;
+            }
             (Path::SameNode, _, Some(pod)) => {
                 // The same admission as inbound, in process: both identities are known here.
                 if let Ok(admission) =
@@ -132,6 +141,7 @@ impl Proxy {
         dst: SocketAddr,
         target: &Arc<Workload>,
         record: ConnRecord,
+        active: super::Active,
     ) {
         let uid = ctx.workload.uid();
         let destination = self.mesh.identity(target);
@@ -183,13 +193,20 @@ impl Proxy {
         let hbone::Stream {
             send, recv, guard, ..
         } = stream;
-        // Application → stream is "received" (request direction), stream → application "sent".
-        let result = hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
-        drop(guard);
-        match result {
-            Ok(_) => record.close("completed"),
-            Err(e) => record.close(&e.to_string()),
-        }
+        // The copy phase runs in a task of its own that holds only what it needs, so the setup
+        // state (pool, handshake futures) is freed: an open connection costs less memory.
+        tokio::spawn(async move {
+            // Application → stream is "received" (request direction), stream → application
+            // "sent".
+            let result =
+                hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
+            drop(guard);
+            match result {
+                Ok(_) => record.close("completed"),
+                Err(e) => record.close(&e.to_string()),
+            }
+            drop(active);
+        });
     }
 }
 
