@@ -110,11 +110,14 @@ impl SetKey {
 /// entries stop matching; this also lets them go).
 #[derive(Default)]
 pub struct LabelSets {
-    sets: Mutex<HashMap<u64, Vec<(SetKey, Arc<LabelSet>)>>>,
+    sets: Mutex<HashMap<u64, Bucket>>,
     hasher: std::hash::RandomState,
 }
 
 const MAX_LABEL_SETS: usize = 4096;
+
+/// Label sets whose inputs hash alike.
+type Bucket = Vec<(SetKey, Arc<LabelSet>)>;
 
 impl LabelSets {
     fn hash(
