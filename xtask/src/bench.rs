@@ -2,8 +2,10 @@
 //! repetitions (with min and max) and, where one exists, is compared with a baseline measured
 //! in the same run: the same pods talking directly, with no daemon. Writes
 //! `target/bench/report.json`, `report.md` and `report.svg`, and flags figures that regressed
-//! by more than 10 % against the previous report.
+//! by more than 10 % against the previous report. With `profile` (the default of full runs) it
+//! also records the daemons with `perf` and reports where their time goes (`profile.rs`).
 
+mod profile;
 mod report;
 mod scenarios;
 
@@ -41,7 +43,7 @@ pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     crate::util::require_root("bench")?;
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -57,9 +59,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let bin = build_release_bins(&["mesh-bench"])?;
     step.done();
 
-    let mut figures = scenarios::run_all(quick, &bin)?;
+    let (mut figures, profiles) = scenarios::run_all(quick, &bin, profile.then_some(&dir))?;
     figures.extend(policy(quick)?);
-    report::write(&dir, quick, &figures, previous.as_deref())?;
+    report::write(&dir, quick, &figures, previous.as_deref(), &profiles)?;
     Ok(())
 }
 

@@ -30,6 +30,11 @@ enum Command {
         /// Run every scenario briefly (CI uses this so the suite never rots).
         #[arg(long)]
         quick: bool,
+        /// Record the daemons with `perf` during the throughput, request/response and
+        /// connection-rate scenarios and report where their time goes (on by default in full
+        /// runs; `--profile=false` turns it off).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        profile: Option<bool>,
     },
     /// Run every fuzz target (cargo-fuzz, nightly) for a bounded time.
     Fuzz {
@@ -48,7 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
-        Command::Bench { quick } => bench::run(quick),
+        Command::Bench { quick, profile } => bench::run(quick, profile.unwrap_or(!quick)),
         Command::Fuzz { seconds } => fuzz::run(seconds),
     }
 }

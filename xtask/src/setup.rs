@@ -18,7 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
-    // bpf-linker's build.
+    // bpf-linker's build; gcc also builds aws-lc (rustls' crypto provider; no cmake needed).
+    "gcc",
     "zlib1g-dev",
     "libzstd-dev",
     // The testbed and inspection.
@@ -30,6 +31,9 @@ const APT_PACKAGES: &[&str] = &[
     // The observability test scrapes the daemons with a real Prometheus (and promtool).
     "prometheus",
     "curl",
+    // `cargo xtask bench` profiles the daemons with perf (it reports a missing perf instead of
+    // failing).
+    "linux-perf",
 ];
 
 /// Python packages of the interop tests' HBONE peer (which shares no code with the project).

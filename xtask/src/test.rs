@@ -125,7 +125,7 @@ pub fn run() -> anyhow::Result<()> {
 
     // The benchmark suite must keep working; its numbers are not asserted here.
     let step = Step::start("cargo xtask bench --quick (asserts it runs, not its numbers)");
-    let bench = crate::bench::run(true);
+    let bench = crate::bench::run(true, false);
     if let Err(e) = &bench {
         println!("benchmark suite failed: {e:#}");
         ok = false;

@@ -9,15 +9,19 @@ use h2::{Reason, RecvStream, SendStream};
 
 use crate::metrics::ByteCount;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
 };
 
-/// Read buffer for the TCP → HTTP/2 direction.
+/// Largest read buffer for the TCP → HTTP/2 direction.
 const CHUNK: usize = 256 * 1024;
+/// First read buffer of a burst (grows 4x per full read up to `CHUNK`).
+const FIRST_CHUNK: usize = 16 * 1024;
+/// A buffer with less room left than this is replaced rather than read into.
+const MIN_READ: usize = 4 * 1024;
 
 /// Pipes `tcp` and an HTTP/2 stream until both directions are done. Returns (bytes from TCP to
 /// the stream, bytes from the stream to TCP). A reset on either side ends both directions at
@@ -65,16 +69,30 @@ pub async fn pipe(
 }
 
 async fn tcp_to_h2(
-    mut read: OwnedReadHalf,
+    read: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     count: &ByteCount,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    // Allocated when bytes arrive, dropped when the application has nothing more for now (an
+    // idle connection holds no buffer); it grows while reads fill it.
+    let mut buf = BytesMut::new();
+    let mut size = FIRST_CHUNK;
     loop {
-        buf.reserve(CHUNK);
-        let n = match read.read_buf(&mut buf).await {
+        if let Err(e) = read.readable().await {
+            send.send_reset(Reason::CANCEL);
+            return Err(e);
+        }
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf = BytesMut::with_capacity(size);
+        }
+        let room = buf.capacity() - buf.len();
+        let n = match read.try_read_buf(&mut buf) {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf = BytesMut::new();
+                continue;
+            }
             Err(e) => {
                 // The application reset its connection: reset the stream.
                 send.send_reset(Reason::CANCEL);
@@ -85,6 +103,9 @@ async fn tcp_to_h2(
             // Half-close: END_STREAM, the peer may keep sending.
             let _ = send.send_data(Bytes::new(), true);
             return Ok(total);
+        }
+        if n == room {
+            size = (size * 4).min(CHUNK);
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {

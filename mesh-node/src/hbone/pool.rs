@@ -187,7 +187,9 @@ impl Pool {
         let _dialing = lock.lock().await;
         match self.checkout(key) {
             Some(found) => Ok(found),
-            None => self.dial(key, worker, mark, tls).await,
+            // Boxed: the dial (TLS and HTTP/2 handshakes) is large and rare; inline it would
+            // make every connection's task as large as a handshake.
+            None => Box::pin(self.dial(key, worker, mark, tls)).await,
         }
     }
 

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    proxy::{PodContext, Proxy, connect_in_netns},
+    proxy::{Active, PodContext, Proxy, connect_in_netns},
     tls::peer_identity,
 };
 
@@ -110,8 +110,7 @@ pub async fn serve_connection(
                     continue;
                 };
                 tokio::spawn(async move {
-                    handle(request, respond, peer, &source, &target).await;
-                    drop(active);
+                    handle(request, respond, peer, &source, &target, active).await;
                 });
             }
             Err(e) => {
@@ -165,6 +164,7 @@ async fn handle(
     peer: SocketAddr,
     source: &Identity,
     target: &InboundTarget,
+    active: Active,
 ) {
     let uid = target.pod.workload.uid();
     let authority = request.uri().authority().map(|a| a.as_str().to_owned());
@@ -204,14 +204,15 @@ async fn handle(
         record.fail("DENY", "denied by policy");
         return reject(&mut respond, StatusCode::UNAUTHORIZED);
     };
-    let upstream = match connect_in_netns(
+    // Futures that finish before the connection's long copy phase are boxed, so that the
+    // task of an open connection does not carry their state (memory per idle connection).
+    let connect = Box::pin(connect_in_netns(
         &target.pod.worker,
         dst,
         target.mark,
         target.connect_timeout,
-    )
-    .await
-    {
+    ));
+    let upstream = match connect.await {
         Ok(s) => s,
         Err(e) => {
             warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");
@@ -237,18 +238,17 @@ async fn handle(
         orig_dst = %dst,
         "connection captured"
     );
-    // Application → stream is "sent" (response direction), stream → application "received".
-    let counts = (&record.sent, &record.received);
-    let result = pipe(
-        upstream,
-        send,
-        request.into_body(),
-        Some(&admission.closed),
-        counts,
-    )
-    .await;
-    match result {
-        Ok(_) => record.close("completed"),
-        Err(e) => record.close(&e.to_string()),
-    }
+    // The copy phase runs in a task of its own that holds only what it needs, so the setup
+    // state (request, handshake futures) is freed: an open connection costs less memory.
+    let body = request.into_body();
+    tokio::spawn(async move {
+        // Application → stream is "sent" (response direction), stream → application "received".
+        let counts = (&record.sent, &record.received);
+        let result = pipe(upstream, send, body, Some(&admission.closed), counts).await;
+        match result {
+            Ok(_) => record.close("completed"),
+            Err(e) => record.close(&e.to_string()),
+        }
+        drop(active);
+    });
 }

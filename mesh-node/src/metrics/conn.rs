@@ -5,9 +5,11 @@
 //! the connection ends, successfully or not.
 
 use std::{
+    collections::HashMap,
+    hash::{BuildHasher as _, Hash as _, Hasher as _},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -61,10 +63,170 @@ fn label(w: Option<&Arc<Workload>>, f: impl Fn(&Workload) -> Option<String>) -> 
     w.and_then(|w| f(w)).unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// One Istio label set with its counters, shared by every connection that has it: building the
+/// 15 labels (a dozen strings) and finding their counters is done once per workload pair, not per
+/// connection.
+pub struct LabelSet {
+    labels: ConnLabels,
+    opened: Counter,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
+/// What a label set is made from. The workloads are held (not just compared by address) so an
+/// address is never reused for another workload while the entry exists.
+struct SetKey {
+    direction: &'static str,
+    security: Security,
+    source: Option<Arc<Workload>>,
+    destination: Option<Arc<Workload>>,
+    source_identity: Option<Identity>,
+    destination_identity: Option<Identity>,
+    service: Option<Arc<str>>,
+}
+
+impl SetKey {
+    fn matches(
+        &self,
+        direction: &str,
+        security: Security,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) -> bool {
+        let same = |a: Option<&Arc<Workload>>, b: Option<&Arc<Workload>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.direction == direction
+            && self.security == security
+            && same(self.source.as_ref(), source.workload.as_ref())
+            && same(self.destination.as_ref(), destination.workload.as_ref())
+            && self.source_identity == source.identity
+            && self.destination_identity == destination.identity
+            && self.service == destination.service
+    }
+}
+
+/// The label sets built so far, by a hash of what they are made from. Bounded: past
+/// [`MAX_LABEL_SETS`] it starts over (workload updates replace the `Workload` values, so old
+/// entries stop matching; this also lets them go).
+#[derive(Default)]
+pub struct LabelSets {
+    sets: Mutex<HashMap<u64, Bucket>>,
+    hasher: std::hash::RandomState,
+}
+
+const MAX_LABEL_SETS: usize = 4096;
+
+/// Label sets whose inputs hash alike.
+type Bucket = Vec<(SetKey, Arc<LabelSet>)>;
+
+impl LabelSets {
+    fn hash(
+        &self,
+        direction: &str,
+        security: Security,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        direction.hash(&mut h);
+        (security == Security::MutualTls).hash(&mut h);
+        source.workload.as_ref().map(Arc::as_ptr).hash(&mut h);
+        destination.workload.as_ref().map(Arc::as_ptr).hash(&mut h);
+        source.identity.hash(&mut h);
+        destination.identity.hash(&mut h);
+        destination.service.hash(&mut h);
+        h.finish()
+    }
+
+    fn get(
+        &self,
+        metrics: &Metrics,
+        direction: &'static str,
+        security: Security,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) -> Arc<LabelSet> {
+        let hash = self.hash(direction, security, source, destination);
+        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, set)) = sets.get(&hash).and_then(|v| {
+            v.iter()
+                .find(|(k, _)| k.matches(direction, security, source, destination))
+        }) {
+            return Arc::clone(set);
+        }
+        if sets.len() >= MAX_LABEL_SETS {
+            sets.clear();
+        }
+        let labels = labels(direction, security, source, destination);
+        let set = Arc::new(LabelSet {
+            opened: metrics.opened.get_or_create(&labels).clone(),
+            closed: metrics.closed.get_or_create(&labels).clone(),
+            received: metrics.received_bytes.get_or_create(&labels).clone(),
+            sent: metrics.sent_bytes.get_or_create(&labels).clone(),
+            labels,
+        });
+        let key = SetKey {
+            direction,
+            security,
+            source: source.workload.clone(),
+            destination: destination.workload.clone(),
+            source_identity: source.identity.clone(),
+            destination_identity: destination.identity.clone(),
+            service: destination.service.clone(),
+        };
+        sets.entry(hash).or_default().push((key, Arc::clone(&set)));
+        set
+    }
+}
+
+/// Istio's label set of a connection.
+fn labels(
+    direction: &str,
+    security: Security,
+    source: &Endpoint,
+    destination: &Endpoint,
+) -> ConnLabels {
+    let (src, dst) = (source.workload.as_ref(), destination.workload.as_ref());
+    ConnLabels {
+        reporter: if direction == "outbound" {
+            "source"
+        } else {
+            "destination"
+        },
+        source_workload: label(src, |w| Some(canonical(w))),
+        source_workload_namespace: label(src, |w| Some(w.namespace.clone())),
+        source_principal: principal(source.identity.as_ref()),
+        source_app: label(src, |w| w.labels.get("app").cloned()),
+        source_version: label(src, |w| w.labels.get("version").cloned()),
+        destination_workload: label(dst, |w| Some(canonical(w))),
+        destination_workload_namespace: label(dst, |w| Some(w.namespace.clone())),
+        destination_principal: principal(destination.identity.as_ref()),
+        destination_service: destination
+            .service
+            .as_deref()
+            .unwrap_or("unknown")
+            .to_owned(),
+        destination_app: label(dst, |w| w.labels.get("app").cloned()),
+        destination_version: label(dst, |w| w.labels.get("version").cloned()),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: match security {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        },
+    }
+}
+
 /// Metrics and access log of one connection.
 pub struct ConnRecord {
     metrics: Arc<Metrics>,
-    labels: ConnLabels,
+    set: Arc<LabelSet>,
+    /// Istio's response flag of how it ended (`-` unless it failed).
+    flags: &'static str,
     path: PathLabels,
     started: Instant,
     source: Endpoint,
@@ -114,43 +276,18 @@ impl ConnRecord {
         destination: Endpoint,
         security: Security,
     ) -> Self {
-        let (src, dst) = (source.workload.as_ref(), destination.workload.as_ref());
-        let labels = ConnLabels {
-            reporter: if direction == "outbound" {
-                "source"
-            } else {
-                "destination"
-            },
-            source_workload: label(src, |w| Some(canonical(w))),
-            source_workload_namespace: label(src, |w| Some(w.namespace.clone())),
-            source_principal: principal(source.identity.as_ref()),
-            source_app: label(src, |w| w.labels.get("app").cloned()),
-            source_version: label(src, |w| w.labels.get("version").cloned()),
-            destination_workload: label(dst, |w| Some(canonical(w))),
-            destination_workload_namespace: label(dst, |w| Some(w.namespace.clone())),
-            destination_principal: principal(destination.identity.as_ref()),
-            destination_service: destination
-                .service
-                .as_deref()
-                .unwrap_or("unknown")
-                .to_owned(),
-            destination_app: label(dst, |w| w.labels.get("app").cloned()),
-            destination_version: label(dst, |w| w.labels.get("version").cloned()),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: match security {
-                Security::MutualTls => "mutual_tls",
-                Security::None => "none",
-            },
-        };
+        let set = metrics
+            .label_sets
+            .get(metrics, direction, security, &source, &destination);
         let path = PathLabels { direction, path };
-        metrics.opened.get_or_create(&labels).inc();
+        set.opened.inc();
         metrics.open_connections.get_or_create(&path).inc();
         Self {
-            received: ByteCount::new(metrics.received_bytes.get_or_create(&labels).clone()),
-            sent: ByteCount::new(metrics.sent_bytes.get_or_create(&labels).clone()),
+            received: ByteCount::new(set.received.clone()),
+            sent: ByteCount::new(set.sent.clone()),
             metrics: Arc::clone(metrics),
-            labels,
+            set,
+            flags: "-",
             path,
             started: Instant::now(),
             source,
@@ -176,19 +313,19 @@ impl ConnRecord {
     /// e.g. `UF` for an upstream connect failure, `DENY` for a policy denial).
     pub fn fail(mut self, flag: &'static str, reason: &str) {
         self.reported_failure = true;
-        let mut labels = self.labels.clone();
+        let mut labels = self.set.labels.clone();
         labels.response_flags = flag;
         // The close is counted under its flag (the open was counted before the outcome was
         // known), so dashboards can break failures down by flag.
         self.metrics.closed.get_or_create(&labels).inc();
-        self.labels = labels;
+        self.flags = flag;
         self.finish(reason);
     }
 
     fn finish(&mut self, reason: &str) {
         let elapsed = self.started.elapsed();
         if !self.reported_failure {
-            self.metrics.closed.get_or_create(&self.labels).inc();
+            self.set.closed.inc();
         }
         self.metrics
             .duration_seconds
@@ -220,7 +357,7 @@ impl ConnRecord {
             bytes_sent = self.sent.get(),
             bytes_received = self.received.get(),
             duration_ms = elapsed.as_millis(),
-            response_flags = self.labels.response_flags,
+            response_flags = self.flags,
             reason,
             "connection complete"
         );

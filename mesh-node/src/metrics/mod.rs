@@ -103,6 +103,9 @@ pub struct Metrics {
     pub hbone_connections: Counter,
     pub enrolled_workloads: Gauge,
     pub connection_errors: Family<ErrorLabels, Counter>,
+    /// Istio label sets (and their counters) already built, shared by connections between the
+    /// same workloads (`conn.rs`).
+    label_sets: conn::LabelSets,
 }
 
 /// Why a connection was refused or cut short by the daemon.
@@ -137,6 +140,7 @@ impl Metrics {
             hbone_connections: Counter::default(),
             enrolled_workloads: Gauge::default(),
             connection_errors: Family::default(),
+            label_sets: conn::LabelSets::default(),
             registry: Registry::default(),
         };
         registry.register(

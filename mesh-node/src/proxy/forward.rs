@@ -4,15 +4,11 @@
 use std::{
     io,
     net::SocketAddr,
-    pin::Pin,
-    task::{Context, Poll},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::{io::Interest, net::TcpStream};
 
 use crate::{
     metrics::{ByteCount, ConnRecord},
@@ -40,64 +36,25 @@ pub async fn connect_in_netns(
     Ok(stream)
 }
 
-/// A stream that counts the bytes read from it.
-struct Counted<'a> {
-    inner: &'a mut TcpStream,
-    count: &'a ByteCount,
-}
-
-impl AsyncRead for Counted<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.count.add((buf.filled().len() - before) as u64);
-        result
-    }
-}
-
-impl AsyncWrite for Counted<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Copies both directions until each side has sent EOF; an EOF from one side is passed on as a
 /// half-close (`shutdown(SHUT_WR)`) to the other. Bytes are counted into `record` as they flow
 /// (client → upstream is "received", upstream → client "sent"); the record is closed with how
 /// the connection ended. A revoked `admission` resets both sides.
+///
+/// Each direction moves bytes with `splice(2)` through a pipe (the kernel moves the pages, no
+/// copy through user space); the pipe exists only while bytes are in flight, so an idle
+/// connection holds no buffer (see [`copy_one_way`]).
 pub async fn copy_recorded(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     record: ConnRecord,
     admission: Option<&super::Admission>,
 ) {
     let _ = client.set_nodelay(true);
     let result = {
-        let mut from_client = Counted {
-            inner: &mut client,
-            count: &record.received,
-        };
-        let mut from_upstream = Counted {
-            inner: &mut upstream,
-            count: &record.sent,
-        };
-        let copy = tokio::io::copy_bidirectional(&mut from_client, &mut from_upstream);
+        let up = copy_one_way(&client, &upstream, &record.received);
+        let down = copy_one_way(&upstream, &client, &record.sent);
+        let copy = async { tokio::try_join!(up, down) };
         let revoked = async {
             match admission {
                 Some(a) => a.closed.notified().await,
@@ -117,6 +74,136 @@ pub async fn copy_recorded(
                 let _ = upstream.set_zero_linger();
             }
             record.close(&e.to_string());
+        }
+    }
+}
+
+/// Bytes a pipe holds (the Linux default: 16 pages).
+const PIPE_BYTES: usize = 64 * 1024;
+/// Read buffer of the user-space fallback.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// A pipe used to splice between two sockets; closed on drop.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes in the pipe.
+    held: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(io::Error::from)?;
+        Ok(Self {
+            read,
+            write,
+            held: 0,
+        })
+    }
+}
+
+/// `splice(2)` between two descriptors, non-blocking on the pipe side.
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are valid for the call; no offsets (sockets and pipes).
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Moves bytes from `from` to `to` until `from` sends EOF (then half-closes `to`). Returns the
+/// byte count. Uses a pipe and `splice(2)`, created when bytes arrive and closed once they are
+/// all written and `from` has nothing more, so an idle direction holds nothing; falls back to
+/// a user-space copy (a 64 KiB buffer, same lifetime) if a pipe cannot be had.
+async fn copy_one_way(from: &TcpStream, to: &TcpStream, count: &ByteCount) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut pipe: Option<Pipe> = None;
+    loop {
+        from.readable().await?;
+        if pipe.is_none() {
+            match Pipe::new() {
+                Ok(p) => pipe = Some(p),
+                Err(_) => {
+                    // Out of descriptors: copy this burst through user space instead.
+                    match copy_burst(from, to, count).await? {
+                        Some(n) => {
+                            total += n;
+                            continue;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        let Some(p) = pipe.as_mut() else { continue };
+        let moved = from.try_io(Interest::READABLE, || {
+            splice(from.as_fd(), p.write.as_fd(), PIPE_BYTES)
+        });
+        match moved {
+            Ok(0) => break,
+            Ok(n) => {
+                p.held = n;
+                total += n as u64;
+                count.add(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing more for now: the pipe is empty (drained below), let it go.
+                pipe = None;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        while p.held > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(p.read.as_fd(), to.as_fd(), p.held)
+            }) {
+                Ok(n) => p.held -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+    Ok(total)
+}
+
+/// One burst through a user-space buffer: reads what `from` has (at least one read) and writes
+/// it all to `to`. `None` at EOF.
+async fn copy_burst(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &ByteCount,
+) -> io::Result<Option<u64>> {
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match from.try_read(&mut buf) {
+            Ok(0) if total == 0 => return Ok(None),
+            Ok(0) => return Ok(Some(total)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(total)),
+            Err(e) => return Err(e),
+        };
+        count.add(n as u64);
+        total += n as u64;
+        let mut written = 0;
+        while written < n {
+            to.writable().await?;
+            match to.try_write(&buf[written..n]) {
+                Ok(w) => written += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 }

@@ -420,8 +420,7 @@ impl Proxy {
                         return;
                     };
                     tokio::spawn(async move {
-                        this.outbound(&ctx, tcp, peer).await;
-                        drop(active);
+                        this.outbound(&ctx, tcp, peer, active).await;
                     });
                 },
             )));

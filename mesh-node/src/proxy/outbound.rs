@@ -34,7 +34,14 @@ impl Path {
 }
 
 impl Proxy {
-    pub(super) async fn outbound(&self, ctx: &PodContext, client: TcpStream, peer: SocketAddr) {
+    /// Carries one captured connection; `active` counts it until it is done.
+    pub(super) async fn outbound(
+        &self,
+        ctx: &PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        active: super::Active,
+    ) {
         let uid = ctx.workload.uid();
         let Some(dst) = self.orig_dst.take(ctx.worker.cookie(), peer) else {
             warn!(
@@ -106,7 +113,9 @@ impl Proxy {
             },
         );
         match (path, target, local_target) {
-            (Path::Hbone, Some(w), _) => self.via_hbone(ctx, client, dst, &w, record).await,
+            (Path::Hbone, Some(w), _) => {
+                self.via_hbone(ctx, client, dst, &w, record, active).await;
+            }
             (Path::SameNode, _, Some(pod)) => {
                 // The same admission as inbound, in process: both identities are known here.
                 if let Ok(admission) =
@@ -154,6 +163,7 @@ impl Proxy {
         dst: SocketAddr,
         target: &Arc<Workload>,
         record: ConnRecord,
+        active: super::Active,
     ) {
         let uid = ctx.workload.uid();
         let destination = self.mesh.identity(target);
@@ -162,8 +172,11 @@ impl Proxy {
             destination: destination.clone(),
             address: SocketAddr::new(dst.ip(), hbone::PORT),
         };
-        // The first certificate may still be on its way from the CA.
-        if let Err(e) = self.mesh.certs.get(&ctx.identity).await {
+        // The first certificate may still be on its way from the CA. Futures that finish before
+        // the long copy phase are boxed, so that the task of an open connection does not carry
+        // their state (memory per idle connection).
+        let certificate = Box::pin(self.mesh.certs.get(&ctx.identity));
+        if let Err(e) = certificate.await {
             warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "no certificate for the source workload");
             record.fail("UF", &e.to_string());
             forward::reset(client);
@@ -178,11 +191,11 @@ impl Proxy {
                 return;
             }
         };
-        let stream = match self
-            .pool
-            .connect(&key, dst, &ctx.worker, self.mark, &config)
-            .await
-        {
+        let connect = Box::pin(
+            self.pool
+                .connect(&key, dst, &ctx.worker, self.mark, &config),
+        );
+        let stream = match connect.await {
             Ok(s) => s,
             Err(e) => {
                 warn!(
@@ -202,13 +215,20 @@ impl Proxy {
         let hbone::Stream {
             send, recv, guard, ..
         } = stream;
-        // Application → stream is "received" (request direction), stream → application "sent".
-        let result = hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
-        drop(guard);
-        match result {
-            Ok(_) => record.close("completed"),
-            Err(e) => record.close(&e.to_string()),
-        }
+        // The copy phase runs in a task of its own that holds only what it needs, so the setup
+        // state (pool, handshake futures) is freed: an open connection costs less memory.
+        tokio::spawn(async move {
+            // Application → stream is "received" (request direction), stream → application
+            // "sent".
+            let result =
+                hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
+            drop(guard);
+            match result {
+                Ok(_) => record.close("completed"),
+                Err(e) => record.close(&e.to_string()),
+            }
+            drop(active);
+        });
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Mutex, PoisonError, mpsc},
 };
 
 use nix::sched::{CloneFlags, setns};
@@ -25,6 +25,21 @@ pub struct NetnsWorker {
     jobs: mpsc::Sender<Job>,
     path: PathBuf,
     cookie: u64,
+    /// Sockets made ahead of need, so that a new connection takes one without a round trip to
+    /// the namespace thread (see [`NetnsWorker::tcp_socket`]).
+    spares: Arc<Mutex<Spares>>,
+}
+
+/// Spare sockets kept per namespace and address family.
+const SPARES: usize = 8;
+
+/// Unconnected marked sockets made in the namespace, by family (`[IPv4, IPv6]`).
+#[derive(Debug, Default)]
+struct Spares {
+    mark: u32,
+    sockets: [Vec<Socket>; 2],
+    /// A refill is queued on the namespace thread.
+    refilling: [bool; 2],
 }
 
 fn enter(path: &Path) -> io::Result<()> {
@@ -63,6 +78,7 @@ impl NetnsWorker {
             jobs,
             path: path.to_owned(),
             cookie,
+            spares: Arc::default(),
         })
     }
 
@@ -111,9 +127,66 @@ impl NetnsWorker {
     }
 
     /// A non-blocking TCP socket created in the namespace, carrying `mark`, ready to connect.
+    ///
+    /// Taken from the spares made ahead by the namespace thread when there is one (no round
+    /// trip to that thread on the connection path); the spares are refilled in the background
+    /// once half are used. The first request of a family, or one that finds none, waits for
+    /// the thread.
     pub async fn tcp_socket(&self, v6: bool, mark: u32) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.run(move || marked_socket(v6, mark)).await??;
+        let family = usize::from(v6);
+        let spare = {
+            let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
+            if spares.mark != mark {
+                // Spares carry one mark; a different one (never in practice) starts over.
+                *spares = Spares {
+                    mark,
+                    ..Spares::default()
+                };
+            }
+            spares.sockets[family].pop()
+        };
+        let socket = match spare {
+            Some(socket) => socket,
+            None => self.run(move || marked_socket(v6, mark)).await??,
+        };
+        self.refill(v6, mark);
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Queues making spare sockets of one family on the namespace thread, when fewer than half
+    /// are left and no refill is queued yet.
+    fn refill(&self, v6: bool, mark: u32) {
+        let family = usize::from(v6);
+        {
+            let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
+            if spares.refilling[family] || spares.sockets[family].len() >= SPARES / 2 {
+                return;
+            }
+            spares.refilling[family] = true;
+        }
+        let spares = Arc::clone(&self.spares);
+        let job = Box::new(move || {
+            let have = spares
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sockets[family]
+                .len();
+            // Made outside the lock; a failure (e.g. out of descriptors) just leaves fewer.
+            let made: Vec<Socket> = (have..SPARES)
+                .map_while(|_| marked_socket(v6, mark).ok())
+                .collect();
+            let mut spares = spares.lock().unwrap_or_else(PoisonError::into_inner);
+            spares.refilling[family] = false;
+            if spares.mark == mark {
+                spares.sockets[family].extend(made);
+            }
+        });
+        if self.jobs.send(job).is_err() {
+            self.spares
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .refilling[family] = false;
+        }
     }
 }
 

@@ -38,13 +38,13 @@ pub enum TlsError {
     Roots(#[source] webpki::Error),
 }
 
-/// The crypto provider: ring, restricted to the TLS 1.3 AES-GCM suites HBONE peers use.
+/// The crypto provider: aws-lc-rs, restricted to the TLS 1.3 AES-GCM suites HBONE peers use.
 #[must_use]
 pub fn provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
     ];
     Arc::new(provider)
 }

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use super::Figure;
+use super::{Figure, profile::Profiles};
 
 fn human(value: f64, unit: &str) -> String {
     if !value.is_finite() {
@@ -67,6 +67,7 @@ pub fn write(
     quick: bool,
     figures: &[Figure],
     previous: Option<&[Figure]>,
+    profiles: &Profiles,
 ) -> anyhow::Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -125,12 +126,14 @@ pub fn write(
             println!("REGRESSION: {r}");
         }
     }
+    md.push_str(&super::profile::markdown(profiles));
     let json = serde_json::json!({
         "quick": quick,
         "kernel": kernel,
         "cpu": cpu,
         "figures": figures,
         "regressions": regressed,
+        "profile": profiles,
     });
     std::fs::write(
         dir.join("report.json"),

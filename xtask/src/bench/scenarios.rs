@@ -6,7 +6,11 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context as _, bail};
 use mesh_tests::{Daemon, Testbed, Topology};
 
-use super::{Figure, stats};
+use super::{
+    Figure,
+    profile::{self, Profiles},
+    stats,
+};
 use crate::util::Step;
 
 const PORT: u16 = 9000;
@@ -169,7 +173,12 @@ fn figure(
     }
 }
 
-pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
+/// Runs every scenario; with `profile_dir`, also records the daemons' profiles there.
+pub fn run_all(
+    quick: bool,
+    bin: &Path,
+    profile_dir: Option<&Path>,
+) -> anyhow::Result<(Vec<Figure>, Profiles)> {
     let tool = bin.join("mesh-bench").to_str().context("path")?.to_owned();
     let daemon_exe = bin.join("mesh-node");
     let bed = Testbed::up(
@@ -177,6 +186,14 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
             .node("node-a", &["a1", "a2"])
             .node("node-b", &["b1"]),
     )?;
+    // Thousands of short connections a second leave thousands of client ports in TIME_WAIT;
+    // let new connections reuse them (as the kernel already does on loopback) so that neither
+    // the direct baseline nor the mesh runs out of ports during the connection-rate scenario.
+    for pod in ["a1", "a2", "b1"] {
+        bed.pod(pod)
+            .exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse"])?
+            .ok()?;
+    }
     let mut servers = Vec::new();
     for pod in ["a2", "b1"] {
         let mut s = bed
@@ -223,6 +240,14 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
     let mesh = measure(&bench, &cross, &same, rate)?;
     step.done();
 
+    let profiles = match profile_dir {
+        Some(dir) => profile_daemons(&bench, dir, &[pa, pb], &cross, rate),
+        None => Profiles {
+            note: Some("not requested (`cargo xtask bench --profile`)".to_owned()),
+            profiles: Vec::new(),
+        },
+    };
+
     let idle_count: u64 = if quick { 1000 } else { 10_000 };
     let step = Step::start(&format!(
         "memory: {idle_count} idle connections through the mesh"
@@ -254,7 +279,53 @@ pub fn run_all(quick: bool, bin: &Path) -> anyhow::Result<Vec<Figure>> {
         cpu_per_gib,
         cpu_per_k,
     };
-    Ok(figures(&direct, &mesh, &extras))
+    Ok((figures(&direct, &mesh, &extras), profiles))
+}
+
+/// Records both daemons with `perf` during the cross-node throughput, request/response and
+/// connection-rate scenarios. Never fails: what could not be recorded is noted instead.
+fn profile_daemons(b: &Bench<'_>, dir: &Path, pids: &[u32], cross: &str, rate: u64) -> Profiles {
+    let step = Step::start("profile: perf record on both daemons (throughput, rr, connrate)");
+    let mut out = Profiles::default();
+    if let Err(why) = profile::available() {
+        println!("    no profile: {why}");
+        out.note = Some(why);
+        return out;
+    }
+    let secs = b.secs.max(2).to_string();
+    let rate_s = rate.to_string();
+    let runs: [(&str, String, Vec<&str>); 3] = [
+        (
+            "throughput",
+            format!("cross-node HBONE, 1 stream, {secs} s"),
+            vec!["throughput", cross, &secs, "1"],
+        ),
+        (
+            "rr",
+            format!("cross-node HBONE, 1 KiB request/response at {rate}/s, {secs} s"),
+            vec!["rr", cross, &rate_s, &secs],
+        ),
+        (
+            "connrate",
+            format!("cross-node HBONE, new connections back to back, {secs} s"),
+            vec!["connrate", cross, &secs],
+        ),
+    ];
+    for (name, description, args) in runs {
+        match profile::record(dir, name, &description, pids, || {
+            b.run("a1", &args).map(|_| ())
+        }) {
+            Ok(p) => out.profiles.push(p),
+            Err(e) => {
+                println!("    profile {name} failed: {e:#}");
+                let note = out.note.get_or_insert_with(String::new);
+                let _ = std::fmt::Write::write_fmt(note, format_args!("{name}: {e:#}. "));
+            }
+        }
+    }
+    print!("{}", profile::summary(&out));
+    step.done();
+    out
 }
 
 /// Figures measured only through the mesh.
