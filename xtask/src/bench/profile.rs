@@ -496,7 +496,9 @@ pub fn markdown(p: &Profiles) -> String {
          CPU-clock samples of both `mesh-node` processes (all threads, kernel included) while one \
          scenario runs; each sample is put in one category by the function it hit (kernel time \
          spent waiting, waking a thread or switching threads counts as scheduling). Flame \
-         graphs are next to this report.\n",
+         graphs are next to this report. What binds each figure and what would close the gap \
+         to the targets: `docs/performance.md`, \"The remaining gap, and what would close \
+         it\".\n",
     );
     if let Some(note) = &p.note {
         let _ = writeln!(md, "\nNo profile: {note}");
