@@ -58,8 +58,14 @@ pub enum AppError {
     Signals(#[source] std::io::Error),
     #[error("serializing the configuration")]
     Serialize(#[source] serde_json::Error),
+    #[cfg(feature = "kubernetes")]
     #[error("Kubernetes state source")]
     Kube(#[source] state::kube::KubeError),
+    #[cfg(not(feature = "kubernetes"))]
+    #[error(
+        "`kubernetes.enabled` is set, but this mesh-node was built without the `kubernetes` feature"
+    )]
+    NoKubernetes,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. `config_file` is watched for workload changes.
@@ -194,19 +200,16 @@ pub async fn run(
     Ok(())
 }
 
+/// The state sources' tasks and the channel of states they publish.
+type Sources = (
+    Vec<tokio::task::JoinHandle<()>>,
+    watch::Receiver<Arc<MeshState>>,
+);
+
 /// Starts the state sources: the file watcher, and with `kubernetes.enabled` the Kubernetes
 /// source, which merges the file's state into the cluster's. Returns their tasks and the
 /// channel of states (the first one is pending until the cluster's state is synced).
-async fn start_sources(
-    config: &Config,
-    config_file: Option<PathBuf>,
-) -> Result<
-    (
-        Vec<tokio::task::JoinHandle<()>>,
-        watch::Receiver<Arc<MeshState>>,
-    ),
-    AppError,
-> {
+async fn start_sources(config: &Config, config_file: Option<PathBuf>) -> Result<Sources, AppError> {
     let from_file = MeshState::from_config(config).map_err(AppError::Policy)?;
     if !config.kubernetes.enabled {
         let (tx, states) = watch::channel(Arc::new(from_file));
@@ -214,6 +217,26 @@ async fn start_sources(
         return Ok((watcher.into_iter().collect(), states));
     }
     crate::redirect::set_proc_root(config.kubernetes.proc_root.clone());
+    start_kube(config, config_file, from_file).await
+}
+
+#[cfg(not(feature = "kubernetes"))]
+#[allow(clippy::unused_async, reason = "the signature of the Kubernetes variant")]
+async fn start_kube(
+    _config: &Config,
+    _config_file: Option<PathBuf>,
+    _from_file: MeshState,
+) -> Result<Sources, AppError> {
+    Err(AppError::NoKubernetes)
+}
+
+/// The Kubernetes source, fed the file's state.
+#[cfg(feature = "kubernetes")]
+async fn start_kube(
+    config: &Config,
+    config_file: Option<PathBuf>,
+    from_file: MeshState,
+) -> Result<Sources, AppError> {
     let client = state::kube::client(&config.kubernetes)
         .await
         .map_err(AppError::Kube)?;

@@ -2,6 +2,7 @@
 //! source at a time (`file` today).
 
 pub mod file;
+#[cfg(feature = "kubernetes")]
 pub mod kube;
 pub mod service;
 
