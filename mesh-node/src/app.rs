@@ -221,7 +221,10 @@ async fn start_sources(config: &Config, config_file: Option<PathBuf>) -> Result<
 }
 
 #[cfg(not(feature = "kubernetes"))]
-#[allow(clippy::unused_async, reason = "the signature of the Kubernetes variant")]
+#[allow(
+    clippy::unused_async,
+    reason = "the signature of the Kubernetes variant"
+)]
 async fn start_kube(
     _config: &Config,
     _config_file: Option<PathBuf>,
