@@ -178,8 +178,9 @@ mod tests {
         let next = scan(&dir, &wanted, &first);
         assert_eq!(next[UID].pid, 20);
         // Sandbox replaced: the namespace (inode) changes under the same pid.
+        // (The new file exists before the old one goes, so the two inodes differ: a freed
+        // inode number can be reused at once.)
         let ns_file = dir.join("20/ns/net");
-        std::fs::remove_file(&ns_file).unwrap();
         std::fs::write(dir.join("20/ns/net2"), "").unwrap();
         std::fs::rename(dir.join("20/ns/net2"), &ns_file).unwrap();
         let replaced = scan(&dir, &wanted, &next);
