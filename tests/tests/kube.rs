@@ -460,16 +460,20 @@ fn services(fx: &Fixture) {
 fn unlabel(fx: &Fixture) {
     let (bed, api, a, b) = (&fx.bed, &fx.api, &fx.daemons[0], &fx.daemons[1]);
     // Removing the label unenrolls every pod; traffic is direct again.
+    // (b1 was unenrolled once already, when its sandbox went away: count from here.)
+    let pods = [(a, "a1"), (a, "a2"), (b, "b1")];
+    let before: Vec<usize> = pods
+        .iter()
+        .map(|(daemon, pod)| enrolled_count(daemon, &format!("{NS}/{pod}")).1)
+        .collect();
     api.apply(namespace(&json!({}))).unwrap();
-    for (daemon, pods) in [(a, &["a1", "a2"][..]), (b, &["b1"][..])] {
-        for pod in pods {
-            let uid = format!("{NS}/{pod}");
-            wait_until(
-                &format!("{uid} unenrolled"),
-                Duration::from_secs(10),
-                || enrolled_count(daemon, &uid).1 >= 1,
-            );
-        }
+    for ((daemon, pod), before) in pods.iter().zip(before) {
+        let uid = format!("{NS}/{pod}");
+        wait_until(
+            &format!("{uid} unenrolled"),
+            Duration::from_secs(10),
+            || enrolled_count(daemon, &uid).1 > before,
+        );
     }
     let inbound_before = access(b, |r| r["direction"] == "inbound").len();
     assert!(connects(bed, "a1", &b1_addr(bed)));
