@@ -1,6 +1,7 @@
-//! Address helpers: normalising IPv4-mapped IPv6 addresses, loopback tests, LPM keys.
+//! Address helpers: normalising IPv4-mapped IPv6 addresses, comparisons, loopback tests, LPM
+//! keys.
 
-use mesh_common::{FAMILY_V4, FAMILY_V6, IpKey, SockAddr};
+use mesh_common::{FAMILY_V4, FAMILY_V6, SockAddr};
 
 /// `::ffff:0:0/96` prefix word (word 2 of a mapped address, network order).
 const MAPPED_WORD: u32 = 0x0000_ffff_u32.to_be();
@@ -52,12 +53,14 @@ pub fn is_loopback(addr: &SockAddr) -> bool {
     }
 }
 
+/// Whether two addresses are the same (ports ignored).
 #[inline(always)]
-pub fn ip_key(addr: &SockAddr) -> IpKey {
-    IpKey {
-        ip: addr.ip,
-        family: u32::from(addr.family),
-    }
+pub fn same_ip(a: &SockAddr, b: &SockAddr) -> bool {
+    a.family == b.family
+        && a.ip[0] == b.ip[0]
+        && a.ip[1] == b.ip[1]
+        && a.ip[2] == b.ip[2]
+        && a.ip[3] == b.ip[3]
 }
 
 /// The 16 address bytes used as LPM trie data (IPv4 as `::ffff:a.b.c.d`).

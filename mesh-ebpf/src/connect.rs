@@ -103,7 +103,7 @@ fn excluded(dst: &SockAddr, netns: u64) -> bool {
     addr::is_loopback(dst)
         || lookup_excluded_port(dst.port)
         || lookup_excluded_cidr(dst)
-        || lookup_pod_addr(&addr::ip_key(dst)) == Some(netns)
+        || lookup_pod_addr(netns, dst).is_some()
 }
 
 /// Points the socket at the outbound listener of its own netns.

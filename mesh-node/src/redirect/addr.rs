@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use mesh_common::{ConnKey, FAMILY_V4, FAMILY_V6, IpKey, SockAddr};
+use mesh_common::{ConnKey, FAMILY_V4, FAMILY_V6, PodAddrKey, SockAddr};
 
 /// Address words as the kernel stores them (network byte order in memory; IPv4 in word 0). An
 /// IPv4-mapped IPv6 address is treated as the IPv4 address, as the kernel programs do.
@@ -20,12 +20,26 @@ fn words(ip: IpAddr) -> ([u32; 4], u16) {
     }
 }
 
-pub fn ip_key(ip: IpAddr) -> IpKey {
+/// The key of `ip` as an address of the pod with netns `netns`.
+pub fn pod_addr_key(netns: u64, ip: IpAddr) -> PodAddrKey {
     let (ip, family) = words(ip);
-    IpKey {
+    PodAddrKey {
+        netns,
         ip,
         family: u32::from(family),
+        pad: 0,
     }
+}
+
+/// The address a [`PodAddrKey`] holds; `None` for an unknown family.
+pub fn pod_addr_ip(key: &PodAddrKey) -> Option<IpAddr> {
+    let family = u16::try_from(key.family).ok()?;
+    to_socket_addr(&SockAddr {
+        ip: key.ip,
+        port: 0,
+        family,
+    })
+    .map(|a| a.ip())
 }
 
 pub fn conn_key(netns: u64, peer: SocketAddr) -> ConnKey {
@@ -85,9 +99,12 @@ mod tests {
         }
         let mapped: IpAddr = "::ffff:198.18.1.2".parse().unwrap();
         let plain: IpAddr = "198.18.1.2".parse().unwrap();
-        assert_eq!(ip_key(mapped), ip_key(plain));
+        assert_eq!(pod_addr_key(7, mapped), pod_addr_key(7, plain));
         // Network byte order in memory: the first octet is the first byte of word 0.
-        assert_eq!(ip_key(plain).ip[0].to_ne_bytes(), [198, 18, 1, 2]);
+        assert_eq!(pod_addr_key(7, plain).ip[0].to_ne_bytes(), [198, 18, 1, 2]);
+        for ip in [plain, "fe80::1".parse().unwrap()] {
+            assert_eq!(pod_addr_ip(&pod_addr_key(7, ip)), Some(ip));
+        }
     }
 
     #[test]
