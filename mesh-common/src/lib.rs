@@ -7,6 +7,8 @@
 //! 32-bit words in network byte order (an IPv4 address in word 0), ports in host byte order.
 #![no_std]
 
+mod addr;
+
 use core::mem::size_of;
 
 /// `SO_MARK` carried by every socket the daemon opens (1337, as Istio uses). The kernel programs

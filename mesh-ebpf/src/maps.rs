@@ -12,8 +12,6 @@ use mesh_common::{
     MAX_POD_ADDRS, NetnsInfo, PodAddrKey, SockAddr,
 };
 
-use crate::addr;
-
 #[map(name = "MESH_ENROLLED")]
 static ENROLLED: HashMap<u64, NetnsInfo> = HashMap::pinned(MAX_ENROLLED_NETNS, 0);
 
@@ -90,12 +88,7 @@ pub fn lookup_enrolled_netns(cookie: u64) -> Option<NetnsInfo> {
 /// The flags of `addr` if it is an address of the enrolled pod with netns `netns`.
 #[inline(always)]
 pub fn lookup_pod_addr(netns: u64, addr: &SockAddr) -> Option<u32> {
-    let key = PodAddrKey {
-        netns,
-        ip: addr.ip,
-        family: u32::from(addr.family),
-        pad: 0,
-    };
+    let key = PodAddrKey::new(netns, addr);
     // SAFETY: as above.
     unsafe { POD_ADDRS.get(&key).copied() }
 }
@@ -129,9 +122,7 @@ pub fn forget_conn_dst(key: &ConnKey) {
 /// Whether the destination is in an excluded CIDR.
 #[inline(always)]
 pub fn lookup_excluded_cidr(dst: &SockAddr) -> bool {
-    EXCL_CIDRS
-        .get(Key::new(128, addr::lpm_bytes(dst)))
-        .is_some()
+    EXCL_CIDRS.get(Key::new(128, dst.lpm_bytes())).is_some()
 }
 
 #[inline(always)]

@@ -28,12 +28,9 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::{ADDR_HBONE, Counter};
+use mesh_common::{ADDR_HBONE, Counter, SockAddr};
 
-use crate::{
-    addr,
-    maps::{INBOUND, count, hbone_port, lookup_pod_addr, netns_cookie},
-};
+use crate::maps::{INBOUND, count, hbone_port, lookup_pod_addr, netns_cookie};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -75,21 +72,18 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<(), ()> {
     let (local, remote) = unsafe {
         if family == AF_INET {
             (
-                addr::from_v4((*l).local_ip4, port),
-                addr::from_v4((*l).remote_ip4, 0),
+                SockAddr::from_v4((*l).local_ip4, port),
+                SockAddr::from_v4((*l).remote_ip4, 0),
             )
         } else {
             (
-                addr::from_v6((*l).local_ip6, port),
-                addr::from_v6((*l).remote_ip6, 0),
+                SockAddr::from_v6((*l).local_ip6, port),
+                SockAddr::from_v6((*l).remote_ip6, 0),
             )
         }
     };
     let netns = netns_cookie();
-    if addr::is_loopback(&remote)
-        || addr::same_ip(&remote, &local)
-        || lookup_pod_addr(netns, &remote).is_some()
-    {
+    if remote.is_loopback() || remote.same_ip(&local) || lookup_pod_addr(netns, &remote).is_some() {
         count(Counter::LookupBypassed);
         return Ok(());
     }

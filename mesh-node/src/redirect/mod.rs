@@ -1,7 +1,6 @@
 //! Kernel redirection: loading, attaching and feeding mesh's eBPF programs, the
 //! network-namespace plumbing they need, and enrolling pods.
 
-mod addr;
 mod netns;
 mod pods;
 mod programs;

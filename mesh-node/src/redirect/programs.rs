@@ -40,8 +40,6 @@ use mesh_common::{
 };
 use tracing::{debug, info};
 
-use super::addr;
-
 /// The object built from `mesh-ebpf` by `build.rs` (empty when the BPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-programs"));
 
@@ -152,14 +150,14 @@ impl OrigDstTable {
     /// Takes the original destination of the connection accepted from `peer` by a listener in
     /// the netns with `netns` cookie.
     pub fn take(&self, netns: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = addr::conn_key(netns, peer);
+        let key = ConnKey::new(netns, &SockAddr::from_socket_addr(peer));
         let mut map = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        addr::to_socket_addr(&dst)
+        dst.to_socket_addr()
     }
 }
 
@@ -432,13 +430,13 @@ impl Programs {
         flags: u32,
     ) -> Result<(), RedirectError> {
         self.hash_map::<PodAddrKey, u32>(MAP_POD_ADDRS)?
-            .insert(addr::pod_addr_key(cookie, ip), flags, 0)
+            .insert(pod_addr_key(cookie, ip), flags, 0)
             .map_err(map_err(MAP_POD_ADDRS))
     }
 
     /// Forgets `ip` as an address of the pod in netns `cookie` (absent is fine).
     pub fn remove_pod_addr(&mut self, cookie: u64, ip: IpAddr) -> Result<(), RedirectError> {
-        self.remove_pod_key(&addr::pod_addr_key(cookie, ip))
+        self.remove_pod_key(&pod_addr_key(cookie, ip))
     }
 
     /// Pod addresses recorded in the kernel, with their flags.
@@ -453,7 +451,7 @@ impl Programs {
             .pod_addrs()?
             .into_iter()
             .filter(|(key, _)| key.netns == cookie)
-            .filter_map(|(key, flags)| Some((addr::pod_addr_ip(&key)?, flags)))
+            .filter_map(|(key, flags)| Some((key.ip()?, flags)))
             .collect())
     }
 
@@ -512,7 +510,7 @@ impl Programs {
             let _ = trie.remove(&key);
         }
         for net in cidrs {
-            let (data, len) = addr::lpm_key(net);
+            let (data, len) = lpm_key(net);
             trie.insert(&LpmKey::new(len, data), 1, 0)
                 .map_err(map_err(name))?;
         }
@@ -553,6 +551,22 @@ impl Programs {
             snapshot.0[counter as usize] = per_cpu.iter().sum();
         }
         Ok(snapshot)
+    }
+}
+
+/// The key of `ip` as an address of the pod with netns `netns`.
+fn pod_addr_key(netns: u64, ip: IpAddr) -> PodAddrKey {
+    PodAddrKey::new(netns, &SockAddr::from_socket_addr(SocketAddr::new(ip, 0)))
+}
+
+/// LPM trie data and prefix length for a CIDR (IPv4 as `::ffff:0:0/96` + prefix, as the kernel
+/// looks it up).
+fn lpm_key(net: &ipnet::IpNet) -> ([u8; 16], u32) {
+    let data = SockAddr::from_socket_addr(SocketAddr::new(net.network(), 0)).lpm_bytes();
+    let prefix = u32::from(net.prefix_len());
+    match net {
+        ipnet::IpNet::V4(_) => (data, 96 + prefix),
+        ipnet::IpNet::V6(_) => (data, prefix),
     }
 }
 
@@ -654,6 +668,15 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lpm_keys_map_ipv4_into_ipv6() {
+        let (data, len) = lpm_key(&"10.0.0.0/8".parse().unwrap());
+        assert_eq!(len, 104);
+        assert_eq!(&data[10..13], &[0xff, 0xff, 10]);
+        let (data, len) = lpm_key(&"fd00::/8".parse().unwrap());
+        assert_eq!((data[0], len), (0xfd, 8));
+    }
 
     #[test]
     fn snapshot_names_follow_counter_order() {
