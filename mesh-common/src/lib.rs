@@ -7,6 +7,8 @@
 //! 32-bit words in network byte order (an IPv4 address in word 0), ports in host byte order.
 #![no_std]
 
+mod addr;
+
 use core::mem::size_of;
 
 /// `SO_MARK` carried by every socket the daemon opens (1337, as Istio uses). The kernel programs
@@ -26,20 +28,22 @@ pub const PORT_METRICS: u16 = 15020;
 /// Node readiness endpoint.
 pub const PORT_READINESS: u16 = 15021;
 
-/// `AF_INET`, as stored in [`SockAddr::family`] and [`IpKey::family`].
+/// `AF_INET`, as stored in [`SockAddr::family`] and [`PodAddrKey::family`].
 pub const FAMILY_V4: u16 = 2;
 /// `AF_INET6`.
 pub const FAMILY_V6: u16 = 10;
 
 /// Enrolled network namespaces: `u64` netns cookie → [`NetnsInfo`].
 pub const MAP_ENROLLED_NETNS: &str = "MESH_ENROLLED";
-/// Pod addresses on this node: [`IpKey`] → owning netns cookie (`u64`). Used by `sk_lookup`
-/// (fail closed for a known pod address without a listener) and by `connect` (a pod dialling
-/// its own address is not captured).
-pub const MAP_POD_ADDRS: &str = "MESH_POD_ADDRS";
-/// Inbound capture listeners: [`IpKey`] (pod address) → the pod's 15006 listening socket
-/// (`SOCKHASH`).
-pub const MAP_INBOUND_LISTENERS: &str = "MESH_INBOUND";
+/// Addresses of each enrolled pod's network namespace: [`PodAddrKey`] (netns cookie, address)
+/// → `u32` flags ([`ADDR_HBONE`]). The daemon records every address the namespace has, listed
+/// in the workload or not. `connect` leaves a pod dialling one of its own addresses alone;
+/// `sk_lookup` recognises the pod talking to itself by its source address, and lets port 15008
+/// through only to an address where the daemon's HBONE listener is bound.
+pub const MAP_POD_ADDRS: &str = "MESH_NETNS_ADDRS";
+/// Inbound capture listeners: `u64` netns cookie → the pod's 15006 listening socket
+/// (`SOCKHASH`). The netns is the unit of capture, so one listener takes every address.
+pub const MAP_INBOUND_LISTENERS: &str = "MESH_LISTENERS";
 /// Original destination per captured socket: `u64` socket cookie → [`SockAddr`]. Written by
 /// `connect`, read by `getpeername` and `sockops`, removed when the socket closes.
 pub const MAP_SOCK_ORIG_DST: &str = "MESH_SOCK_DST";
@@ -58,8 +62,12 @@ pub const MAP_COUNTERS: &str = "MESH_COUNTERS";
 /// Capacity of [`MAP_ENROLLED_NETNS`]: enrolled pods on one node. Kubernetes' default pod limit
 /// per node is 110; 4096 leaves room for dense nodes and VMs.
 pub const MAX_ENROLLED_NETNS: u32 = 4096;
-/// Capacity of [`MAP_POD_ADDRS`] and [`MAP_INBOUND_LISTENERS`]: a few addresses per pod.
-pub const MAX_POD_ADDRS: u32 = 4 * MAX_ENROLLED_NETNS;
+/// Capacity of [`MAP_POD_ADDRS`]: a pod has a few addresses (IPv4, IPv6, IPv6 link-local, and
+/// more on several interfaces).
+pub const MAX_POD_ADDRS: u32 = 8 * MAX_ENROLLED_NETNS;
+
+/// [`MAP_POD_ADDRS`] flag: the daemon's HBONE listener (15008) is bound on this address.
+pub const ADDR_HBONE: u32 = 1;
 /// Capacity of the original-destination maps: open captured connections on one node. LRU, so a
 /// leak can never fill them; entries are also removed when sockets close.
 pub const MAX_CAPTURED_CONNECTIONS: u32 = 262_144;
@@ -90,16 +98,20 @@ pub struct SockAddr {
 }
 const _: () = assert!(size_of::<SockAddr>() == 20);
 
-/// A pod address (key of [`MAP_POD_ADDRS`] and [`MAP_INBOUND_LISTENERS`]).
+/// An address of one pod's network namespace (key of [`MAP_POD_ADDRS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct IpKey {
+pub struct PodAddrKey {
+    /// Netns cookie of the pod.
+    pub netns: u64,
     /// Address words in network byte order; IPv4 uses word 0.
     pub ip: [u32; 4],
-    /// [`FAMILY_V4`] or [`FAMILY_V6`] (as `u32`, so the key has no padding).
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u32,
+    /// Explicit padding (zero).
+    pub pad: u32,
 }
-const _: () = assert!(size_of::<IpKey>() == 20);
+const _: () = assert!(size_of::<PodAddrKey>() == 32);
 
 /// Key of [`MAP_CONN_ORIG_DST`]: the captured client socket's netns and local address, which
 /// is the peer address of the connection the daemon accepts on 15001 in that netns.
@@ -143,15 +155,21 @@ pub enum Counter {
     PeerRewritten = 7,
     /// `sk_lookup` handed a connection to a pod's inbound listener.
     LookupCaptured = 8,
-    /// `sk_lookup` left a connection alone (loopback, HBONE port, not a pod address, not TCP).
+    /// `sk_lookup` left a connection alone: not TCP, arrived on loopback, the pod talking to
+    /// itself, or the daemon's HBONE port on an address where its listener is bound.
     LookupBypassed = 9,
-    /// `sk_lookup` found a pod address without a listener (daemon absent) and dropped it.
+    /// `sk_lookup` found no inbound listener for the pod (daemon absent) and dropped the
+    /// connection (fail closed).
     LookupFailed = 10,
+    /// `sk_lookup` dropped a connection to port 15008 on an address where the daemon's HBONE
+    /// listener is not bound (it would reach whatever the application bound there, around
+    /// mTLS).
+    LookupRefused = 11,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::ConnectCaptured,
         Counter::ConnectNotEnrolled,
         Counter::ConnectMarked,
@@ -163,6 +181,7 @@ impl Counter {
         Counter::LookupCaptured,
         Counter::LookupBypassed,
         Counter::LookupFailed,
+        Counter::LookupRefused,
     ];
 
     /// Stable, label-friendly name.
@@ -180,6 +199,7 @@ impl Counter {
             Counter::LookupCaptured => "lookup_captured",
             Counter::LookupBypassed => "lookup_bypassed",
             Counter::LookupFailed => "lookup_failed",
+            Counter::LookupRefused => "lookup_refused",
         }
     }
 }
@@ -194,6 +214,6 @@ mod user {
     // every bit pattern is a valid value.
     unsafe impl aya::Pod for super::NetnsInfo {}
     unsafe impl aya::Pod for super::SockAddr {}
-    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::PodAddrKey {}
     unsafe impl aya::Pod for super::ConnKey {}
 }

@@ -16,12 +16,9 @@ use aya_ebpf::{
 };
 use mesh_common::{Counter, FAMILY_V4, SockAddr};
 
-use crate::{
-    addr,
-    maps::{
-        count, daemon_mark, lookup_enrolled_netns, lookup_excluded_cidr, lookup_excluded_port,
-        lookup_pod_addr, outbound_port, record_sock_dst,
-    },
+use crate::maps::{
+    count, daemon_mark, lookup_enrolled_netns, lookup_excluded_cidr, lookup_excluded_port,
+    lookup_pod_addr, outbound_port, record_sock_dst,
 };
 
 const ALLOW: i32 = 1;
@@ -79,9 +76,9 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
     // SAFETY: as above.
     let dst = unsafe {
         if v6 {
-            addr::from_v6((*sa).user_ip6, port)
+            SockAddr::from_v6((*sa).user_ip6, port)
         } else {
-            addr::from_v4((*sa).user_ip4, port)
+            SockAddr::from_v4((*sa).user_ip4, port)
         }
     };
     if kind != SOCK_STREAM || protocol != IPPROTO_TCP || excluded(&dst, netns) {
@@ -100,10 +97,10 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<(), ()> {
 }
 
 fn excluded(dst: &SockAddr, netns: u64) -> bool {
-    addr::is_loopback(dst)
+    dst.is_loopback()
         || lookup_excluded_port(dst.port)
         || lookup_excluded_cidr(dst)
-        || lookup_pod_addr(&addr::ip_key(dst)) == Some(netns)
+        || lookup_pod_addr(netns, dst).is_some()
 }
 
 /// Points the socket at the outbound listener of its own netns.
@@ -114,7 +111,7 @@ fn rewrite(sa: *mut bpf_sock_addr, v6: bool, dst: &SockAddr) {
     unsafe {
         if v6 {
             let listener = if dst.family == FAMILY_V4 {
-                addr::to_v6_words(&addr::from_v4(LOCALHOST_V4, 0))
+                SockAddr::from_v4(LOCALHOST_V4, 0).v6_words()
             } else {
                 [0, 0, 0, 1u32.to_be()]
             };

@@ -7,10 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{Counter, FAMILY_V6};
 
-use crate::{
-    addr,
-    maps::{count, lookup_sock_dst},
-};
+use crate::maps::{count, lookup_sock_dst};
 
 const ALLOW: i32 = 1;
 
@@ -40,7 +37,7 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: getpeername hooks may write `user_ip4`, `user_ip6[i]` and `user_port`.
     unsafe {
         if v6 {
-            let words = addr::to_v6_words(&dst);
+            let words = dst.v6_words();
             (*sa).user_ip6[0] = words[0];
             (*sa).user_ip6[1] = words[1];
             (*sa).user_ip6[2] = words[2];

@@ -1,5 +1,5 @@
-//! mesh's kernel programs: one module per attach point, shared maps in `maps`, address helpers
-//! in `addr`.
+//! mesh's kernel programs: one module per attach point, shared maps in `maps`; the address
+//! encoding is `mesh_common`'s (shared with the daemon, tested on the host).
 //!
 //! The kernel side only classifies, steers and counts; anything that needs identities or policy
 //! lives in the daemon. The crate also builds (to nothing) on the host so that workspace-wide
@@ -7,8 +7,6 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
-#[cfg(target_arch = "bpf")]
-mod addr;
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]

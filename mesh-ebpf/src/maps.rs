@@ -8,20 +8,18 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
 };
 use mesh_common::{
-    COUNTER_COUNT, ConnKey, Counter, IpKey, MAX_CAPTURED_CONNECTIONS, MAX_ENROLLED_NETNS,
-    MAX_EXCLUSIONS, MAX_POD_ADDRS, NetnsInfo, SockAddr,
+    COUNTER_COUNT, ConnKey, Counter, MAX_CAPTURED_CONNECTIONS, MAX_ENROLLED_NETNS, MAX_EXCLUSIONS,
+    MAX_POD_ADDRS, NetnsInfo, PodAddrKey, SockAddr,
 };
-
-use crate::addr;
 
 #[map(name = "MESH_ENROLLED")]
 static ENROLLED: HashMap<u64, NetnsInfo> = HashMap::pinned(MAX_ENROLLED_NETNS, 0);
 
-#[map(name = "MESH_POD_ADDRS")]
-static POD_ADDRS: HashMap<IpKey, u64> = HashMap::pinned(MAX_POD_ADDRS, 0);
+#[map(name = "MESH_NETNS_ADDRS")]
+static POD_ADDRS: HashMap<PodAddrKey, u32> = HashMap::pinned(MAX_POD_ADDRS, 0);
 
-#[map(name = "MESH_INBOUND")]
-pub static INBOUND: SockHash<IpKey> = SockHash::pinned(MAX_POD_ADDRS, 0);
+#[map(name = "MESH_LISTENERS")]
+pub static INBOUND: SockHash<u64> = SockHash::pinned(MAX_ENROLLED_NETNS, 0);
 
 #[map(name = "MESH_SOCK_DST")]
 static SOCK_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(MAX_CAPTURED_CONNECTIONS, 0);
@@ -47,6 +45,11 @@ static MESH_OUTBOUND_PORT: u16 = mesh_common::PORT_OUTBOUND;
 /// Port of the in-pod HBONE listener, which `sk_lookup` leaves to the regular lookup.
 #[unsafe(no_mangle)]
 static MESH_HBONE_PORT: u16 = mesh_common::PORT_INBOUND_HBONE;
+/// Cookie of the network namespace an `sk_lookup` instance is attached to (load-time global:
+/// the daemon loads one instance per enrolled netns, because `sk_lookup` programs have no
+/// helper that names their netns).
+#[unsafe(no_mangle)]
+static MESH_NETNS_COOKIE: u64 = 0;
 
 /// Reads a load-time global. The volatile read stops the compiler from folding the default.
 macro_rules! global {
@@ -72,16 +75,22 @@ pub fn hbone_port() -> u16 {
 }
 
 #[inline(always)]
+pub fn netns_cookie() -> u64 {
+    global!(MESH_NETNS_COOKIE)
+}
+
+#[inline(always)]
 pub fn lookup_enrolled_netns(cookie: u64) -> Option<NetnsInfo> {
     // SAFETY: the value is copied out at once; the map holds plain data.
     unsafe { ENROLLED.get(&cookie).copied() }
 }
 
-/// The netns cookie owning this pod address, if it is a pod address on this node.
+/// The flags of `addr` if it is an address of the enrolled pod with netns `netns`.
 #[inline(always)]
-pub fn lookup_pod_addr(key: &IpKey) -> Option<u64> {
+pub fn lookup_pod_addr(netns: u64, addr: &SockAddr) -> Option<u32> {
+    let key = PodAddrKey::new(netns, addr);
     // SAFETY: as above.
-    unsafe { POD_ADDRS.get(key).copied() }
+    unsafe { POD_ADDRS.get(&key).copied() }
 }
 
 #[inline(always)]
@@ -113,9 +122,7 @@ pub fn forget_conn_dst(key: &ConnKey) {
 /// Whether the destination is in an excluded CIDR.
 #[inline(always)]
 pub fn lookup_excluded_cidr(dst: &SockAddr) -> bool {
-    EXCL_CIDRS
-        .get(Key::new(128, addr::lpm_bytes(dst)))
-        .is_some()
+    EXCL_CIDRS.get(Key::new(128, dst.lpm_bytes())).is_some()
 }
 
 #[inline(always)]

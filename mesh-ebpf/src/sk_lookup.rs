@@ -1,28 +1,36 @@
-//! `sk_lookup`, attached to each enrolled pod's network namespace: new TCP connections for one
-//! of the pod's addresses go to the daemon's in-pod inbound listener (15006), whose accepted
-//! socket keeps the original destination as its local address.
+//! `sk_lookup`, attached to each enrolled pod's network namespace: every new TCP connection
+//! for the pod goes to the daemon's in-pod inbound listener (15006), whose accepted socket
+//! keeps the original destination as its local address.
 //!
-//! Left to the regular socket lookup: non-TCP, the pod talking to itself (and the daemon's own
-//! connections to the application, which it makes from inside the pod), the HBONE port (the
-//! daemon's 15008 listener owns it), and addresses that are not a known pod address.
+//! The network namespace is the unit of capture: every address the namespace receives on is
+//! captured, whether or not the workload lists it (an IPv6 link-local address, an address
+//! added later). `sk_lookup` runs only for packets routed for local delivery in the namespace it
+//! is attached to (kernel 5.9, `Documentation/bpf/prog_sk_lookup.rst`), so the destination is
+//! always the pod's. The program has no helper that names its namespace, so the daemon loads
+//! one instance per namespace with the namespace's cookie as a load-time global.
 //!
-//! "Talking to itself" is recognised by the source: a loopback address, or an address of the
-//! same pod. `ingress_ifindex` is not enough: on 6.18 a connection from a pod to its own
-//! non-loopback address showed the pod's `eth0` there, not `lo`, and was captured again. A known pod address without a listener means the daemon is absent: the
-//! connection is dropped rather than delivered around the mesh (fail closed). sk_lookup runs
-//! only for packets routed for local delivery (kernel 5.9, `Documentation/bpf/prog_sk_lookup`).
+//! Left to the regular socket lookup:
+//! - non-TCP, and connections arriving on the loopback device;
+//! - the pod talking to itself (also the daemon's own connections to the application, which it
+//!   makes from inside the pod): the source is a loopback address, the destination address
+//!   itself (what the kernel picks for a local destination), or another address the daemon
+//!   recorded for this namespace. `ingress_ifindex` alone is not enough: on 6.18 a connection
+//!   from a pod to its own non-loopback address showed the pod's `eth0` there, not `lo`;
+//! - port 15008 on an address where the daemon's HBONE listener is bound. On any other
+//!   address 15008 is dropped: it would reach whatever the application bound there, around
+//!   mTLS.
+//!
+//! A namespace without a listener means the daemon is absent: the connection is dropped
+//! rather than delivered around the mesh (fail closed).
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::Counter;
+use mesh_common::{ADDR_HBONE, Counter, SockAddr};
 
-use crate::{
-    addr,
-    maps::{INBOUND, count, hbone_port, lookup_pod_addr},
-};
+use crate::maps::{INBOUND, count, hbone_port, lookup_pod_addr, netns_cookie};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -56,36 +64,42 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<(), ()> {
         reason = "local_port is a 16-bit port"
     )]
     let port = port as u16;
-    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX || port == hbone_port() {
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
         count(Counter::LookupBypassed);
         return Ok(());
     }
     // SAFETY: as above.
-    let local = unsafe {
+    let (local, remote) = unsafe {
         if family == AF_INET {
-            addr::from_v4((*l).local_ip4, port)
+            (
+                SockAddr::from_v4((*l).local_ip4, port),
+                SockAddr::from_v4((*l).remote_ip4, 0),
+            )
         } else {
-            addr::from_v6((*l).local_ip6, port)
+            (
+                SockAddr::from_v6((*l).local_ip6, port),
+                SockAddr::from_v6((*l).remote_ip6, 0),
+            )
         }
     };
-    let key = addr::ip_key(&local);
-    let Some(pod) = lookup_pod_addr(&key) else {
-        count(Counter::LookupBypassed);
-        return Ok(());
-    };
-    // SAFETY: as above.
-    let remote = unsafe {
-        if family == AF_INET {
-            addr::from_v4((*l).remote_ip4, 0)
-        } else {
-            addr::from_v6((*l).remote_ip6, 0)
-        }
-    };
-    if addr::is_loopback(&remote) || lookup_pod_addr(&addr::ip_key(&remote)) == Some(pod) {
+    let netns = netns_cookie();
+    if remote.is_loopback() || remote.same_ip(&local) || lookup_pod_addr(netns, &remote).is_some() {
         count(Counter::LookupBypassed);
         return Ok(());
     }
-    match INBOUND.redirect_sk_lookup(ctx, key, 0) {
+    if port == hbone_port() {
+        return match lookup_pod_addr(netns, &local) {
+            Some(flags) if flags & ADDR_HBONE != 0 => {
+                count(Counter::LookupBypassed);
+                Ok(())
+            }
+            _ => {
+                count(Counter::LookupRefused);
+                Err(())
+            }
+        };
+    }
+    match INBOUND.redirect_sk_lookup(ctx, netns, 0) {
         Ok(()) => {
             count(Counter::LookupCaptured);
             Ok(())

@@ -17,13 +17,10 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{ConnKey, Counter};
+use mesh_common::{ConnKey, Counter, SockAddr};
 
-use crate::{
-    addr,
-    maps::{
-        count, forget_conn_dst, forget_sock_dst, lookup_sock_dst, outbound_port, record_conn_dst,
-    },
+use crate::maps::{
+    count, forget_conn_dst, forget_sock_dst, lookup_sock_dst, outbound_port, record_conn_dst,
 };
 
 const AF_INET: u32 = 2;
@@ -48,17 +45,11 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
     )]
     let port = ctx.local_port() as u16;
     let local = if ctx.family() == AF_INET {
-        addr::from_v4(ctx.local_ip4(), port)
+        SockAddr::from_v4(ctx.local_ip4(), port)
     } else {
-        addr::from_v6(ctx.local_ip6(), port)
+        SockAddr::from_v6(ctx.local_ip6(), port)
     };
-    ConnKey {
-        netns,
-        ip: local.ip,
-        port,
-        family: local.family,
-        pad: 0,
-    }
+    ConnKey::new(netns, &local)
 }
 
 fn record(ctx: &SockOpsContext) {

@@ -296,9 +296,9 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
     assert_eq!(netns_links(&bed, "a1"), 1);
     assert_eq!(map_entries(&bed, "node-a", "MESH_ENROLLED"), 1);
     assert_eq!(
-        map_entries(&bed, "node-a", "MESH_POD_ADDRS"),
-        2,
-        "a1's IPv4 and IPv6"
+        map_entries(&bed, "node-a", "MESH_NETNS_ADDRS"),
+        3,
+        "every address of a1's netns: its listed IPv4 and IPv6, and its IPv6 link-local"
     );
 
     daemon.set_enrolled(&bed, &[]).expect("rewrite config");
@@ -313,7 +313,7 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
         "listeners closed: {ports}"
     );
     assert_eq!(netns_links(&bed, "a1"), 0, "sk_lookup link detached");
-    for map in ["MESH_ENROLLED", "MESH_POD_ADDRS", "MESH_INBOUND"] {
+    for map in ["MESH_ENROLLED", "MESH_NETNS_ADDRS", "MESH_LISTENERS"] {
         assert_eq!(map_entries(&bed, "node-a", map), 0, "{map} emptied");
     }
     let pins = bed.bpffs_dir().unwrap().join("node-a/netns");

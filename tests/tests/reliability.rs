@@ -254,3 +254,194 @@ fn running_out_of_file_descriptors_is_graceful() {
         .expect("client");
     assert!(out.status.success(), "serves again: {}", out.stderr);
 }
+
+/// Logged when a changed workload cannot be enrolled again.
+const FAILED: &str = "enrollment failed; its previous enrollment stays in force; will retry";
+/// Logged when the audit restores a pod's kernel state.
+const RESTORED: &str = "kernel state of an enrolled pod was missing; restored";
+
+/// A `PeerAuthentication` STRICT for `pod` (selector `app: <pod>`), as a `policies:` item.
+fn strict_for(pod: &str) -> String {
+    format!(
+        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {pod}-strict\n    namespace: default\n  spec:\n    selector:\n      matchLabels: {{app: {pod}}}\n    mtls: {{mode: STRICT}}\n"
+    )
+}
+
+/// Whether plaintext from `from` (outside the mesh) to `to`'s echo on port 7000 gets through.
+fn plaintext_reaches(bed: &Testbed, from: &str, to: &str) -> bool {
+    let target = bed.pod(to).addr(false, 7000).to_string();
+    bed.pod(from)
+        .exec(&[APP, "send", &target, "probe"])
+        .expect("client runs")
+        .status
+        .success()
+}
+
+/// The status code and body of `node`'s readiness endpoint (`200 ...` or `503 ...`).
+fn readiness(bed: &Testbed, node: &str) -> String {
+    let out = bed
+        .node(node)
+        .exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            "-w",
+            "%{http_code} ",
+            "-o",
+            "/dev/stdout",
+            "http://127.0.0.1:15021/healthz/ready",
+        ])
+        .expect("curl runs");
+    out.stdout
+}
+
+/// Waits until `check` holds, at most `timeout`; returns whether it did.
+fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 13, item 3: changing a workload's `netns` to a path that does not exist removed the
+/// old enrollment first, then failed, leaving the pod open under STRICT; and the retry timer
+/// fired in bursts.
+#[test]
+fn a_failed_re_enrollment_keeps_the_pod_captured() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _echo = bed
+        .pod("a1")
+        .spawn_server(&[APP, "echo", "[::]:7000"])
+        .expect("echo");
+    let settings = mesh_tests::mesh::NodeSettings {
+        policies: strict_for("a1"),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with_settings(&bed, "node-a", Path::new(DUT), &["a1"], &settings)
+        .expect("daemon");
+    assert!(
+        !plaintext_reaches(&bed, "b1", "a1"),
+        "STRICT refuses plaintext"
+    );
+
+    // The workload's netns moves to a path that does not exist: the new enrollment fails.
+    let config = daemon.config().to_owned();
+    let good = std::fs::read_to_string(&config).expect("config");
+    let netns = bed.pod("a1").netns_path();
+    let netns = netns.to_str().expect("UTF-8");
+    assert!(good.contains(netns));
+    let bad = good.replace(netns, &format!("{netns}-gone"));
+    let reloads = daemon.records("configuration reloaded").len();
+    mesh_tests::mesh::write_atomically(&config, &bad).expect("write");
+    daemon
+        .wait_for_records(
+            "configuration reloaded",
+            reloads + 1,
+            Duration::from_secs(5),
+        )
+        .expect("reloaded");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        assert!(
+            !plaintext_reaches(&bed, "b1", "a1"),
+            "the previous enrollment stays in force: STRICT still refuses plaintext"
+        );
+    }
+    daemon
+        .wait_for_records(FAILED, 1, Duration::from_secs(5))
+        .expect("the re-enrollment failed");
+    assert!(
+        readiness(&bed, "node-a").starts_with("503"),
+        "not ready while the enrollment fails: {}",
+        readiness(&bed, "node-a")
+    );
+    // Retries come every few seconds, not in a burst.
+    let before = daemon.records(FAILED).len();
+    std::thread::sleep(Duration::from_secs(6));
+    let retries = daemon.records(FAILED).len() - before;
+    assert!((1..=2).contains(&retries), "{retries} retries in 6 s");
+
+    // Back to the real netns: enrolled again, still captured, ready.
+    let reloads = daemon.records("configuration reloaded").len();
+    mesh_tests::mesh::write_atomically(&config, &good).expect("write");
+    daemon
+        .wait_for_records(
+            "configuration reloaded",
+            reloads + 1,
+            Duration::from_secs(5),
+        )
+        .expect("reloaded");
+    assert!(
+        eventually(Duration::from_secs(5), || readiness(&bed, "node-a")
+            .starts_with("200")),
+        "ready again: {}",
+        readiness(&bed, "node-a")
+    );
+    assert!(!plaintext_reaches(&bed, "b1", "a1"), "still captured");
+}
+
+/// Issue 13, item 5: a second daemon for the same node (an upgrade's new pod), stopped again (a
+/// rollback), left the survivor's inbound plaintext unreachable while its readiness said 200.
+#[test]
+fn a_rolled_back_upgrade_leaves_the_survivor_serving_inbound_plaintext() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _echo = bed
+        .pod("a1")
+        .spawn_server(&[APP, "echo", "[::]:7000"])
+        .expect("echo");
+    let survivor = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
+    assert!(
+        plaintext_reaches(&bed, "b1", "a1"),
+        "PERMISSIVE: plaintext is proxied"
+    );
+    // An upgrade's new daemon starts beside it, serves, then is stopped again (a rollback).
+    // (The two daemons' 15006 listeners share a SO_REUSEPORT group: the kernel spreads new
+    // connections over both.)
+    let mut successor = survivor.restart(&bed).expect("successor");
+    for _ in 0..4 {
+        assert!(plaintext_reaches(&bed, "b1", "a1"), "served while both run");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        survivor.records(RESTORED).is_empty(),
+        "the survivor leaves the successor's kernel state alone while it runs"
+    );
+    assert!(successor.stop().expect("stop").success());
+    assert!(
+        eventually(Duration::from_secs(2), || plaintext_reaches(
+            &bed, "b1", "a1"
+        )),
+        "the survivor serves inbound plaintext again within 2 s"
+    );
+    let ok = (0..8)
+        .filter(|_| plaintext_reaches(&bed, "b1", "a1"))
+        .count();
+    assert_eq!(ok, 8, "8 of 8 connections after the rollback");
+    let restored: Vec<String> = survivor
+        .records(RESTORED)
+        .iter()
+        .filter_map(|r| r["state"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        restored.iter().any(|s| s == "inbound listener"),
+        "the survivor restored the inbound listener: {restored:?}"
+    );
+    assert!(
+        readiness(&bed, "node-a").starts_with("200"),
+        "ready: {}",
+        readiness(&bed, "node-a")
+    );
+}

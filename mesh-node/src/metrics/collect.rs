@@ -26,21 +26,27 @@ pub struct NodeCollector {
 }
 
 impl NodeCollector {
-    fn programs(&self) -> Vec<(String, ProgramInfo)> {
+    /// Run count and run time per program. Instances of one program (`sk_lookup` has one per
+    /// enrolled netns, pinned as `<program>-<netns cookie>`) are summed.
+    fn programs(&self) -> Vec<(String, u64, f64)> {
         let Ok(entries) = std::fs::read_dir(self.bpffs.join("progs")) else {
             return Vec::new();
         };
-        let mut out: Vec<_> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                ProgramInfo::from_pin(e.path())
-                    .ok()
-                    .map(|info| (name, info))
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        let mut totals: std::collections::BTreeMap<String, (u64, f64)> =
+            std::collections::BTreeMap::new();
+        for entry in entries.filter_map(Result::ok) {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let name = file.split_once('-').map_or(file.as_str(), |(p, _)| p);
+            if let Ok(info) = ProgramInfo::from_pin(entry.path()) {
+                let total = totals.entry(name.to_owned()).or_default();
+                total.0 += info.run_count();
+                total.1 += info.run_time().as_secs_f64();
+            }
+        }
+        totals
+            .into_iter()
+            .map(|(name, (runs, seconds))| (name, runs, seconds))
+            .collect()
     }
 
     fn kernel_counters(&self) -> Vec<(&'static str, u64)> {
@@ -88,11 +94,11 @@ impl Collector for NodeCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (name, info) in &programs {
+            for (name, runs, _) in &programs {
                 let labels = ProgramLabels {
                     program: name.clone(),
                 };
-                ConstCounter::new(info.run_count()).encode(m.encode_family(&labels)?)?;
+                ConstCounter::new(*runs).encode(m.encode_family(&labels)?)?;
             }
         }
         {
@@ -102,12 +108,11 @@ impl Collector for NodeCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (name, info) in &programs {
+            for (name, _, seconds) in &programs {
                 let labels = ProgramLabels {
                     program: name.clone(),
                 };
-                ConstCounter::new(info.run_time().as_secs_f64())
-                    .encode(m.encode_family(&labels)?)?;
+                ConstCounter::new(*seconds).encode(m.encode_family(&labels)?)?;
             }
         }
         {

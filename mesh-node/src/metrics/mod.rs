@@ -81,6 +81,12 @@ pub struct RoleLabels {
     pub role: &'static str,
 }
 
+/// Which part of an enrolled pod's kernel state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub result: &'static str,
@@ -103,6 +109,7 @@ pub struct Metrics {
     pub hbone_connections: Counter,
     pub enrolled_workloads: Gauge,
     pub connection_errors: Family<ErrorLabels, Counter>,
+    pub kernel_repairs: Family<StateLabels, Counter>,
     /// Istio label sets (and their counters) already built, shared by connections between the
     /// same workloads (`conn.rs`).
     label_sets: conn::LabelSets,
@@ -140,6 +147,7 @@ impl Metrics {
             hbone_connections: Counter::default(),
             enrolled_workloads: Gauge::default(),
             connection_errors: Family::default(),
+            kernel_repairs: Family::default(),
             label_sets: conn::LabelSets::default(),
             registry: Registry::default(),
         };
@@ -203,6 +211,12 @@ impl Metrics {
             "Connections refused or ended by the daemon, by listener and reason (TLS handshake, \
              handshake timeout, HTTP/2 protocol, limits)",
             metrics.connection_errors.clone(),
+        );
+        registry.register(
+            "mesh_kernel_state_restored",
+            "Kernel state of enrolled pods found missing and restored, by part (e.g. after \
+             another daemon of the node removed it)",
+            metrics.kernel_repairs.clone(),
         );
         registry.register_collector(Box::new(collector));
         Arc::new(Self {

@@ -170,7 +170,12 @@ impl Proxy {
             .unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
         for admitted in open.values() {
-            let Some(destination) = self.workload_at(admitted.dst.ip()) else {
+            // By workload, not by address: a connection to an address the workload does not
+            // list (captured all the same) is decided again too.
+            let Some(destination) = self
+                .local_pod(&admitted.destination)
+                .map(|pod| Arc::clone(&pod.workload))
+            else {
                 continue;
             };
             let conn = ConnInfo {

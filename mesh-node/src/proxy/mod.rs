@@ -153,8 +153,29 @@ pub struct PodContext {
 pub struct PodServing {
     tasks: Vec<JoinHandle<()>>,
     proxy: Arc<Proxy>,
-    uid: String,
-    identity: Identity,
+    ctx: Arc<PodContext>,
+    /// The inbound capture listener (also held by its accept loop), for the kernel's map.
+    inbound: Arc<TcpListener>,
+}
+
+impl PodServing {
+    /// The inbound capture listener, to be (re)installed as the netns's capture socket.
+    #[must_use]
+    pub fn inbound_listener(&self) -> &TcpListener {
+        &self.inbound
+    }
+
+    /// Makes the pod known to the rest of the proxy (the same-node path, policy re-checks), in
+    /// place of a previous enrollment of the same workload. Done once its kernel state is in
+    /// place.
+    pub fn publish(&self) {
+        self.proxy
+            .directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .local
+            .insert(self.ctx.workload.uid(), Arc::clone(&self.ctx));
+    }
 }
 
 impl Drop for PodServing {
@@ -162,13 +183,22 @@ impl Drop for PodServing {
         for task in &self.tasks {
             task.abort();
         }
-        self.proxy
+        let mut directory = self
+            .proxy
             .directory
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        let uid = self.ctx.workload.uid();
+        // A newer enrollment of the same workload (a replacement) may already be served.
+        if directory
             .local
-            .remove(&self.uid);
-        self.proxy.mesh.certs.release(&self.identity);
+            .get(&uid)
+            .is_some_and(|ctx| Arc::ptr_eq(ctx, &self.ctx))
+        {
+            directory.local.remove(&uid);
+        }
+        drop(directory);
+        self.proxy.mesh.certs.release(&self.ctx.identity);
     }
 }
 
@@ -358,7 +388,8 @@ impl Proxy {
         self.pool.opened()
     }
 
-    /// Starts serving an enrolled pod: its certificate (prefetched now), its accept loops.
+    /// Starts serving a prepared pod: its certificate (prefetched now), its accept loops. The
+    /// pod is known to the rest of the proxy once [`PodServing::publish`] is called.
     pub fn serve(self: &Arc<Self>, pod: EnrolledPod) -> std::io::Result<PodServing> {
         let identity = self.mesh.identity(&pod.workload);
         let uid = pod.workload.uid();
@@ -369,12 +400,6 @@ impl Proxy {
             worker: pod.worker,
             active: Arc::default(),
         });
-        let mut serving = PodServing {
-            tasks: Vec::new(),
-            proxy: Arc::clone(self),
-            uid: uid.clone(),
-            identity: identity.clone(),
-        };
         let server = tls::server_config(
             &self.mesh.provider,
             &self.mesh.certs,
@@ -383,6 +408,13 @@ impl Proxy {
             &self.mesh.certs.roots(),
         )
         .map_err(std::io::Error::other)?;
+        let inbound = Arc::new(tokio_listener(pod.inbound)?);
+        let mut serving = PodServing {
+            tasks: Vec::new(),
+            proxy: Arc::clone(self),
+            ctx: Arc::clone(&ctx),
+            inbound: Arc::clone(&inbound),
+        };
         let target = Arc::new(InboundTarget {
             pod: Arc::clone(&ctx),
             proxy: Arc::clone(self),
@@ -391,7 +423,7 @@ impl Proxy {
             reserved_ports: self.reserved_ports,
         });
         for listener in pod.hbone {
-            let listener = tokio_listener(listener)?;
+            let listener = Arc::new(tokio_listener(listener)?);
             let acceptor = TlsAcceptor::from(Arc::clone(&server));
             let target = Arc::clone(&target);
             serving.tasks.push(tokio::spawn(accept_loop(
@@ -408,7 +440,7 @@ impl Proxy {
             )));
         }
         for listener in pod.outbound {
-            let listener = tokio_listener(listener)?;
+            let listener = Arc::new(tokio_listener(listener)?);
             let (this, ctx) = (Arc::clone(self), Arc::clone(&ctx));
             serving.tasks.push(tokio::spawn(accept_loop(
                 listener,
@@ -425,10 +457,9 @@ impl Proxy {
                 },
             )));
         }
-        let listener = tokio_listener(pod.inbound)?;
         let (this, inbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
         serving.tasks.push(tokio::spawn(accept_loop(
-            listener,
+            inbound,
             uid.clone(),
             move |tcp, peer| {
                 let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
@@ -442,11 +473,6 @@ impl Proxy {
                 });
             },
         )));
-        self.directory
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .local
-            .insert(uid, ctx);
         Ok(serving)
     }
 
@@ -475,7 +501,7 @@ fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListene
 /// Accepts connections until aborted, handing each to `handle`. Errors (out of file
 /// descriptors or memory) back off instead of spinning.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     uid: String,
     handle: impl Fn(tokio::net::TcpStream, SocketAddr),
 ) {

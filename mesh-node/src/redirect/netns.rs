@@ -129,8 +129,7 @@ impl NetnsWorker {
     /// A non-blocking TCP socket created in the namespace, carrying `mark`, ready to connect.
     ///
     /// Taken from the spares made ahead by the namespace thread when there is one (no round
-    /// trip to that thread on the connection path); the spares are refilled in the background
-    /// once half are used. The first request of a family, or one that finds none, waits for
+    /// trip to that thread on the connection path); the spares are refilled in the background. The first request of a family, or one that finds none, waits for
     /// the thread.
     pub async fn tcp_socket(&self, v6: bool, mark: u32) -> io::Result<tokio::net::TcpSocket> {
         let family = usize::from(v6);
@@ -153,13 +152,16 @@ impl NetnsWorker {
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 
-    /// Queues making spare sockets of one family on the namespace thread, when fewer than half
-    /// are left and no refill is queued yet.
+    /// Queues making spare sockets of one family on the namespace thread, when some are missing
+    /// and no refill is queued yet.
     fn refill(&self, v6: bool, mark: u32) {
         let family = usize::from(v6);
         {
             let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
-            if spares.refilling[family] || spares.sockets[family].len() >= SPARES / 2 {
+            // Topped up after every use (one refill queued at a time), so at rest the pool is
+            // always full: the daemon's descriptor count does not depend on how many spares
+            // the last burst happened to leave.
+            if spares.refilling[family] || spares.sockets[family].len() >= SPARES {
                 return;
             }
             spares.refilling[family] = true;
@@ -246,6 +248,26 @@ where
         .spawn(move || enter(&path).map(|()| f()))?
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
+/// The addresses of the calling thread's netns, loopback aside (IPv6 link-local included).
+pub fn local_addrs() -> io::Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    let mut out: Vec<std::net::IpAddr> = addrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// The cookie of the network namespace at `path`.

@@ -1,16 +1,26 @@
 //! Enrolling a pod: its listeners inside its netns, its addresses and netns cookie in the
-//! kernel maps, and `sk_lookup` on its netns; and undoing all of it.
+//! kernel maps, and `sk_lookup` on its netns; replacing an enrollment; and undoing it.
 //!
-//! Order matters. Enrolling creates the listeners first and turns on outbound capture last, so
-//! no connection is steered to a listener that does not exist yet; unenrolling stops capture
-//! first and closes the listeners last.
+//! Enrolling is two steps so that nothing is steered to a listener that is not served yet:
+//! [`prepare`] opens the listeners and reads the namespace's addresses (no kernel state is
+//! touched; the proxy starts serving the listeners), then [`install`] writes the kernel state:
+//! the pod's addresses, `sk_lookup` on its netns, outbound capture (the enrolled-netns entry),
+//! and last the inbound listener entry.
+//!
+//! Kernel state is replaced, never removed first and re-added: a pod enrolled again (its
+//! workload changed) is installed while its previous enrollment stays in force, and only then
+//! is the previous state that the new one does not share retired ([`retire`]). If installing
+//! fails, the previous state is left as it was, so there is no moment in which an enrolled pod
+//! is reachable uncaptured.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
     sync::Arc,
 };
 
-use mesh_common::NetnsInfo;
+use mesh_common::{ADDR_HBONE, NetnsInfo};
 use tracing::warn;
 
 use super::{Attachment, NetnsWorker, Programs, RedirectError, netns::marked_listener};
@@ -33,6 +43,12 @@ pub enum PodError {
         #[source]
         source: std::io::Error,
     },
+    #[error("workload {uid}: reading the addresses of its netns")]
+    Addresses {
+        uid: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("workload {uid}")]
     Redirect {
         uid: String,
@@ -41,7 +57,15 @@ pub enum PodError {
     },
 }
 
-/// An enrolled pod's sockets and namespace thread, ready for the proxy.
+/// What the kernel holds for one enrolled pod: its netns cookie and its addresses with their
+/// flags ([`ADDR_HBONE`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodKernelState {
+    pub cookie: u64,
+    pub addrs: BTreeMap<IpAddr, u32>,
+}
+
+/// A pod's sockets and namespace thread, ready for the proxy (made by [`prepare`]).
 #[derive(Debug)]
 pub struct EnrolledPod {
     pub workload: Arc<Workload>,
@@ -52,8 +76,8 @@ pub struct EnrolledPod {
     pub inbound: std::net::TcpListener,
     /// `<pod IP>:15008` for each pod address (HBONE).
     pub hbone: Vec<std::net::TcpListener>,
-    /// Whether the `sk_lookup` link was adopted from a previous daemon.
-    pub attachment: Attachment,
+    /// The kernel state [`install`] writes for the pod.
+    pub state: PodKernelState,
 }
 
 /// Ports the daemon listens on in every enrolled pod.
@@ -64,12 +88,10 @@ pub struct PodPorts {
     pub hbone: u16,
 }
 
-/// Enrolls `workload`: see the module docs for the order of steps. On failure, whatever was
-/// done is undone.
-pub fn enroll(
-    programs: &mut Programs,
+/// Opens `workload`'s listeners inside its netns and reads the addresses of the netns. Touches
+/// no kernel state.
+pub fn prepare(
     workload: Arc<Workload>,
-    id: u32,
     mark: u32,
     ports: PodPorts,
 ) -> Result<EnrolledPod, PodError> {
@@ -105,15 +127,59 @@ pub fn enroll(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let cookie = worker.cookie();
-    let redirect_err = |source| PodError::Redirect {
+    let addrs = pod_addrs(&worker, &workload).map_err(|source| PodError::Addresses {
         uid: uid.clone(),
-        source: Box::new(source),
+        source,
+    })?;
+    let state = PodKernelState {
+        cookie: worker.cookie(),
+        addrs,
     };
+    Ok(EnrolledPod {
+        workload,
+        worker: Arc::new(worker),
+        outbound,
+        inbound,
+        hbone,
+        state,
+    })
+}
+
+/// Every address of the pod: the ones its netns has now (loopback aside) and the ones its
+/// workload lists; the listed ones carry [`ADDR_HBONE`] (the HBONE listener is bound there).
+pub fn pod_addrs(
+    worker: &NetnsWorker,
+    workload: &Workload,
+) -> std::io::Result<BTreeMap<IpAddr, u32>> {
+    let mut addrs: BTreeMap<IpAddr, u32> = worker
+        .run_blocking(super::netns::local_addrs)??
+        .into_iter()
+        .map(|ip| (ip, 0))
+        .collect();
+    for ip in &workload.ips {
+        addrs.insert(*ip, ADDR_HBONE);
+    }
+    Ok(addrs)
+}
+
+/// Writes `state` into the kernel for `workload` (see the module docs for the order), with
+/// `inbound` as the netns's capture listener. `current` is the pod's enrollment in force, if
+/// any: on failure everything written is undone except what `current` holds.
+pub fn install(
+    programs: &mut Programs,
+    workload: &Workload,
+    state: &PodKernelState,
+    inbound: &impl AsRawFd,
+    id: u32,
+    current: Option<&PodKernelState>,
+) -> Result<Attachment, PodError> {
+    let path = workload.netns.clone().ok_or_else(|| PodError::NoNetns {
+        uid: workload.uid(),
+    })?;
+    let cookie = state.cookie;
     let result = (|| {
-        for ip in &workload.ips {
-            programs.set_inbound_listener(*ip, &inbound)?;
-            programs.add_pod_addr(*ip, cookie)?;
+        for (ip, flags) in &state.addrs {
+            programs.add_pod_addr(cookie, *ip, *flags)?;
         }
         let attachment = programs.attach_netns(&path, cookie)?;
         programs.enroll_netns(
@@ -123,22 +189,48 @@ pub fn enroll(
                 flags: 0,
             },
         )?;
+        programs.set_inbound_listener(cookie, inbound)?;
         Ok(attachment)
     })();
-    match result {
-        Ok(attachment) => Ok(EnrolledPod {
-            workload,
-            worker: Arc::new(worker),
-            outbound,
-            inbound,
-            hbone,
-            attachment,
-        }),
-        Err(e) => {
-            if let Err(undo) = unenroll(programs, &workload, cookie) {
-                warn!(workload = %uid, error = %undo, "rolling back a failed enrollment");
+    result.map_err(|source| {
+        if let Err(undo) = retire(programs, state, current) {
+            warn!(workload = %workload.uid(), error = %undo, "rolling back a failed enrollment");
+        }
+        PodError::Redirect {
+            uid: workload.uid(),
+            source: Box::new(source),
+        }
+    })
+}
+
+/// Removes the kernel state of `state` that `keep` (the pod's enrollment that stays in force,
+/// if any) does not hold too. Without `keep`, or with `keep` in another netns, this stops
+/// capturing the pod (outbound first); its listeners close when the proxy drops them, which
+/// removes the inbound listener entry.
+pub fn retire(
+    programs: &mut Programs,
+    state: &PodKernelState,
+    keep: Option<&PodKernelState>,
+) -> Result<(), RedirectError> {
+    match keep {
+        Some(keep) if keep.cookie == state.cookie => {
+            for ip in state.addrs.keys().filter(|ip| !keep.addrs.contains_key(ip)) {
+                programs.remove_pod_addr(state.cookie, *ip)?;
             }
-            Err(redirect_err(e))
+            for (ip, flags) in &keep.addrs {
+                if state.addrs.get(ip) != Some(flags) {
+                    programs.add_pod_addr(keep.cookie, *ip, *flags)?;
+                }
+            }
+            Ok(())
+        }
+        _ => {
+            programs.unenroll_netns(state.cookie)?;
+            programs.detach_netns(state.cookie)?;
+            for ip in state.addrs.keys() {
+                programs.remove_pod_addr(state.cookie, *ip)?;
+            }
+            Ok(())
         }
     }
 }
@@ -176,19 +268,4 @@ fn open_listeners(
         )?,
     };
     Ok((outbound, inbound))
-}
-
-/// Stops capturing the pod with netns `cookie` and removes its kernel state. Its listeners
-/// close when the proxy drops them.
-pub fn unenroll(
-    programs: &mut Programs,
-    workload: &Workload,
-    cookie: u64,
-) -> Result<(), RedirectError> {
-    programs.unenroll_netns(cookie)?;
-    programs.detach_netns(cookie)?;
-    for ip in &workload.ips {
-        programs.remove_pod_addr(*ip)?;
-    }
-    Ok(())
 }

@@ -5,7 +5,14 @@
 //! - `maps/<MAP>`: every map, pinned by name (aya reuses an existing pin on load);
 //! - `links/<program>`: the cgroup links (`connect4`, `connect6`, `getpeername4`,
 //!   `getpeername6`, `sockops`);
-//! - `netns/<cookie>`: the `sk_lookup` link of each enrolled pod's netns.
+//! - `netns/<cookie>`: the `sk_lookup` link of each enrolled pod's netns;
+//! - `progs/<program>` (and `progs/inbound_lookup-<cookie>`; bpffs names cannot hold a `.`):
+//!   the programs, for their run
+//!   statistics.
+//!
+//! `sk_lookup` is loaded once per enrolled netns with that netns's cookie as a load-time
+//! global (the program type has no helper that names its namespace); the instance lives as
+//! long as its pinned link.
 //!
 //! A restarted daemon finds the links pinned and adopts them instead of attaching a second copy;
 //! the programs they hold use the pinned maps, which the new daemon reuses.
@@ -27,13 +34,11 @@ use aya::{
     },
 };
 use mesh_common::{
-    COUNTER_COUNT, ConnKey, Counter, IpKey, MAP_CONN_ORIG_DST, MAP_COUNTERS, MAP_ENROLLED_NETNS,
+    COUNTER_COUNT, ConnKey, Counter, MAP_CONN_ORIG_DST, MAP_COUNTERS, MAP_ENROLLED_NETNS,
     MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_POD_ADDRS, NetnsInfo,
-    SockAddr,
+    PodAddrKey, SockAddr,
 };
 use tracing::{debug, info};
-
-use super::addr;
 
 /// The object built from `mesh-ebpf` by `build.rs` (empty when the BPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-programs"));
@@ -130,6 +135,7 @@ pub enum Attachment {
 /// The loaded kernel object and the links this daemon holds.
 pub struct Programs {
     ebpf: Ebpf,
+    options: LoadOptions,
     /// Keeps `bpf_stats` (run count and time per program) enabled while the daemon runs.
     _stats: Option<std::os::fd::OwnedFd>,
     bpffs: PathBuf,
@@ -144,14 +150,14 @@ impl OrigDstTable {
     /// Takes the original destination of the connection accepted from `peer` by a listener in
     /// the netns with `netns` cookie.
     pub fn take(&self, netns: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = addr::conn_key(netns, peer);
+        let key = ConnKey::new(netns, &SockAddr::from_socket_addr(peer));
         let mut map = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        addr::to_socket_addr(&dst)
+        dst.to_socket_addr()
     }
 }
 
@@ -178,13 +184,7 @@ impl Programs {
             return Err(RedirectError::NotBpffs { path: bpffs });
         }
         raise_memlock_limit();
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs.join("maps"))
-            .override_global("MESH_DAEMON_MARK", &options.mark, true)
-            .override_global("MESH_OUTBOUND_PORT", &options.outbound_port, true)
-            .override_global("MESH_HBONE_PORT", &options.hbone_port, true)
-            .load(OBJECT)
-            .map_err(RedirectError::Load)?;
+        let ebpf = load_object(options, 0)?;
         let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -194,6 +194,7 @@ impl Programs {
         };
         Ok(Self {
             ebpf,
+            options: options.clone(),
             _stats: stats,
             bpffs,
             cgroup_links: Vec::new(),
@@ -289,10 +290,10 @@ impl Programs {
     }
 
     /// Attaches `sk_lookup` to the netns at `netns` (cookie `cookie`), or adopts its pinned
-    /// link.
+    /// link. Each netns gets its own instance of the program, loaded with `cookie`.
     pub fn attach_netns(&mut self, netns: &Path, cookie: u64) -> Result<Attachment, RedirectError> {
         let pin = self.netns_pin(cookie);
-        if self.netns_links.contains_key(&cookie) {
+        if self.netns_links.contains_key(&cookie) && pin.exists() {
             return Ok(Attachment::Adopted);
         }
         if pin.exists()
@@ -302,23 +303,23 @@ impl Programs {
             return Ok(Attachment::Adopted);
         }
         unpin_link(&pin)?;
-        let name = SK_LOOKUP_PROGRAM;
-        let program: &mut SkLookup = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(RedirectError::MissingProgram { name })?
-            .try_into()
-            .map_err(prog_err(name))?;
-        if program.fd().is_err() {
-            program.load().map_err(prog_err(name))?;
-            let prog_pin = self.bpffs.join("progs").join(name);
-            let _ = fs::remove_file(&prog_pin);
-            pin_program(program.pin(&prog_pin), &prog_pin);
-        }
         let ns = File::open(netns).map_err(|source| RedirectError::Open {
             path: netns.to_owned(),
             source,
         })?;
+        // The instance's maps are the pinned ones; only its program outlives this function,
+        // held by the pinned link.
+        let mut instance = load_object(&self.options, cookie)?;
+        let name = SK_LOOKUP_PROGRAM;
+        let program: &mut SkLookup = instance
+            .program_mut(name)
+            .ok_or(RedirectError::MissingProgram { name })?
+            .try_into()
+            .map_err(prog_err(name))?;
+        program.load().map_err(prog_err(name))?;
+        let prog_pin = self.netns_program_pin(cookie);
+        let _ = fs::remove_file(&prog_pin);
+        pin_program(program.pin(&prog_pin), &prog_pin);
         let id = program.attach(ns).map_err(prog_err(name))?;
         let link: FdLink = program.take_link(id).map_err(prog_err(name))?.into();
         let pinned = link.pin(&pin).map_err(|e| RedirectError::Link {
@@ -329,9 +330,16 @@ impl Programs {
         Ok(Attachment::Attached)
     }
 
+    /// Whether the `sk_lookup` link of the netns with `cookie` is pinned (attached).
+    #[must_use]
+    pub fn netns_attached(&self, cookie: u64) -> bool {
+        self.netns_pin(cookie).exists()
+    }
+
     /// Detaches and unpins the `sk_lookup` link of the netns with `cookie`.
     pub fn detach_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
         self.netns_links.remove(&cookie);
+        let _ = fs::remove_file(self.netns_program_pin(cookie));
         unpin_link(&self.netns_pin(cookie))
     }
 
@@ -347,6 +355,7 @@ impl Programs {
             if cookie.is_some_and(|c| !keep.contains(&c)) {
                 if let Some(c) = cookie {
                     self.netns_links.remove(&c);
+                    let _ = fs::remove_file(self.netns_program_pin(c));
                 }
                 if unpin_link(&entry.path()).is_ok() {
                     removed += 1;
@@ -358,6 +367,12 @@ impl Programs {
 
     fn netns_pin(&self, cookie: u64) -> PathBuf {
         self.bpffs.join("netns").join(cookie.to_string())
+    }
+
+    fn netns_program_pin(&self, cookie: u64) -> PathBuf {
+        self.bpffs
+            .join("progs")
+            .join(format!("{SK_LOOKUP_PROGRAM}-{cookie}"))
     }
 
     fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -378,6 +393,19 @@ impl Programs {
             .map_err(map_err(MAP_ENROLLED_NETNS))
     }
 
+    /// Whether the netns with `cookie` is marked as enrolled.
+    pub fn netns_enrolled(&mut self, cookie: u64) -> Result<bool, RedirectError> {
+        let map = self.hash_map::<u64, NetnsInfo>(MAP_ENROLLED_NETNS)?;
+        match map.get(&cookie, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(RedirectError::Map {
+                name: MAP_ENROLLED_NETNS,
+                source,
+            }),
+        }
+    }
+
     /// Stops capturing the netns with `cookie` (absent is fine).
     pub fn unenroll_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
         ignore_missing(
@@ -393,51 +421,75 @@ impl Programs {
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 
-    /// Records `ip` as an address of the pod in netns `cookie`.
-    pub fn add_pod_addr(&mut self, ip: IpAddr, cookie: u64) -> Result<(), RedirectError> {
-        self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?
-            .insert(addr::ip_key(ip), cookie, 0)
+    /// Records `ip` as an address of the pod in netns `cookie`, with `flags`
+    /// ([`mesh_common::ADDR_HBONE`]).
+    pub fn add_pod_addr(
+        &mut self,
+        cookie: u64,
+        ip: IpAddr,
+        flags: u32,
+    ) -> Result<(), RedirectError> {
+        self.hash_map::<PodAddrKey, u32>(MAP_POD_ADDRS)?
+            .insert(pod_addr_key(cookie, ip), flags, 0)
             .map_err(map_err(MAP_POD_ADDRS))
     }
 
-    pub fn remove_pod_addr(&mut self, ip: IpAddr) -> Result<(), RedirectError> {
-        ignore_missing(
-            self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?
-                .remove(&addr::ip_key(ip)),
-            MAP_POD_ADDRS,
-        )
+    /// Forgets `ip` as an address of the pod in netns `cookie` (absent is fine).
+    pub fn remove_pod_addr(&mut self, cookie: u64, ip: IpAddr) -> Result<(), RedirectError> {
+        self.remove_pod_key(&pod_addr_key(cookie, ip))
     }
 
-    /// Pod addresses recorded in the kernel, with their netns cookies.
-    pub fn pod_addrs(&mut self) -> Result<Vec<(IpKey, u64)>, RedirectError> {
-        let map = self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?;
+    /// Pod addresses recorded in the kernel, with their flags.
+    pub fn pod_addrs(&mut self) -> Result<Vec<(PodAddrKey, u32)>, RedirectError> {
+        let map = self.hash_map::<PodAddrKey, u32>(MAP_POD_ADDRS)?;
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
+    /// The addresses (and flags) recorded for the pod in netns `cookie`.
+    pub fn addrs_of(&mut self, cookie: u64) -> Result<Vec<(IpAddr, u32)>, RedirectError> {
+        Ok(self
+            .pod_addrs()?
+            .into_iter()
+            .filter(|(key, _)| key.netns == cookie)
+            .filter_map(|(key, flags)| Some((key.ip()?, flags)))
+            .collect())
+    }
+
     /// Removes a pod address by its raw key (for pruning stale entries).
-    pub fn remove_pod_key(&mut self, key: &IpKey) -> Result<(), RedirectError> {
+    pub fn remove_pod_key(&mut self, key: &PodAddrKey) -> Result<(), RedirectError> {
         ignore_missing(
-            self.hash_map::<IpKey, u64>(MAP_POD_ADDRS)?.remove(key),
+            self.hash_map::<PodAddrKey, u32>(MAP_POD_ADDRS)?.remove(key),
             MAP_POD_ADDRS,
         )
     }
 
-    /// Makes `listener` the inbound capture socket for connections to `ip`. The entry goes away
-    /// by itself when the socket closes.
-    pub fn set_inbound_listener(
-        &mut self,
-        ip: IpAddr,
-        listener: &impl AsRawFd,
-    ) -> Result<(), RedirectError> {
+    fn inbound_listeners(&mut self) -> Result<SockHash<&mut MapData, u64>, RedirectError> {
         let name = MAP_INBOUND_LISTENERS;
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or(RedirectError::MissingMap { name })?;
-        let mut hash: SockHash<&mut MapData, IpKey> =
-            SockHash::try_from(map).map_err(map_err(name))?;
-        hash.insert(addr::ip_key(ip), listener.as_raw_fd(), 0)
-            .map_err(map_err(name))
+        SockHash::try_from(map).map_err(map_err(name))
+    }
+
+    /// Makes `listener` the inbound capture socket of the netns with `cookie`. The entry goes
+    /// away by itself when the socket closes.
+    pub fn set_inbound_listener(
+        &mut self,
+        cookie: u64,
+        listener: &impl AsRawFd,
+    ) -> Result<(), RedirectError> {
+        self.inbound_listeners()?
+            .insert(cookie, listener.as_raw_fd(), 0)
+            .map_err(map_err(MAP_INBOUND_LISTENERS))
+    }
+
+    /// Whether the netns with `cookie` has an inbound capture socket (this daemon's or
+    /// another's: the kernel removes the entry when its socket closes).
+    pub fn has_inbound_listener(&mut self, cookie: u64) -> Result<bool, RedirectError> {
+        let hash = self.inbound_listeners()?;
+        let mut keys = hash.keys();
+        Ok(keys.any(|k| k.is_ok_and(|k| k == cookie)))
     }
 
     /// Replaces the excluded destination CIDRs and ports.
@@ -458,7 +510,7 @@ impl Programs {
             let _ = trie.remove(&key);
         }
         for net in cidrs {
-            let (data, len) = addr::lpm_key(net);
+            let (data, len) = lpm_key(net);
             trie.insert(&LpmKey::new(len, data), 1, 0)
                 .map_err(map_err(name))?;
         }
@@ -502,11 +554,40 @@ impl Programs {
     }
 }
 
+/// The key of `ip` as an address of the pod with netns `netns`.
+fn pod_addr_key(netns: u64, ip: IpAddr) -> PodAddrKey {
+    PodAddrKey::new(netns, &SockAddr::from_socket_addr(SocketAddr::new(ip, 0)))
+}
+
+/// LPM trie data and prefix length for a CIDR (IPv4 as `::ffff:0:0/96` + prefix, as the kernel
+/// looks it up).
+fn lpm_key(net: &ipnet::IpNet) -> ([u8; 16], u32) {
+    let data = SockAddr::from_socket_addr(SocketAddr::new(net.network(), 0)).lpm_bytes();
+    let prefix = u32::from(net.prefix_len());
+    match net {
+        ipnet::IpNet::V4(_) => (data, 96 + prefix),
+        ipnet::IpNet::V6(_) => (data, prefix),
+    }
+}
+
 fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<(), RedirectError> {
     match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(RedirectError::Map { name, source }),
     }
+}
+
+/// Loads the embedded object with the node's globals (and, for an `sk_lookup` instance, its
+/// netns cookie), reusing the maps pinned under `options.bpffs`.
+fn load_object(options: &LoadOptions, netns_cookie: u64) -> Result<Ebpf, RedirectError> {
+    EbpfLoader::new()
+        .default_map_pin_directory(options.bpffs.join("maps"))
+        .override_global("MESH_DAEMON_MARK", &options.mark, true)
+        .override_global("MESH_OUTBOUND_PORT", &options.outbound_port, true)
+        .override_global("MESH_HBONE_PORT", &options.hbone_port, true)
+        .override_global("MESH_NETNS_COOKIE", &netns_cookie, true)
+        .load(OBJECT)
+        .map_err(RedirectError::Load)
 }
 
 /// Pins a program for the metrics collector (its run statistics); failure only costs metrics.
@@ -535,14 +616,19 @@ fn unpin_link(path: &Path) -> Result<(), RedirectError> {
 /// the programs, then the maps. Returns how many pins were removed.
 pub fn remove_pins(bpffs: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    for dir in ["links", "netns", "progs", "maps"] {
+    for dir in ["links", "netns", "progs", "maps", "daemons"] {
         let path = bpffs.join(dir);
         let Ok(entries) = fs::read_dir(&path) else {
             continue;
         };
         for entry in entries.filter_map(Result::ok) {
-            fs::remove_file(entry.path())?;
-            removed += 1;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                // A daemon's generation (`daemons/<n>`, see `succession`).
+                fs::remove_dir(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
         }
         fs::remove_dir(&path)?;
     }
@@ -582,6 +668,15 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lpm_keys_map_ipv4_into_ipv6() {
+        let (data, len) = lpm_key(&"10.0.0.0/8".parse().unwrap());
+        assert_eq!(len, 104);
+        assert_eq!(&data[10..13], &[0xff, 0xff, 10]);
+        let (data, len) = lpm_key(&"fd00::/8".parse().unwrap());
+        assert_eq!((data[0], len), (0xfd, 8));
+    }
 
     #[test]
     fn snapshot_names_follow_counter_order() {
