@@ -141,8 +141,57 @@ fn the_checks_reject_wrong_manifests() {
             pod(v)["hostPID"] = false.into();
         }),
         ("a hostPort", |v| {
-            container(v)["ports"] = serde_json::json!([{"containerPort": 15020}]);
+            container(v)["ports"][0]["hostPort"] = 15020.into();
         }),
+        ("hostNetwork", |v| {
+            pod(v)["hostNetwork"] = true.into();
+        }),
+        ("no metrics port", |v| {
+            container(v)["ports"].as_array_mut().unwrap().remove(0);
+        }),
+        ("no allowPrivilegeEscalation", |v| {
+            container(v)["securityContext"]
+                .as_object_mut()
+                .unwrap()
+                .remove("allowPrivilegeEscalation");
+        }),
+        ("allowPrivilegeEscalation true", |v| {
+            container(v)["securityContext"]["allowPrivilegeEscalation"] = true.into();
+        }),
+        ("a capability spelled CAP_SYS_ADMIN", |v| {
+            for cap in container(v)["securityContext"]["capabilities"]["add"]
+                .as_array_mut()
+                .unwrap()
+            {
+                if cap == "SYS_ADMIN" {
+                    *cap = "CAP_SYS_ADMIN".into();
+                }
+            }
+        }),
+        ("no seccomp profile", |v| {
+            container(v)["securityContext"]
+                .as_object_mut()
+                .unwrap()
+                .remove("seccompProfile");
+        }),
+        ("an unconfined seccomp profile", |v| {
+            container(v)["securityContext"]["seccompProfile"]["type"] = "Unconfined".into();
+        }),
+        ("no liveness probe", |v| {
+            container(v)
+                .as_object_mut()
+                .unwrap()
+                .remove("livenessProbe");
+        }),
+        ("the liveness probe on the readiness path", |v| {
+            container(v)["livenessProbe"]["httpGet"]["path"] = "/healthz/ready".into();
+        }),
+        (
+            "a liveness probe that gives up within the grace period",
+            |v| {
+                container(v)["livenessProbe"]["failureThreshold"] = 3.into();
+            },
+        ),
         ("a grace period shorter than the drain", |v| {
             pod(v)["terminationGracePeriodSeconds"] = 30.into();
         }),

@@ -11,7 +11,7 @@ use k8s_openapi::{
 use mesh_node::config::Config;
 
 use super::{
-    DAEMON, DAEMON_CAPABILITIES, Object, READINESS_PORT, Rendered, check_host_paths,
+    DAEMON, DAEMON_CAPABILITIES, METRICS_PORT, Object, READINESS_PORT, Rendered, check_host_paths,
     check_tolerates_everything, host_path, is_int, mount_of,
 };
 
@@ -50,11 +50,18 @@ impl Rendered {
         );
 
         let pod = spec.template.spec.as_ref().context("pod spec")?;
-        ensure!(pod.host_network == Some(true), "hostNetwork must be true");
+        ensure!(
+            pod.host_network != Some(true),
+            "hostNetwork must not be set: the data path is in the pods' namespaces, and the \
+             daemon's own endpoints and API client need no more than the pod's own"
+        );
         ensure!(pod.host_pid == Some(true), "hostPID must be true");
         ensure!(
-            pod.dns_policy.as_deref() == Some("ClusterFirstWithHostNet"),
-            "dnsPolicy must be ClusterFirstWithHostNet"
+            pod.dns_policy
+                .as_deref()
+                .is_none_or(|p| p == "ClusterFirst"),
+            "dnsPolicy must be the default (ClusterFirst): {:?}",
+            pod.dns_policy
         );
         ensure!(
             pod.priority_class_name.as_deref() == Some("system-node-critical"),
@@ -118,11 +125,22 @@ impl Rendered {
             args.first().map(String::as_str) == Some("run"),
             "the daemon runs `mesh-node run`: {args:?}"
         );
+        let ports = container.ports.clone().unwrap_or_default();
         ensure!(
-            container.ports.as_ref().is_none_or(Vec::is_empty),
-            "no container ports: with hostNetwork they are hostPorts, and the old pod's would \
-             keep the surge pod of a rolling update from being scheduled"
+            ports
+                .iter()
+                .all(|p| p.host_port.is_none() && p.host_ip.is_none()),
+            "no hostPort: the old pod's would keep the surge pod of a rolling update from being \
+             scheduled: {ports:?}"
         );
+        for (name, port) in [("metrics", METRICS_PORT), ("health", READINESS_PORT)] {
+            ensure!(
+                ports
+                    .iter()
+                    .any(|p| p.name.as_deref() == Some(name) && p.container_port == port),
+                "the container must declare port {name} ({port}): {ports:?}"
+            );
+        }
         let node_env = container
             .env
             .as_ref()
@@ -151,6 +169,7 @@ impl Rendered {
                 && probe.port == IntOrString::Int(READINESS_PORT),
             "the readiness probe must be GET :15021/healthz/ready: {probe:?}"
         );
+        check_liveness(container, pod)?;
 
         let resources = container.resources.as_ref().context("resources")?;
         let requests = resources.requests.clone().unwrap_or_default();
@@ -183,7 +202,7 @@ impl Rendered {
              ({drain_ms} ms) by 5 s at least, or the kubelet kills the draining daemon"
         );
 
-        check_security_context(container, DAEMON_CAPABILITIES)?;
+        check_security_context(pod, container, DAEMON_CAPABILITIES)?;
         check_daemon_mounts(pod, container, &config)?;
         Ok(config)
     }
@@ -217,7 +236,7 @@ impl Rendered {
             args.first().map(String::as_str) == Some("cleanup") && cleanup.command.is_none(),
             "the init container must run `mesh-node cleanup`: {args:?}"
         );
-        check_security_context(cleanup, &[])?;
+        check_security_context(pod, cleanup, &[])?;
         let config = self.mounted_config(pod, cleanup)?;
         // The same bpffs as the installed daemon (the base's configuration).
         let base = Rendered::of("base");
@@ -232,7 +251,7 @@ impl Rendered {
             "cleanup needs the host's bpffs, writable, at the configured redirect.bpffs"
         );
         for container in &pod.containers {
-            check_security_context(container, &[])?;
+            check_security_context(pod, container, &[])?;
             ensure!(
                 container.volume_mounts.as_ref().is_none_or(Vec::is_empty),
                 "the idle container needs no mounts"
@@ -242,9 +261,41 @@ impl Rendered {
     }
 }
 
-/// Not privileged, a read-only root, every capability dropped but exactly `add`, and (where
-/// Kubernetes allows it: not next to `CAP_SYS_ADMIN`) no privilege escalation.
-fn check_security_context(container: &Container, add: &[&str]) -> anyhow::Result<()> {
+/// A liveness probe that a daemon that is merely not ready passes (`/healthz/live`, not the
+/// readiness path) and whose failures take longer than the termination grace period (the
+/// health port closes when a draining daemon gets SIGTERM).
+fn check_liveness(container: &Container, pod: &PodSpec) -> anyhow::Result<()> {
+    let probe = container
+        .liveness_probe
+        .as_ref()
+        .context("a liveness probe")?;
+    let get = probe.http_get.as_ref().context("an HTTP liveness probe")?;
+    ensure!(
+        get.path.as_deref() == Some("/healthz/live")
+            && get.port == IntOrString::Int(READINESS_PORT),
+        "the liveness probe must be GET :15021/healthz/live (not the readiness path: a daemon \
+         waiting for the API server must not be restarted): {get:?}"
+    );
+    let period = i64::from(probe.period_seconds.unwrap_or(10));
+    let failures = i64::from(probe.failure_threshold.unwrap_or(3));
+    let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+    ensure!(
+        period * failures > grace,
+        "liveness failures ({failures} x {period} s) must outlast terminationGracePeriodSeconds \
+         ({grace} s), or a kubelet probing a draining daemon could kill it early"
+    );
+    Ok(())
+}
+
+/// Not privileged, no privilege escalation, the runtime's default seccomp profile (the
+/// container's, or the pod's), a read-only root, every capability dropped but exactly `add`,
+/// spelled without `CAP_` (the API server refuses `allowPrivilegeEscalation: false` next to
+/// `CAP_SYS_ADMIN`).
+fn check_security_context(
+    pod: &PodSpec,
+    container: &Container,
+    add: &[&str],
+) -> anyhow::Result<()> {
     let name = &container.name;
     let sc = container
         .security_context
@@ -258,6 +309,19 @@ fn check_security_context(container: &Container, add: &[&str]) -> anyhow::Result
         sc.read_only_root_filesystem == Some(true),
         "{name}: readOnlyRootFilesystem must be true"
     );
+    ensure!(
+        sc.allow_privilege_escalation == Some(false),
+        "{name}: allowPrivilegeEscalation must be false"
+    );
+    let seccomp = sc.seccomp_profile.as_ref().or_else(|| {
+        pod.security_context
+            .as_ref()
+            .and_then(|p| p.seccomp_profile.as_ref())
+    });
+    ensure!(
+        seccomp.is_some_and(|p| p.type_ == "RuntimeDefault" && p.localhost_profile.is_none()),
+        "{name}: seccompProfile must be RuntimeDefault: {seccomp:?}"
+    );
     let caps = sc.capabilities.clone().unwrap_or_default();
     ensure!(
         caps.drop == Some(vec!["ALL".to_owned()]),
@@ -268,19 +332,8 @@ fn check_security_context(container: &Container, add: &[&str]) -> anyhow::Result
     let expected: BTreeSet<String> = add.iter().map(|c| (*c).to_owned()).collect();
     ensure!(
         added == expected && caps.add.as_ref().map_or(0, Vec::len) == add.len(),
-        "{name}: capabilities {added:?}, expected exactly {expected:?}"
+        "{name}: capabilities {added:?}, expected exactly {expected:?} (without `CAP_`)"
     );
-    if added.contains("SYS_ADMIN") {
-        ensure!(
-            sc.allow_privilege_escalation != Some(false),
-            "{name}: the API server refuses allowPrivilegeEscalation: false next to SYS_ADMIN"
-        );
-    } else {
-        ensure!(
-            sc.allow_privilege_escalation == Some(false),
-            "{name}: allowPrivilegeEscalation must be false"
-        );
-    }
     ensure!(
         sc.proc_mount.is_none() && sc.windows_options.is_none(),
         "{name}: unexpected procMount/windowsOptions"
