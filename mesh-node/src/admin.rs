@@ -1,5 +1,5 @@
-//! The node's HTTP endpoints: Prometheus `/metrics` (15020), `/healthz/ready` (15021), and the
-//! admin API on 127.0.0.1:15000 (`/config_dump`, `/logging`).
+//! The node's HTTP endpoints: Prometheus `/metrics` (15020), `/healthz/ready` and
+//! `/healthz/live` (15021), and the admin API on 127.0.0.1:15000 (`/config_dump`, `/logging`).
 
 use std::{
     convert::Infallible,
@@ -169,12 +169,20 @@ pub fn spawn_readiness(
         listener,
         "readiness",
         Arc::new(move |req: &Request<Incoming>| {
-            if req.uri().path() != "/healthz/ready" {
-                return respond(
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    "try /healthz/ready\n".to_owned(),
-                );
+            match req.uri().path() {
+                "/healthz/ready" => {}
+                // Liveness: the daemon serves, ready or not (and superseded or not), so that a
+                // liveness probe restarts a wedged daemon, never one that is merely waiting.
+                "/healthz/live" => {
+                    return respond(StatusCode::OK, "text/plain", "alive\n".to_owned());
+                }
+                _ => {
+                    return respond(
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        "try /healthz/ready or /healthz/live\n".to_owned(),
+                    );
+                }
             }
             if succession.superseded() {
                 return respond(
@@ -365,5 +373,58 @@ mod tests {
         assert!(!new.superseded(), "the predecessor does not count");
         drop(second);
         assert!(!old.superseded(), "the successor left");
+    }
+
+    /// `GET path` on `port` of 127.0.0.1: the status code.
+    async fn get(port: u16, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {response:?}"))
+    }
+
+    #[tokio::test]
+    async fn alive_while_not_ready_and_while_superseded() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let readiness = Arc::new(Readiness::default());
+        readiness.set(false, "starting");
+        let server = spawn_readiness(addr, Arc::clone(&readiness)).expect("serve");
+        assert_eq!(get(port, "/healthz/ready").await, 503, "not ready");
+        assert_eq!(get(port, "/healthz/live").await, 200, "alive all the same");
+        readiness.set(true, "ready");
+        assert_eq!(get(port, "/healthz/ready").await, 200);
+        assert_eq!(get(port, "/healthz/live").await, 200);
+        // A successor on the port (an upgrade next to it): this daemon's readiness now says
+        // superseded, but both live. The kernel spreads connections over the two listeners.
+        let next = Arc::new(Readiness::default());
+        next.set(true, "ready");
+        let successor = spawn_readiness(addr, next).expect("reuseport");
+        let (mut live, mut ready) = (Vec::new(), std::collections::BTreeSet::new());
+        for _ in 0..50 {
+            live.push(get(port, "/healthz/live").await);
+            ready.insert(get(port, "/healthz/ready").await);
+        }
+        assert!(live.iter().all(|code| *code == 200), "{live:?}");
+        assert_eq!(
+            ready,
+            std::collections::BTreeSet::from([200, 503]),
+            "both daemons answered"
+        );
+        assert_eq!(get(port, "/nothing").await, 404);
+        successor.abort();
+        server.abort();
     }
 }

@@ -424,8 +424,8 @@ struct Observers<'a> {
 }
 
 /// Applies a new state: enrollments, then the policies (which re-decides open connections),
-/// then readiness, metrics and the admin dump. Policies with L7-only content are reported once
-/// each.
+/// then readiness, metrics and the admin dump. Policies the node enforces differently from
+/// what they say (attributes it cannot see) are reported once each.
 fn apply(
     inpod: &mut InPod,
     proxy: &Proxy,
@@ -461,9 +461,9 @@ fn apply(
         "enrolled": inpod.enrolled_pods(),
         "failed": inpod.failed(),
     });
-    for (policy, note) in state.policies.l7_notes() {
+    for (policy, note) in state.policies.notes() {
         if warned.insert((policy.clone(), note.clone())) {
-            warn!(policy = %policy, note = %note, "policy uses L7-only fields; enforced at L4 as noted");
+            warn!(policy = %policy, note = %note, "policy is enforced at the node as noted");
         }
     }
     proxy.set_policies(Arc::clone(&state.policies));

@@ -7,6 +7,8 @@
 
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
+#[cfg(feature = "manifests")]
+pub mod manifests;
 pub mod mesh;
 pub mod testbed;
 

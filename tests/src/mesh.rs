@@ -56,6 +56,9 @@ pub struct NodeSettings {
     pub max_connections_per_workload: usize,
     /// The `services:` list (YAML items), empty for none.
     pub services: String,
+    /// A command the daemon runs under (`[wrapper..., exe, "run", ...]`), empty for none: a
+    /// seccomp profile, `strace`.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for NodeSettings {
@@ -66,6 +69,7 @@ impl Default for NodeSettings {
             handshake_timeout_ms: 10_000,
             max_connections_per_workload: 20_000,
             services: String::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -146,7 +150,7 @@ impl Daemon {
         let ca = ca_dir(bed, exe)?;
         let config = bed.tmp_dir().join(format!("{node}.yaml"));
         write_atomically(&config, &config_yaml(bed, node, &ca, settings, enrolled)?)?;
-        let mut daemon = Self::start_with(bed, node, exe, &config)?;
+        let mut daemon = Self::spawn(bed, node, exe, &config, &settings.wrapper)?;
         daemon.settings = settings.clone();
         daemon.enrolled = enrolled.iter().map(|s| (*s).to_owned()).collect();
         Ok(daemon)
@@ -159,11 +163,21 @@ impl Daemon {
         exe: &Path,
         config: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn(bed, node, exe, config, &[])
+    }
+
+    fn spawn(
+        bed: &Testbed,
+        node: &str,
+        exe: &Path,
+        config: &Path,
+        wrapper: &[String],
+    ) -> anyhow::Result<Self> {
         let exe_str = exe.to_str().context("non-UTF-8 path")?;
         let config_str = config.to_str().context("non-UTF-8 path")?;
-        let mut proc = bed
-            .node(node)
-            .spawn(&[exe_str, "run", "--config", config_str])?;
+        let mut argv: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        argv.extend([exe_str, "run", "--config", config_str]);
+        let mut proc = bed.node(node).spawn(&argv)?;
         proc.wait_for_output("\"message\":\"ready\"", Duration::from_secs(15))
             .with_context(|| format!("mesh-node on {node}"))?;
         Ok(Self {

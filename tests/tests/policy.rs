@@ -291,3 +291,143 @@ fn a_policy_edit_closes_open_connections_it_no_longer_allows_and_a_broken_edit_c
         .expect("plaintext connection finishes");
     assert!(status.success(), "{}", plain_conn.stderr());
 }
+
+/// A `PeerAuthentication` (`selector` in YAML flow style, or empty for none) as a `policies:`
+/// list item.
+fn peer_auth_in(namespace: &str, name: &str, selector: &str, mode: &str) -> String {
+    let selector = if selector.is_empty() {
+        String::new()
+    } else {
+        format!("    selector:\n      matchLabels: {selector}\n")
+    };
+    format!(
+        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {name}\n    namespace: {namespace}\n  spec:\n{selector}    mtls: {{mode: {mode}}}\n"
+    )
+}
+
+/// Issue 13, item 6: attributes the node cannot see fail safe, as istiod's ambient translation
+/// intends. `remoteIpBlocks` (an L7 proxy's `X-Forwarded-For` client) is not the connection's
+/// source address: a DENY on it denies every source, an ALLOW whose only match is on it admits
+/// nothing. And where Istio's documentation and istiod disagree on `PeerAuthentication`, the
+/// stricter reading holds: a namespace `DISABLE` does not open a mesh-wide `STRICT`, and a
+/// root-namespace policy with a selector makes the workloads it selects `STRICT`.
+#[test]
+fn what_the_node_cannot_see_fails_safe() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = servers(&bed, "b1");
+    let (_a, mut b) = mesh(&bed);
+    let a1 = bed.pod("a1").ipv4();
+    let a2 = bed.pod("a2").ipv4();
+    assert!(
+        connects(&bed, "a1", "b1", 7000) && connects(&bed, "b2", "b1", 7000),
+        "no policy: all allowed"
+    );
+
+    // DENY on a2's address as remoteIpBlocks: every source is denied, a1 and plaintext too.
+    apply(
+        &bed,
+        &mut b,
+        &authz(
+            "deny-remote",
+            &format!(
+                "action: DENY\nrules:\n- from:\n  - source:\n      remoteIpBlocks: [\"{a2}\"]"
+            ),
+        ),
+    );
+    for from in ["a1", "a2", "b2"] {
+        assert!(
+            !connects(&bed, from, "b1", 7000),
+            "{from}: a DENY on remoteIpBlocks denies every source"
+        );
+    }
+    assert_eq!(
+        denials(&b),
+        [
+            "default/deny-remote",
+            "default/deny-remote",
+            "default/deny-remote"
+        ]
+    );
+    let notes = b.records("policy is enforced at the node as noted");
+    assert!(
+        notes.iter().any(|r| r["policy"] == "default/deny-remote"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("remoteIpBlocks"))),
+        "the policy is reported: {notes:?}"
+    );
+
+    // ALLOW whose only match is a1's address as remoteIpBlocks: nothing gets in, a1 neither.
+    apply(
+        &bed,
+        &mut b,
+        &authz(
+            "allow-remote",
+            &format!(
+                "action: ALLOW\nrules:\n- from:\n  - source:\n      remoteIpBlocks: [\"{a1}\"]"
+            ),
+        ),
+    );
+    for from in ["a1", "a2", "b2"] {
+        assert!(
+            !connects(&bed, from, "b1", 7000),
+            "{from}: an ALLOW on remoteIpBlocks admits nobody"
+        );
+    }
+    assert_eq!(
+        denials(&b)[3..],
+        [
+            "no ALLOW policy matched",
+            "no ALLOW policy matched",
+            "no ALLOW policy matched"
+        ]
+    );
+
+    // A mesh-wide STRICT (root namespace) with DISABLE for the namespace: still STRICT.
+    let mesh_strict = peer_auth_in("istio-system", "mesh", "", "STRICT");
+    apply(
+        &bed,
+        &mut b,
+        &format!(
+            "{mesh_strict}{}",
+            peer_auth_in("default", "ns", "", "DISABLE")
+        ),
+    );
+    assert!(
+        !connects(&bed, "b2", "b1", 7000),
+        "a namespace DISABLE does not open the mesh-wide STRICT"
+    );
+    assert!(connects(&bed, "a1", "b1", 7000), "mTLS still admitted");
+
+    // A root-namespace policy selecting b1: STRICT for b1 although the namespace is PERMISSIVE.
+    apply(
+        &bed,
+        &mut b,
+        &format!(
+            "{}{}",
+            peer_auth_in("default", "ns", "", "PERMISSIVE"),
+            peer_auth_in("istio-system", "b1-strict", "{app: b1}", "STRICT")
+        ),
+    );
+    assert!(
+        !connects(&bed, "b2", "b1", 7000),
+        "a root-namespace selector makes b1 STRICT"
+    );
+    assert_eq!(
+        b.records("plaintext connection refused: PeerAuthentication is STRICT")
+            .len(),
+        2
+    );
+    apply(
+        &bed,
+        &mut b,
+        &peer_auth_in("default", "ns", "", "PERMISSIVE"),
+    );
+    assert!(
+        connects(&bed, "b2", "b1", 7000),
+        "PERMISSIVE alone admits plaintext (the checks above were not vacuous)"
+    );
+}

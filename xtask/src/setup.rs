@@ -28,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     // Wire captures in the mTLS tests.
     "tcpdump",
+    // The seccomp test loads the runtimes' default profiles with libseccomp's own bindings
+    // (for Debian's /usr/bin/python3).
+    "python3-seccomp",
     // The observability test scrapes the daemons with a real Prometheus (and promtool).
     "prometheus",
     "curl",
@@ -52,6 +55,7 @@ pub fn run() -> anyhow::Result<()> {
     link_toolchain()?;
     mount_bpffs()?;
     install_pip(PIP_PACKAGES)?;
+    fetch_seccomp_profiles()?;
     install_cargo_fuzz()?;
     let kubectl = check_kubectl();
     println!(
@@ -257,6 +261,62 @@ fn install_cargo_fuzz() -> anyhow::Result<()> {
 }
 
 /// bpffs at /sys/fs/bpf (systemd mounts it on most hosts; minimal machines lack it).
+/// Where the container runtimes' default seccomp profiles are put for the seccomp test
+/// (`tests/tests/seccomp.rs` reads them from here).
+const SECCOMP_DIR: &str = "/usr/local/share/mesh/seccomp";
+
+/// The runtimes' default seccomp profiles, from the Debian packages that ship them as files:
+/// Docker's (containerd's `RuntimeDefault` follows it) and containers/common's (CRI-O's and
+/// Podman's). Only the two files are extracted: the packages themselves (Go sources, and
+/// container networking) are not installed.
+const SECCOMP_PROFILES: &[(&str, &str, &str)] = &[
+    (
+        "golang-github-docker-docker-dev",
+        "usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json",
+        "docker.json",
+    ),
+    (
+        "golang-github-containers-common",
+        "usr/share/containers/seccomp.json",
+        "containers-common.json",
+    ),
+];
+
+fn fetch_seccomp_profiles() -> anyhow::Result<()> {
+    let dir = Path::new(SECCOMP_DIR);
+    for (package, path, name) in SECCOMP_PROFILES {
+        let dest = dir.join(name);
+        if dest.is_file() {
+            continue;
+        }
+        let step = Step::start(&format!("seccomp profile {name} from {package}"));
+        let work = std::env::temp_dir().join(format!("mesh-seccomp-{package}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        // apt downloads as its own user `_apt`, which must be able to write here.
+        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["download", "-qq", package])
+                .current_dir(&work),
+        )?;
+        let deb = std::fs::read_dir(&work)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download {package} left no .deb"))?;
+        let root = work.join("root");
+        run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(root.join(path), &dest)
+            .with_context(|| format!("{package} has no {path}"))?;
+        std::fs::remove_dir_all(&work)?;
+        step.done();
+    }
+    Ok(())
+}
+
 fn mount_bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
     if mounts

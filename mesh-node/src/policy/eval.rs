@@ -88,11 +88,28 @@ impl Ports {
     }
 }
 
+/// A service-account constraint: exact `(namespace, name)` pairs, as Istio's `serviceAccounts`
+/// (no wildcards; a bare name is in the policy's namespace).
+#[derive(Clone, Debug, Default)]
+struct ServiceAccounts {
+    any_of: Vec<(String, String)>,
+    none_of: Vec<(String, String)>,
+}
+
+impl ServiceAccounts {
+    fn matches(&self, value: Option<(&str, &str)>) -> bool {
+        let hit = |list: &[(String, String)]| {
+            value.is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
+        };
+        (self.any_of.is_empty() || hit(&self.any_of)) && !hit(&self.none_of)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct CompiledSource {
     principals: Patterns,
     namespaces: Patterns,
-    service_accounts: Patterns,
+    service_accounts: ServiceAccounts,
     ips: Blocks,
 }
 
@@ -102,6 +119,7 @@ enum When {
     SourceIp(Blocks),
     SourceNamespace(Patterns),
     SourcePrincipal(Patterns),
+    SourceServiceAccount(ServiceAccounts),
     DestinationIp(Blocks),
     DestinationPort(Ports),
 }
@@ -128,87 +146,229 @@ pub struct CompiledPolicy {
     /// Bound to a gateway or waypoint (`targetRef(s)`): never applies at the node.
     pub targets_waypoint: bool,
     rules: Vec<CompiledRule>,
-    /// What L7 content was dropped or ignored, if any.
-    pub l7_note: Option<String>,
+    /// What the node enforces differently from what the document says (attributes it cannot
+    /// see), if anything.
+    pub note: Option<String>,
 }
 
-fn blocks(any: &[IpBlock], any2: &[IpBlock], none: &[IpBlock], none2: &[IpBlock]) -> Blocks {
-    Blocks {
-        any_of: any.iter().chain(any2).copied().collect(),
-        none_of: none.iter().chain(none2).copied().collect(),
+/// A field of a policy that is invalid: `(field path, reason)`.
+pub(super) type Invalid = (String, String);
+
+/// `ns/name` or `name` (in `policy_ns`), as Istio validates `serviceAccounts`.
+fn service_account(value: &str, policy_ns: &str) -> Result<(String, String), String> {
+    let bad = || format!("`{value}`: expected `name` or `namespace/name`, without wildcards");
+    if value.is_empty() || value.contains('*') {
+        return Err(bad());
+    }
+    match value.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            Ok((ns.to_owned(), sa.to_owned()))
+        }
+        Some(_) => Err(bad()),
+        None => Ok((policy_ns.to_owned(), value.to_owned())),
     }
 }
 
-fn source_has_l7(s: &Source) -> bool {
-    !s.request_principals.is_empty() || !s.not_request_principals.is_empty()
-}
-
-fn compile_source(s: &Source) -> CompiledSource {
-    CompiledSource {
-        principals: Patterns::new(&s.principals, &s.not_principals),
-        namespaces: Patterns::new(&s.namespaces, &s.not_namespaces),
-        service_accounts: Patterns::new(&s.service_accounts, &s.not_service_accounts),
-        ips: blocks(
-            &s.ip_blocks,
-            &s.remote_ip_blocks,
-            &s.not_ip_blocks,
-            &s.not_remote_ip_blocks,
-        ),
-    }
-}
-
-/// `source.ip` etc. as an L4 condition; `None` for keys only an L7 proxy can evaluate.
-fn compile_when(c: &Condition) -> Option<When> {
-    let parse_blocks = |v: &[String]| {
-        v.iter()
-            .filter_map(|s| parse_block(s))
-            .map(IpBlock)
-            .collect()
+fn service_accounts(
+    positive: &[String],
+    negative: &[String],
+    policy_ns: &str,
+) -> Result<ServiceAccounts, String> {
+    let parse = |list: &[String]| {
+        list.iter()
+            .map(|v| service_account(v, policy_ns))
+            .collect::<Result<Vec<_>, _>>()
     };
-    let parse_ports = |v: &[String]| v.iter().filter_map(|s| s.parse().ok()).collect();
-    Some(match c.key.as_str() {
-        "source.ip" => When::SourceIp(Blocks {
-            any_of: parse_blocks(&c.values),
-            none_of: parse_blocks(&c.not_values),
-        }),
-        "source.namespace" => When::SourceNamespace(Patterns::new(&c.values, &c.not_values)),
-        "source.principal" => When::SourcePrincipal(Patterns::new(&c.values, &c.not_values)),
-        "destination.ip" => When::DestinationIp(Blocks {
-            any_of: parse_blocks(&c.values),
-            none_of: parse_blocks(&c.not_values),
-        }),
-        "destination.port" => When::DestinationPort(Ports {
-            any_of: parse_ports(&c.values),
-            none_of: parse_ports(&c.not_values),
-        }),
-        _ => return None,
+    Ok(ServiceAccounts {
+        any_of: parse(positive)?,
+        none_of: parse(negative)?,
     })
 }
 
+/// Istio refuses empty strings in match lists; an empty pattern would match nothing (and so
+/// exclude nothing in a `not` list).
+fn no_empty(at: &str, lists: &[(&str, &[String])]) -> Result<(), Invalid> {
+    for (name, list) in lists {
+        if list.iter().any(String::is_empty) {
+            return Err((format!("{at}.{name}"), "empty value".to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// The source fields the node cannot see (`remoteIpBlocks` come from `X-Forwarded-For` or the
+/// PROXY protocol, request principals from a JWT), by name.
+fn invisible_source_fields(s: &Source) -> Vec<&'static str> {
+    [
+        ("remoteIpBlocks", s.remote_ip_blocks.is_empty()),
+        ("notRemoteIpBlocks", s.not_remote_ip_blocks.is_empty()),
+        ("requestPrincipals", s.request_principals.is_empty()),
+        ("notRequestPrincipals", s.not_request_principals.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, empty)| (!empty).then_some(name))
+    .collect()
+}
+
+fn compile_source(s: &Source, at: &str, policy_ns: &str) -> Result<CompiledSource, Invalid> {
+    no_empty(
+        at,
+        &[
+            ("principals", &s.principals),
+            ("notPrincipals", &s.not_principals),
+            ("namespaces", &s.namespaces),
+            ("notNamespaces", &s.not_namespaces),
+        ],
+    )?;
+    let has_accounts = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
+    let has_identity = [
+        &s.principals,
+        &s.not_principals,
+        &s.namespaces,
+        &s.not_namespaces,
+    ]
+    .iter()
+    .any(|l| !l.is_empty());
+    if has_accounts && has_identity {
+        return Err((
+            format!("{at}.serviceAccounts"),
+            "cannot be combined with principals or namespaces (as in Istio)".to_owned(),
+        ));
+    }
+    Ok(CompiledSource {
+        principals: Patterns::new(&s.principals, &s.not_principals),
+        namespaces: Patterns::new(&s.namespaces, &s.not_namespaces),
+        service_accounts: service_accounts(&s.service_accounts, &s.not_service_accounts, policy_ns)
+            .map_err(|reason| (format!("{at}.serviceAccounts"), reason))?,
+        // Only the connection's source address: `remoteIpBlocks` are not the same thing.
+        ips: Blocks {
+            any_of: s.ip_blocks.clone(),
+            none_of: s.not_ip_blocks.clone(),
+        },
+    })
+}
+
+/// A `when` condition: `Some` for an L4 attribute, `None` for one of Istio's attributes that
+/// only an L7 proxy sees; an error for a bad value or a key Istio does not know.
+fn compile_when(c: &Condition, at: &str, policy_ns: &str) -> Result<Option<When>, Invalid> {
+    let invalid = |field: &str, reason: String| Err((format!("{at}.{field}"), reason));
+    if c.key.is_empty() {
+        return invalid("key", "must not be empty".to_owned());
+    }
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return invalid(
+            "values",
+            "one of values or notValues must be set".to_owned(),
+        );
+    }
+    let blocks = |field: &str, list: &[String]| {
+        list.iter()
+            .map(|v| {
+                parse_block(v).map(IpBlock).ok_or_else(|| {
+                    (
+                        format!("{at}.{field}"),
+                        format!("invalid IP block `{v}` (expected a CIDR or an IP)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let ports = |field: &str, list: &[String]| {
+        list.iter()
+            .map(|v| match v.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(p),
+                _ => Err((
+                    format!("{at}.{field}"),
+                    format!("invalid port `{v}` (expected 1-65535)"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let key = c.key.as_str();
+    if [
+        "source.namespace",
+        "source.principal",
+        "source.ip",
+        "destination.ip",
+    ]
+    .contains(&key)
+    {
+        no_empty(at, &[("values", &c.values), ("notValues", &c.not_values)])?;
+    }
+    Ok(Some(match key {
+        "source.ip" => When::SourceIp(Blocks {
+            any_of: blocks("values", &c.values)?,
+            none_of: blocks("notValues", &c.not_values)?,
+        }),
+        "destination.ip" => When::DestinationIp(Blocks {
+            any_of: blocks("values", &c.values)?,
+            none_of: blocks("notValues", &c.not_values)?,
+        }),
+        "destination.port" => When::DestinationPort(Ports {
+            any_of: ports("values", &c.values)?,
+            none_of: ports("notValues", &c.not_values)?,
+        }),
+        "source.namespace" => When::SourceNamespace(Patterns::new(&c.values, &c.not_values)),
+        "source.principal" => When::SourcePrincipal(Patterns::new(&c.values, &c.not_values)),
+        "source.serviceAccount" => When::SourceServiceAccount(
+            service_accounts(&c.values, &c.not_values, policy_ns)
+                .map_err(|reason| (format!("{at}.values"), reason))?,
+        ),
+        "remote.ip" | "connection.sni" => return Ok(None),
+        k if k.starts_with("request.") || k.starts_with("experimental.envoy.filters.") => {
+            return Ok(None);
+        }
+        "destination.namespace" | "destination.name" | "destination.user" => {
+            return invalid(
+                "key",
+                format!("`{key}` is not supported by Istio (v1beta1 and later)"),
+            );
+        }
+        k if k.starts_with("destination.labels") => {
+            return invalid(
+                "key",
+                format!("`{key}` is replaced by the workload selector"),
+            );
+        }
+        _ => return invalid("key", format!("unknown attribute `{key}`")),
+    }))
+}
+
 impl CompiledPolicy {
-    /// Compiles an `AuthorizationPolicy` document (already validated by the store).
-    #[must_use]
-    pub fn compile(doc: &PolicyDocument) -> Self {
+    /// Compiles an `AuthorizationPolicy` document (its `apiVersion`, names and kind-specific
+    /// fields already checked by the store); a bad value is `(field, reason)`.
+    ///
+    /// Attributes the node cannot see follow Istio's ambient semantics (istiod's translation
+    /// for ztunnel): an ALLOW rule that uses one never matches (the rule is dropped), a DENY
+    /// rule is enforced without them (more restrictive: a source whose only constraint is such
+    /// an attribute matches every source).
+    pub fn compile(doc: &PolicyDocument) -> Result<Self, Invalid> {
         let spec = &doc.spec;
         let action = spec.action.unwrap_or(Action::Allow);
-        let mut l7 = Vec::new();
+        let mut notes = Vec::new();
         let mut rules = Vec::new();
         for (i, rule) in spec.rules.iter().flatten().enumerate() {
-            let (compiled, has_l7) = compile_rule(rule);
-            match (has_l7, action) {
-                (false, _) => rules.push(compiled),
-                (true, Action::Allow) => {
-                    l7.push(format!("ALLOW rule {i} uses L7 fields and is dropped"));
-                }
-                (true, Action::Deny) => {
-                    l7.push(format!(
-                        "DENY rule {i} uses L7 fields; its L4 part is enforced"
+            let (compiled, invisible) =
+                compile_rule(rule, &format!("spec.rules[{i}]"), &doc.metadata.namespace)?;
+            if invisible.is_empty() {
+                rules.push(compiled);
+                continue;
+            }
+            let fields = invisible.join(", ");
+            match action {
+                Action::Allow => notes.push(format!(
+                    "ALLOW rule {i} uses {fields}, which the node cannot see: the rule never matches"
+                )),
+                Action::Deny => {
+                    notes.push(format!(
+                        "DENY rule {i} uses {fields}, which the node cannot see: it is enforced \
+                         without them (more restrictive)"
                     ));
                     rules.push(compiled);
                 }
             }
         }
-        Self {
+        Ok(Self {
             name: format!("{}/{}", doc.metadata.namespace, doc.metadata.name),
             namespace: doc.metadata.namespace.clone(),
             selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
@@ -220,8 +380,8 @@ impl CompiledPolicy {
                 .is_some_and(|v| v.eq_ignore_ascii_case("true")),
             targets_waypoint: spec.target_ref.is_some() || spec.target_refs.is_some(),
             rules,
-            l7_note: (!l7.is_empty()).then(|| l7.join("; ")),
-        }
+            note: (!notes.is_empty()).then(|| notes.join("; ")),
+        })
     }
 
     fn applies_to(&self, root_namespace: &str, workload: &Workload) -> bool {
@@ -242,48 +402,57 @@ impl CompiledPolicy {
     }
 }
 
-/// Compiles a rule, stripping L7 content; reports whether there was any.
-fn compile_rule(rule: &Rule) -> (CompiledRule, bool) {
-    let mut has_l7 = false;
-    let from = rule
-        .from
-        .iter()
-        .map(|f| {
-            has_l7 |= source_has_l7(&f.source);
-            compile_source(&f.source)
-        })
-        .collect();
-    let to = rule
-        .to
-        .iter()
-        .map(|t| {
-            let op = &t.operation;
-            has_l7 |= [
-                &op.hosts,
-                &op.not_hosts,
-                &op.methods,
-                &op.not_methods,
-                &op.paths,
-                &op.not_paths,
-            ]
-            .iter()
-            .any(|v| !v.is_empty());
-            Ports {
-                any_of: op.ports.iter().map(|p| p.0).collect(),
-                none_of: op.not_ports.iter().map(|p| p.0).collect(),
+/// Compiles a rule without the attributes the node cannot see; returns their names too.
+fn compile_rule(
+    rule: &Rule,
+    at: &str,
+    policy_ns: &str,
+) -> Result<(CompiledRule, Vec<String>), Invalid> {
+    let mut invisible: Vec<String> = Vec::new();
+    let mut note = |name: &str| {
+        if !invisible.iter().any(|n| n == name) {
+            invisible.push(name.to_owned());
+        }
+    };
+    let mut from = Vec::new();
+    for (i, f) in rule.from.iter().enumerate() {
+        invisible_source_fields(&f.source)
+            .into_iter()
+            .for_each(&mut note);
+        from.push(compile_source(
+            &f.source,
+            &format!("{at}.from[{i}].source"),
+            policy_ns,
+        )?);
+    }
+    let mut to = Vec::new();
+    for t in &rule.to {
+        let op = &t.operation;
+        for (name, list) in [
+            ("hosts", &op.hosts),
+            ("notHosts", &op.not_hosts),
+            ("methods", &op.methods),
+            ("notMethods", &op.not_methods),
+            ("paths", &op.paths),
+            ("notPaths", &op.not_paths),
+        ] {
+            if !list.is_empty() {
+                note(name);
             }
-        })
-        .collect();
-    let when = rule
-        .when
-        .iter()
-        .filter_map(|c| {
-            let compiled = compile_when(c);
-            has_l7 |= compiled.is_none();
-            compiled
-        })
-        .collect();
-    (CompiledRule { from, to, when }, has_l7)
+        }
+        to.push(Ports {
+            any_of: op.ports.iter().map(|p| p.0).collect(),
+            none_of: op.not_ports.iter().map(|p| p.0).collect(),
+        });
+    }
+    let mut when = Vec::new();
+    for (i, c) in rule.when.iter().enumerate() {
+        match compile_when(c, &format!("{at}.when[{i}]"), policy_ns)? {
+            Some(w) => when.push(w),
+            None => note(&format!("when `{}`", c.key)),
+        }
+    }
+    Ok((CompiledRule { from, to, when }, invisible))
 }
 
 /// Istio's principal form: the SPIFFE id without `spiffe://`.
@@ -302,12 +471,12 @@ impl CompiledRule {
         let namespace = conn.src_identity.map(|id| id.namespace.as_str());
         let service_account = conn
             .src_identity
-            .map(|id| format!("{}/{}", id.namespace, id.service_account));
+            .map(|id| (id.namespace.as_str(), id.service_account.as_str()));
         let from = self.from.is_empty()
             || self.from.iter().any(|s| {
                 s.principals.matches(principal.as_deref())
                     && s.namespaces.matches(namespace)
-                    && s.service_accounts.matches(service_account.as_deref())
+                    && s.service_accounts.matches(service_account)
                     && s.ips.matches(conn.src_ip)
             });
         let to = self.to.is_empty() || self.to.iter().any(|p| p.matches(conn.dst_port));
@@ -316,6 +485,7 @@ impl CompiledRule {
                 When::SourceIp(b) => b.matches(conn.src_ip),
                 When::SourceNamespace(p) => p.matches(namespace),
                 When::SourcePrincipal(p) => p.matches(principal.as_deref()),
+                When::SourceServiceAccount(a) => a.matches(service_account),
                 When::DestinationIp(b) => b.matches(conn.dst_ip),
                 When::DestinationPort(p) => p.matches(conn.dst_port),
             })

@@ -6,9 +6,12 @@
 //! - Order: any matching DENY denies; with no ALLOW policy for the workload the connection is
 //!   allowed; otherwise one ALLOW must match. Policies annotated `istio.io/dry-run: "true"` are
 //!   evaluated and logged but never enforced.
-//! - L7-only fields (methods, paths, hosts, request principals, `when` keys other than the L4
-//!   ones): an ALLOW rule that uses them is dropped (more restrictive), a DENY rule keeps its L4
-//!   part (more restrictive); each such policy is reported once.
+//! - Attributes the node cannot see (`remoteIpBlocks`, request principals, methods, paths,
+//!   hosts, `when` keys other than the L4 ones), as istiod translates them for ztunnel: an ALLOW
+//!   rule that uses them never matches, a DENY rule is enforced without them (it matches more
+//!   sources and ports: more restrictive); each such policy is reported once. Where Istio's
+//!   documentation and implementation disagree, the stricter reading is taken
+//!   (`docs/configuration.md`, "Policies").
 
 mod eval;
 mod model;
@@ -111,16 +114,22 @@ impl PolicyStore {
                     if spec.mtls.is_some() || spec.port_level_mtls.is_some() {
                         return Err(err("spec.mtls", "belongs to PeerAuthentication"));
                     }
-                    authz.push(std::sync::Arc::new(CompiledPolicy::compile(doc)));
+                    let compiled = CompiledPolicy::compile(doc)
+                        .map_err(|(field, reason)| err(&field, &reason))?;
+                    authz.push(std::sync::Arc::new(compiled));
                 }
                 Kind::PeerAuthentication => {
                     if spec.action.is_some() || spec.rules.is_some() {
                         return Err(err("spec.rules", "belongs to AuthorizationPolicy"));
                     }
-                    if spec.port_level_mtls.is_some() && spec.selector.is_none() {
+                    let selects = spec
+                        .selector
+                        .as_ref()
+                        .is_some_and(|s| !s.match_labels.is_empty());
+                    if spec.port_level_mtls.is_some() && !selects {
                         return Err(err("spec.portLevelMtls", "needs a workload selector"));
                     }
-                    peer_auth.push(peer_auth::PeerAuth::from_doc(doc));
+                    peer_auth.push(peer_auth::PeerAuth::from_doc(doc, root_namespace));
                 }
             }
         }
@@ -133,13 +142,19 @@ impl PolicyStore {
         })
     }
 
-    /// `(policy, note)` for each policy whose L7-only content was dropped or reduced to L4.
+    /// `(policy, note)` for each policy the node enforces differently from what it says
+    /// (attributes it cannot see, `DISABLE`, a root-namespace `PeerAuthentication` selector).
     #[must_use]
-    pub fn l7_notes(&self) -> Vec<(String, String)> {
-        self.authz
+    pub fn notes(&self) -> Vec<(String, String)> {
+        let authz = self
+            .authz
             .iter()
-            .filter_map(|p| p.l7_note.clone().map(|n| (p.name.clone(), n)))
-            .collect()
+            .filter_map(|p| p.note.clone().map(|n| (p.name.clone(), n)));
+        let peer = self
+            .peer_auth
+            .iter()
+            .filter_map(|p| p.note.clone().map(|n| (p.name.clone(), n)));
+        authz.chain(peer).collect()
     }
 
     /// The documents the store was built from (for the admin dump).

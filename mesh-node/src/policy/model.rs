@@ -125,12 +125,14 @@ pub struct Source {
     pub ip_blocks: Vec<IpBlock>,
     #[serde(default)]
     pub not_ip_blocks: Vec<IpBlock>,
-    /// At L4 the remote IP is the source IP: treated as `ipBlocks`.
+    /// The client address an L7 proxy takes from `X-Forwarded-For` or the PROXY protocol, not
+    /// the connection's source: the node cannot see it (an ALLOW rule that uses it never
+    /// matches; a DENY rule matches as if it were absent).
     #[serde(default)]
     pub remote_ip_blocks: Vec<IpBlock>,
     #[serde(default)]
     pub not_remote_ip_blocks: Vec<IpBlock>,
-    /// L7 (JWT) fields: accepted, not enforceable at L4.
+    /// L7 (JWT) fields: accepted, not visible at L4 (as `remoteIpBlocks`).
     #[serde(default)]
     pub request_principals: Vec<String>,
     #[serde(default)]
@@ -150,7 +152,7 @@ pub struct Operation {
     pub ports: Vec<Port>,
     #[serde(default)]
     pub not_ports: Vec<Port>,
-    /// L7 fields: accepted, not enforceable at L4.
+    /// L7 fields: accepted, not visible at L4 (as `remoteIpBlocks`).
     #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
