@@ -341,6 +341,22 @@ fn policies_and_outage(fx: &mut Fixture) {
     wait_until("deny removed", Duration::from_secs(10), || {
         connects(bed, "a1", &b1_addr(bed))
     });
+    // An ALLOW with a typo (no webhook rejected it) is enforced as a deny-all for what it
+    // selects: left out, it would leave b1 with no ALLOW at all, which allows everything.
+    api.apply(json!({
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-typo", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "b1"}}, "action": "ALLOW",
+                 "rulez": [{"from": [{"source": {"namespaces": ["elsewhere"]}}]}]}
+    }))
+    .unwrap();
+    wait_until("an unreadable ALLOW fails closed", Duration::from_secs(10), || {
+        !connects(bed, "a1", &b1_addr(bed))
+    });
+    api.delete("AuthorizationPolicy", NS, "allow-typo").unwrap();
+    wait_until("unreadable policy removed", Duration::from_secs(10), || {
+        connects(bed, "a1", &b1_addr(bed))
+    });
 
     // API server down: the known state stays in force. Changes made meanwhile, with the
     // history compacted (watches get 410 Gone), arrive through a relist once it is back.

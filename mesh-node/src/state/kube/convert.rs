@@ -11,7 +11,7 @@ use kube::{ResourceExt, api::DynamicObject};
 
 use crate::{
     config::KubernetesConfig,
-    policy::PolicyDocument,
+    policy::{Kind, PolicyDocument},
     state::{
         Workload,
         service::{Locality, Service, ServiceEndpoint, ServicePort},
@@ -223,6 +223,40 @@ pub fn policy(obj: &DynamicObject, kind: &str) -> Result<PolicyDocument, String>
     });
     // serde_json names the field in its message ("unknown field `x`, expected one of …").
     serde_json::from_value::<PolicyDocument>(value).map_err(|e| e.to_string())
+}
+
+/// What stands in for a policy object that cannot be read and has no earlier good version:
+/// leaving it out would fail open (a DENY not enforced; an only ALLOW gone, which allows
+/// everything), so it is enforced as the strictest policy of its kind for what it selects: an
+/// `AuthorizationPolicy` denies every connection, a `PeerAuthentication` is STRICT. The scope is
+/// the object's `spec.selector.matchLabels` when that much can be read, else its whole
+/// namespace (mesh-wide in the root namespace).
+#[must_use]
+pub fn fail_closed_policy(obj: &DynamicObject, kind: Kind) -> PolicyDocument {
+    let labels = obj
+        .data
+        .pointer("/spec/selector/matchLabels")
+        .and_then(|v| {
+            serde_json::from_value::<std::collections::BTreeMap<String, String>>(v.clone()).ok()
+        })
+        .filter(|labels| !labels.is_empty());
+    let mut spec = match kind {
+        Kind::AuthorizationPolicy => serde_json::json!({"action": "DENY", "rules": [{}]}),
+        Kind::PeerAuthentication => serde_json::json!({"mtls": {"mode": "STRICT"}}),
+    };
+    if let Some(labels) = labels {
+        spec["selector"] = serde_json::json!({ "matchLabels": labels });
+    }
+    let value = serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": kind.to_string(),
+        "metadata": {
+            "name": obj.name_any(),
+            "namespace": obj.namespace().unwrap_or_else(|| "default".to_owned()),
+        },
+        "spec": spec,
+    });
+    serde_json::from_value(value).expect("a fixed, valid policy document")
 }
 
 #[cfg(test)]
@@ -449,5 +483,80 @@ mod tests {
         .unwrap();
         let err = policy(&bad, "AuthorizationPolicy").unwrap_err();
         assert!(err.contains("rulez"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_policy_object_fails_closed_for_what_it_selects() {
+        use crate::{
+            policy::{ConnInfo, MtlsMode, PolicyStore},
+            state::Workload,
+        };
+        let object = |spec: serde_json::Value, kind: &str| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "security.istio.io/v1", "kind": kind,
+                "metadata": {"name": "broken", "namespace": "shop"},
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let workload = |app: &str| Workload {
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            name: app.to_owned(),
+            namespace: "shop".to_owned(),
+            service_account: app.to_owned(),
+            ips: vec!["198.18.1.2".parse().unwrap()],
+            node: "n".to_owned(),
+            netns: None,
+            enrolled: true,
+        };
+        let conn = ConnInfo {
+            src_ip: "198.18.2.2".parse().unwrap(),
+            src_identity: None,
+            dst_ip: "198.18.1.2".parse().unwrap(),
+            dst_port: 80,
+        };
+        // An ALLOW with a typo: left out, it would leave `web` with no ALLOW at all (allow
+        // everything).
+        let allow = object(
+            serde_json::json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW", "rulez": []}),
+            "AuthorizationPolicy",
+        );
+        assert!(policy(&allow, "AuthorizationPolicy").is_err());
+        let store = PolicyStore::new(
+            "istio-system",
+            &[fail_closed_policy(&allow, Kind::AuthorizationPolicy)],
+        )
+        .expect("store");
+        assert!(
+            !store.authorize(&workload("web"), &conn).allowed,
+            "selected: denied"
+        );
+        assert!(
+            store.authorize(&workload("db"), &conn).allowed,
+            "not selected"
+        );
+        // Unreadable selector: the whole namespace.
+        let no_selector = object(
+            serde_json::json!({"selector": {"matchLabels": "app=web"}, "action": "DENY"}),
+            "AuthorizationPolicy",
+        );
+        let store = PolicyStore::new(
+            "istio-system",
+            &[fail_closed_policy(&no_selector, Kind::AuthorizationPolicy)],
+        )
+        .expect("store");
+        assert!(!store.authorize(&workload("db"), &conn).allowed);
+        let peer = object(
+            serde_json::json!({"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICTER"}}),
+            "PeerAuthentication",
+        );
+        assert!(policy(&peer, "PeerAuthentication").is_err());
+        let store = PolicyStore::new(
+            "istio-system",
+            &[fail_closed_policy(&peer, Kind::PeerAuthentication)],
+        )
+        .expect("store");
+        assert_eq!(store.mtls_mode(&workload("web"), 80), MtlsMode::Strict);
+        assert_eq!(store.mtls_mode(&workload("db"), 80), MtlsMode::Permissive);
     }
 }

@@ -434,7 +434,9 @@ impl Builder {
                             namespace = %obj.namespace().unwrap_or_default(),
                             name = %obj.name_any(),
                             error = %e,
-                            "rejected policy object; its last good version (if any) stays in force"
+                            "rejected policy object; its last good version stays in force, or, \
+                             without one, it is enforced as the strictest policy of its kind for \
+                             what it selects"
                         );
                     }
                     result
@@ -444,11 +446,12 @@ impl Builder {
                         self.last_good.insert(uid, doc.clone());
                         docs.push(doc.clone());
                     }
-                    Err(_) => {
-                        if let Some(doc) = self.last_good.get(&uid) {
-                            docs.push(doc.clone());
-                        }
-                    }
+                    Err(_) => docs.push(
+                        self.last_good
+                            .get(&uid)
+                            .cloned()
+                            .unwrap_or_else(|| convert::fail_closed_policy(&obj, kind)),
+                    ),
                 }
             }
         }
