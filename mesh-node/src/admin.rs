@@ -1,5 +1,10 @@
 //! The node's HTTP endpoints: Prometheus `/metrics` (15020), `/healthz/ready` and
 //! `/healthz/live` (15021), and the admin API on 127.0.0.1:15000 (`/config_dump`, `/logging`).
+//!
+//! Each endpoint serves at most [`MAX_CONNECTIONS`] connections at once, and a connection that
+//! does not send a request's headers within [`HEADER_READ_TIMEOUT`] (idle keep-alive ones
+//! included) is closed: the descriptor reserve the proxy keeps for these endpoints
+//! (`proxy::descriptors`) is enough for them, whatever a client does.
 
 use std::{
     convert::Infallible,
@@ -15,8 +20,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{info, warn};
 
 use crate::{identity::CertManager, logging::LogHandle, metrics::Metrics};
@@ -60,6 +65,11 @@ pub struct AdminState {
     pub log: LogHandle,
 }
 
+/// Connections one endpoint serves at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Time a client has to send a request's headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -77,14 +87,14 @@ async fn serve<F>(listener: TcpListener, name: &'static str, handler: Arc<F>)
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(endpoint = name, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
+        let (stream, peer) = crate::proxy::accept(&listener, name, None).await;
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            if let Some(suppressed) = crate::throttle::allow(name, "busy") {
+                warn!(endpoint = name, client = %peer, max = MAX_CONNECTIONS, suppressed, "endpoint busy; closing the connection");
             }
+            continue;
         };
         let handler = Arc::clone(&handler);
         tokio::spawn(async move {
@@ -93,8 +103,11 @@ where
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
