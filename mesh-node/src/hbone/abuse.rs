@@ -44,15 +44,39 @@ impl BadConnect {
     }
 }
 
+/// The metrics label of a failed server TLS handshake: what was wrong with the client's
+/// certificate, or `tls_handshake` for anything else (not TLS, a protocol error).
+#[must_use]
+pub fn tls_error(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "tls_no_client_certificate",
+        Some(E::InvalidCertificate(C::Expired | C::NotValidYet | C::ExpiredContext { .. })) => {
+            "tls_certificate_expired"
+        }
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+            "tls_certificate_untrusted"
+        }
+        // The verifier's own checks (trust domain, SPIFFE identity).
+        Some(E::InvalidCertificate(C::Other(_) | C::ApplicationVerificationFailure)) => {
+            "tls_certificate_identity"
+        }
+        Some(E::InvalidCertificate(_)) => "tls_certificate_invalid",
+        _ => "tls_handshake",
+    }
+}
+
 /// The metrics label of an error that ended a server connection, or `None` when the connection
 /// just ended (the peer closed or reset it, or sent GOAWAY itself). `sent` is what the
-/// connection's [`Watched`] saw of the GOAWAY h2 sent.
+/// connection's [`Watched`] saw of the GOAWAY h2 sent: once h2 wrote one with an error code,
+/// that is why the connection ended, even if flushing it then failed (a peer that sends abuse
+/// and resets at once makes h2 report the I/O error instead).
 #[must_use]
 pub fn connection_error(e: &h2::Error, sent: &SentGoaway) -> Option<&'static str> {
-    if !(e.is_go_away() && e.is_library()) {
-        return None;
+    if e.is_go_away() && e.is_library() {
+        return Some(sent.label().unwrap_or_else(|| classify(e.reason(), "")));
     }
-    Some(sent.label().unwrap_or_else(|| classify(e.reason(), "")))
+    sent.label()
 }
 
 /// The label of the last GOAWAY with an error a [`Watched`] stream saw written.
@@ -266,6 +290,35 @@ mod tests {
     }
 
     #[test]
+    fn tls_failures_are_named_by_what_was_wrong() {
+        use rustls::{CertificateError as C, Error as E};
+        let io = |e: E| io::Error::new(io::ErrorKind::InvalidData, e);
+        for (error, label) in [
+            (E::NoCertificatesPresented, "tls_no_client_certificate"),
+            (E::InvalidCertificate(C::Expired), "tls_certificate_expired"),
+            (
+                E::InvalidCertificate(C::UnknownIssuer),
+                "tls_certificate_untrusted",
+            ),
+            (
+                E::InvalidCertificate(C::ApplicationVerificationFailure),
+                "tls_certificate_identity",
+            ),
+            (
+                E::InvalidCertificate(C::BadEncoding),
+                "tls_certificate_invalid",
+            ),
+            (E::DecryptError, "tls_handshake"),
+        ] {
+            assert_eq!(tls_error(&io(error.clone())), label, "{error}");
+        }
+        assert_eq!(
+            tls_error(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            "tls_handshake"
+        );
+    }
+
+    #[test]
     fn ends_that_are_not_abuse_are_not_counted() {
         let sent = SentGoaway::default();
         let reason = h2::Error::from(Reason::PROTOCOL_ERROR);
@@ -273,6 +326,18 @@ mod tests {
             connection_error(&reason, &sent),
             None,
             "not a GOAWAY h2 sent"
+        );
+        // Once h2 wrote a GOAWAY with an error, that is why the connection ended, whatever
+        // error the end itself reports.
+        let (mut watched, sent) = Watched::new(());
+        watched.wrote(&frame(GOAWAY, &[0, 0, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(sent.label(), None, "NO_ERROR is not abuse (idle, draining)");
+        let mut goaway = vec![0, 0, 0, 1, 0, 0, 0, 0xb];
+        goaway.extend_from_slice(b"header_list_way_too_large");
+        watched.wrote(&frame(GOAWAY, &goaway));
+        assert_eq!(
+            connection_error(&reason, &sent),
+            Some("http2_header_too_large")
         );
     }
 

@@ -160,7 +160,11 @@ async fn setup(
     let tls = match tokio::time::timeout_at(deadline.into(), acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            refuse("tls_handshake", "HBONE TLS handshake rejected", Some(&e));
+            refuse(
+                abuse::tls_error(&e),
+                "HBONE TLS handshake rejected",
+                Some(&e),
+            );
             return None;
         }
         Err(_) => {

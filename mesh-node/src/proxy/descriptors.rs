@@ -54,6 +54,8 @@ pub struct Descriptors {
     limit: AtomicUsize,
     base: AtomicUsize,
     charged: AtomicUsize,
+    /// A limit that is not read from the process (tests).
+    pinned: Option<usize>,
 }
 
 impl Descriptors {
@@ -64,6 +66,7 @@ impl Descriptors {
             limit: AtomicUsize::new(0),
             base: AtomicUsize::new(0),
             charged: AtomicUsize::new(0),
+            pinned: None,
         };
         descriptors.refresh();
         descriptors
@@ -78,6 +81,7 @@ impl Descriptors {
             limit: AtomicUsize::new(limit),
             base: AtomicUsize::new(base),
             charged: AtomicUsize::new(0),
+            pinned: Some(limit),
         }
     }
 
@@ -120,9 +124,7 @@ impl Descriptors {
     /// Reads the limit again (it can be changed from outside, `prlimit`) and measures the
     /// descriptors not charged to connections. Returns the budget when the limit changed.
     pub fn refresh(&self) -> Option<Budget> {
-        let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(usize::MAX, |(soft, _)| {
-            usize::try_from(soft).unwrap_or(usize::MAX)
-        });
+        let limit = self.pinned.unwrap_or_else(soft_limit);
         // Less the directory's own descriptor.
         let open = std::fs::read_dir("/proc/self/fd")
             .map_or(0, Iterator::count)
@@ -130,6 +132,14 @@ impl Descriptors {
         self.base
             .store(open.saturating_sub(self.charged()), Ordering::Relaxed);
         (self.limit.swap(limit, Ordering::Relaxed) != limit).then(|| self.budget())
+    }
+
+    /// Reads the limit again (a system call; the descriptors in use are measured only by
+    /// [`Self::refresh`]), so that a raised limit counts before the next refresh. Whether it
+    /// changed.
+    pub fn reread_limit(&self) -> bool {
+        let limit = self.pinned.unwrap_or_else(soft_limit);
+        self.limit.swap(limit, Ordering::Relaxed) != limit
     }
 
     /// Charges `n` descriptors if the budget has room for them.
@@ -168,6 +178,13 @@ impl Default for Descriptors {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The soft `RLIMIT_NOFILE` (unlimited when it cannot be read).
+fn soft_limit() -> usize {
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(usize::MAX, |(soft, _)| {
+        usize::try_from(soft).unwrap_or(usize::MAX)
+    })
 }
 
 /// The reserve for a limit: a sixteenth of it, at least [`MIN_RESERVE`].

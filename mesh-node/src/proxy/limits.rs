@@ -249,8 +249,12 @@ impl Limits {
         {
             return Some("limit_source");
         }
-        let share = self.descriptors.budget().available / 2;
         let needed = unit.descriptors();
+        let mut share = self.descriptors.budget().available / 2;
+        // Out of budget: perhaps the limit was raised since the last refresh.
+        if usage.shares[unit.share()] + needed > share && self.descriptors.reread_limit() {
+            share = self.descriptors.budget().available / 2;
+        }
         if usage.shares[unit.share()] + needed > share {
             return Some("fd_budget");
         }
