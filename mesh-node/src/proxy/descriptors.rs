@@ -32,8 +32,9 @@ use tracing::{info, warn};
 
 use crate::metrics::{DescriptorLabels, Metrics};
 
-/// Descriptors kept out of the budget, at least: the node endpoints' connections (16 each, see
-/// `admin`), and room for everything else that opens files now and then.
+/// Descriptors kept out of the budget, at least: room for the node endpoints' connections
+/// (bounded, see `admin`; those open are measured in `base` like everything else) and for
+/// whatever opens files now and then.
 const MIN_RESERVE: usize = 64;
 
 /// How the budget stands now.
