@@ -27,6 +27,18 @@ fn hostile(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
     last_json(&out.stdout)
 }
 
+/// A testbed of two nodes with these pods.
+fn two_nodes(a: &[&str], b: &[&str]) -> Testbed {
+    Testbed::up(&Topology::new().node("node-a", a).node("node-b", b)).expect("testbed")
+}
+
+/// An echo server on port 7000 of `pod`.
+fn echo(bed: &Testbed, pod: &str) -> Proc {
+    bed.pod(pod)
+        .spawn_server(&[APP, "echo", "[::]:7000"])
+        .expect("echo")
+}
+
 /// The last JSON line a hostile peer printed.
 fn last_json(stdout: &str) -> serde_json::Value {
     let line = stdout
@@ -328,12 +340,7 @@ fn post_tls_idle_and_streamless_hbone_peers_are_closed_in_time_and_counted() {
     if !namespaced_test_can_run() {
         return;
     }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
+    let bed = two_nodes(&["a2"], &["b1"]);
     let settings = NodeSettings {
         handshake_timeout_ms: 1000,
         proxy: "hboneIdleTimeoutMs: 2500".to_owned(),
@@ -424,16 +431,8 @@ fn a_vanished_peer_is_reaped_in_bounded_time() {
     if !namespaced_test_can_run() {
         return;
     }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _echo = bed
-        .pod("a2")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let bed = two_nodes(&["a2"], &["b1"]);
+    let _echo = echo(&bed, "a2");
     let settings = NodeSettings {
         proxy: "pingIntervalMs: 1000\npingTimeoutMs: 2000\ntcpKeepaliveTimeMs: 1000\n\
                 tcpKeepaliveIntervalMs: 1000\ntcpUserTimeoutMs: 3000"
@@ -511,16 +510,8 @@ fn descriptor_exhaustion_by_one_peer_leaves_the_node_serving() {
     if !namespaced_test_can_run() {
         return;
     }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a2"])
-            .node("node-b", &["b1", "b2"]),
-    )
-    .expect("testbed");
-    let _echo = bed
-        .pod("a2")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let bed = two_nodes(&["a2"], &["b1", "b2"]);
+    let _echo = echo(&bed, "a2");
     let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2", "b2"]).expect("daemon a");
     let _b = Daemon::start(&bed, "node-b", Path::new(DUT), &["a2", "b2"]).expect("daemon b");
     let pid = a.proc().pid();
@@ -635,16 +626,8 @@ fn stalled_tls_handshakes_count_against_the_per_source_limit() {
     if !namespaced_test_can_run() {
         return;
     }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a2"])
-            .node("node-b", &["b1", "b2"]),
-    )
-    .expect("testbed");
-    let _echo = bed
-        .pod("a2")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let bed = two_nodes(&["a2"], &["b1", "b2"]);
+    let _echo = echo(&bed, "a2");
     let settings = NodeSettings {
         handshake_timeout_ms: 4000,
         proxy: "maxConnectionsPerSource: 10".to_owned(),
@@ -689,16 +672,8 @@ fn protocol_abuse_and_refusals_are_counted_by_reason_and_logged() {
     if !namespaced_test_can_run() {
         return;
     }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _echo = bed
-        .pod("a2")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let bed = two_nodes(&["a1", "a2"], &["b1"]);
+    let _echo = echo(&bed, "a2");
     let a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "a2"]).expect("daemon");
     let a2_ip = bed.pod("a2").ipv4().to_string();
     let a2_app = bed.pod("a2").addr(false, 7000).to_string();
