@@ -1,12 +1,19 @@
 //! The node's HTTP endpoints: Prometheus `/metrics` (15020), `/healthz/ready` and
 //! `/healthz/live` (15021), and the admin API on 127.0.0.1:15000 (`/config_dump`, `/logging`).
+//!
+//! Each endpoint serves at most [`MAX_CONNECTIONS`] connections at once, [`MAX_PER_SOURCE`] of
+//! them from one address (so that one pod cannot keep the kubelet's probes out), and closes a
+//! connection that does not send a request's headers within [`HEADER_READ_TIMEOUT`] (idle
+//! keep-alive ones included): whatever clients do, the endpoints hold a bounded number of
+//! descriptors, which the proxy's budget leaves room for (`proxy::descriptors`).
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -15,7 +22,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -60,6 +67,13 @@ pub struct AdminState {
     pub log: LogHandle,
 }
 
+/// Connections one endpoint serves at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Connections one endpoint serves at once from one address.
+const MAX_PER_SOURCE: usize = 8;
+/// Time a client has to send a request's headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -72,19 +86,59 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     respond(status, "application/json", format!("{value:#}\n"))
 }
 
+/// The connections an endpoint serves, in total and per source address.
+#[derive(Default)]
+struct Slots(Mutex<(usize, HashMap<IpAddr, usize>)>);
+
+/// One connection's place in its endpoint's [`Slots`].
+struct Slot(Arc<Slots>, IpAddr);
+
+impl Slots {
+    /// A place for a connection from `source`, unless the endpoint or the source is full.
+    fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+        let source = source.to_canonical();
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, sources) = &mut *guard;
+        let mine = sources.entry(source).or_default();
+        if *total >= MAX_CONNECTIONS || *mine >= MAX_PER_SOURCE {
+            if *mine == 0 {
+                sources.remove(&source);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(Slot(Arc::clone(self), source))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut guard = self.0.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, sources) = &mut *guard;
+        *total -= 1;
+        if let Some(mine) = sources.get_mut(&self.1) {
+            *mine -= 1;
+            if *mine == 0 {
+                sources.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Serves `handler` on `listener` until the task is aborted.
 async fn serve<F>(listener: TcpListener, name: &'static str, handler: Arc<F>)
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
+    let slots = Arc::new(Slots::default());
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(endpoint = name, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
+        let (stream, peer) = crate::proxy::accept(&listener, name, None).await;
+        let Some(slot) = slots.take(peer.ip()) else {
+            if let Some(suppressed) = crate::throttle::allow(name, "busy") {
+                warn!(endpoint = name, client = %peer, max = MAX_CONNECTIONS, max_per_source = MAX_PER_SOURCE, suppressed, "endpoint busy; closing the connection");
             }
+            continue;
         };
         let handler = Arc::clone(&handler);
         tokio::spawn(async move {
@@ -93,8 +147,11 @@ where
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
@@ -346,6 +403,33 @@ fn admin_route(admin: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_serves_a_bounded_number_of_connections_per_source_and_in_all() {
+        let slots = Arc::new(Slots::default());
+        let ip = |n: u8| IpAddr::from([198, 18, 2, n]);
+        let one: Vec<_> = (0..20).filter_map(|_| slots.take(ip(1))).collect();
+        assert_eq!(one.len(), MAX_PER_SOURCE, "one source gets its share only");
+        assert!(
+            slots.take(ip(2)).is_some(),
+            "another source is still served"
+        );
+        let others: Vec<_> = (3..=200).filter_map(|n| slots.take(ip(n))).collect();
+        assert_eq!(others.len(), MAX_CONNECTIONS - MAX_PER_SOURCE);
+        assert!(slots.take(ip(201)).is_none(), "full");
+        drop(one);
+        assert!(slots.take(ip(1)).is_some(), "places come back");
+
+        let slots = Arc::new(Slots::default());
+        let v4: Vec<_> = (0..MAX_PER_SOURCE)
+            .filter_map(|_| slots.take(ip(1)))
+            .collect();
+        assert_eq!(v4.len(), MAX_PER_SOURCE);
+        assert!(
+            slots.take("::ffff:198.18.2.1".parse().unwrap()).is_none(),
+            "an IPv4-mapped address is the same source"
+        );
+    }
 
     #[test]
     fn listeners_are_read_from_proc_net_tcp() {

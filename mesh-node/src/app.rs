@@ -23,11 +23,12 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminState, Readiness},
     config::Config,
+    hbone::Liveness,
     identity::{CaError, CertManager, LocalCa},
     inpod::InPod,
     logging::LogHandle,
     metrics::{Metrics, NodeCollector},
-    proxy::{MeshTls, Proxy, ProxyOptions},
+    proxy::{Descriptors, MaxConnections, MeshTls, Proxy, ProxyOptions},
     redirect::{Attachment, LoadOptions, PodPorts, Programs, RedirectError, Succession},
     state::{self, MeshState},
     tls,
@@ -94,6 +95,7 @@ pub async fn run(
     let effective = serde_json::to_string(&config).map_err(AppError::Serialize)?;
     info!(config = %effective, version = env!("CARGO_PKG_VERSION"), "mesh-node starting");
 
+    Descriptors::raise_limit();
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
@@ -146,16 +148,7 @@ pub async fn run(
     );
     let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log)?;
     let proxy = Arc::new(Proxy::new(
-        ProxyOptions {
-            metrics: Arc::clone(&metrics),
-            node: config.node.clone(),
-            mark: config.redirect.mark,
-            handshake_timeout: Duration::from_millis(config.proxy.handshake_timeout_ms),
-            max_connections: config.proxy.max_connections,
-            max_connections_per_workload: config.proxy.max_connections_per_workload,
-            connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
-            reserved_ports: [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE],
-        },
+        proxy_options(&config, &metrics),
         orig_dst,
         MeshTls::new(config.identity.trust_domain.clone(), certs, provider),
     ));
@@ -192,6 +185,8 @@ pub async fn run(
     );
 
     let _trim = tokio::spawn(release_idle_memory(Arc::clone(&proxy)));
+    let fds = Arc::clone(&proxy);
+    let _fds = tokio::spawn(async move { fds.watch_descriptors().await });
     let signal = serve_until_signal(
         &mut inpod,
         &proxy,
@@ -313,6 +308,32 @@ async fn start_kube(
     )];
     tasks.extend(config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, file_tx)));
     Ok((tasks, states))
+}
+
+/// The proxy's settings from the configuration.
+fn proxy_options(config: &Config, metrics: &Arc<Metrics>) -> ProxyOptions {
+    let proxy = &config.proxy;
+    ProxyOptions {
+        metrics: Arc::clone(metrics),
+        node: config.node.clone(),
+        mark: config.redirect.mark,
+        handshake_timeout: Duration::from_millis(proxy.handshake_timeout_ms),
+        max_connections: MaxConnections {
+            total: proxy.max_connections,
+            per_workload: proxy.max_connections_per_workload,
+            per_source: proxy.max_connections_per_source,
+        },
+        liveness: Liveness {
+            ping_interval: Duration::from_millis(proxy.ping_interval_ms),
+            ping_timeout: Duration::from_millis(proxy.ping_timeout_ms),
+            idle_timeout: Duration::from_millis(proxy.hbone_idle_timeout_ms),
+            tcp_keepalive_time: Duration::from_millis(proxy.tcp_keepalive_time_ms),
+            tcp_keepalive_interval: Duration::from_millis(proxy.tcp_keepalive_interval_ms),
+            tcp_user_timeout: Duration::from_millis(proxy.tcp_user_timeout_ms),
+        },
+        connect_timeout: Duration::from_millis(proxy.connect_timeout_ms),
+        reserved_ports: [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_INBOUND_HBONE],
+    }
 }
 
 /// Stops accepting, drains open connections, and leaves the kernel state pinned.

@@ -154,6 +154,29 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Connections one workload may have at once (in and out). Default: 20000.
     pub max_connections_per_workload: usize,
+    /// Connections one source address may have at once into this node's pods: HBONE
+    /// connections (TLS handshakes in progress included) and plaintext connections; more are
+    /// reset (`reason="limit_source"`). Default: 10000 (half of a workload's share; sources
+    /// behind SNAT share an address).
+    pub max_connections_per_source: usize,
+    /// HBONE connections into this node that carry no stream for this long are closed (GOAWAY),
+    /// in milliseconds. Default: 360000 (6 min: longer than a client pool's 5 min, so that a
+    /// well-behaved peer closes first).
+    pub hbone_idle_timeout_ms: u64,
+    /// Interval of the HTTP/2 PING keepalive on HBONE connections (both sides), in
+    /// milliseconds. Default: 10000 (as ztunnel).
+    pub ping_interval_ms: u64,
+    /// An HBONE connection whose peer has not answered a PING within this long is dropped, in
+    /// milliseconds. Default: 20000 (as ztunnel).
+    pub ping_timeout_ms: u64,
+    /// Idle time before TCP keepalive probes start on the daemon's sockets, in milliseconds.
+    /// Default: 60000.
+    pub tcp_keepalive_time_ms: u64,
+    /// Interval of TCP keepalive probes, in milliseconds. Default: 10000.
+    pub tcp_keepalive_interval_ms: u64,
+    /// `TCP_USER_TIMEOUT` of the daemon's sockets: a connection whose sent data (or keepalive
+    /// probes) stay unacknowledged this long is dropped, in milliseconds. Default: 60000.
+    pub tcp_user_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -164,7 +187,56 @@ impl Default for ProxyConfig {
             handshake_timeout_ms: 10_000,
             max_connections: 100_000,
             max_connections_per_workload: 20_000,
+            max_connections_per_source: 10_000,
+            hbone_idle_timeout_ms: 360_000,
+            ping_interval_ms: 10_000,
+            ping_timeout_ms: 20_000,
+            tcp_keepalive_time_ms: 60_000,
+            tcp_keepalive_interval_ms: 10_000,
+            tcp_user_timeout_ms: 60_000,
         }
+    }
+}
+
+impl ProxyConfig {
+    /// The per-source limit, idle timeout and keepalive fields: all must be positive, and
+    /// `TCP_USER_TIMEOUT` (which decides when unanswered keepalive probes end a connection)
+    /// must leave room for one probe.
+    fn validate_liveness(&self) -> Result<(), (&'static str, &'static str)> {
+        let positive = [
+            (
+                self.max_connections_per_source as u64,
+                "proxy.maxConnectionsPerSource",
+            ),
+            (self.hbone_idle_timeout_ms, "proxy.hboneIdleTimeoutMs"),
+            (self.ping_interval_ms, "proxy.pingIntervalMs"),
+            (self.ping_timeout_ms, "proxy.pingTimeoutMs"),
+            (self.tcp_keepalive_time_ms, "proxy.tcpKeepaliveTimeMs"),
+            (
+                self.tcp_keepalive_interval_ms,
+                "proxy.tcpKeepaliveIntervalMs",
+            ),
+            (self.tcp_user_timeout_ms, "proxy.tcpUserTimeoutMs"),
+        ];
+        if let Some((_, field)) = positive.iter().find(|(v, _)| *v == 0) {
+            return Err((field, "must be positive"));
+        }
+        // Kernel socket options take whole seconds (keepalive) and an int of ms (user timeout).
+        for (v, field) in [
+            (self.tcp_keepalive_time_ms, "proxy.tcpKeepaliveTimeMs"),
+            (
+                self.tcp_keepalive_interval_ms,
+                "proxy.tcpKeepaliveIntervalMs",
+            ),
+        ] {
+            if !(1000..=32_767_000).contains(&v) {
+                return Err((field, "must be between 1000 and 32767000 (whole seconds)"));
+            }
+        }
+        if self.tcp_user_timeout_ms > i32::MAX as u64 {
+            return Err(("proxy.tcpUserTimeoutMs", "must fit in 31 bits"));
+        }
+        Ok(())
     }
 }
 
@@ -371,6 +443,9 @@ impl Config {
         if self.proxy.max_connections == 0 || self.proxy.max_connections_per_workload == 0 {
             return Err(invalid("proxy.maxConnections", "limits must be positive"));
         }
+        if let Err((field, reason)) = self.proxy.validate_liveness() {
+            return Err(invalid(field, reason));
+        }
         if let Err(e) = crate::policy::PolicyStore::new(&self.root_namespace, &self.policies) {
             return Err(ConfigError::Policy {
                 origin: origin.clone(),
@@ -479,6 +554,15 @@ mod tests {
             ),
             ("kubernetes:\n  procRoot: proc\n", "kubernetes.procRoot"),
             ("kubernetes:\n  enrollValue: ''\n", "kubernetes.enrollLabel"),
+            (
+                "proxy:\n  maxConnectionsPerSource: 0\n",
+                "proxy.maxConnectionsPerSource",
+            ),
+            ("proxy:\n  pingTimeoutMs: 0\n", "proxy.pingTimeoutMs"),
+            (
+                "proxy:\n  tcpKeepaliveTimeMs: 500\n",
+                "proxy.tcpKeepaliveTimeMs",
+            ),
         ] {
             let err = Config::parse(text, &origin).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?}: {err}");
@@ -533,6 +617,9 @@ mod tests {
                 handshake_timeout_ms: 700,
                 max_connections: 10,
                 max_connections_per_workload: 5,
+                max_connections_per_source: 3,
+                hbone_idle_timeout_ms: 900,
+                ..ProxyConfig::default()
             },
             identity: IdentityConfig {
                 trust_domain: "example.org".into(),

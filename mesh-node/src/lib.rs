@@ -19,6 +19,7 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod throttle;
 pub mod tls;
 
 /// `error: cause: cause` on one line, for log records.

@@ -59,6 +59,9 @@ pub struct NodeSettings {
     /// A command the daemon runs under (`[wrapper..., exe, "run", ...]`), empty for none: a
     /// seccomp profile, `strace`.
     pub wrapper: Vec<String>,
+    /// More fields of the `proxy:` section, as `key: value` lines, e.g.
+    /// `"pingIntervalMs: 1000\nhboneIdleTimeoutMs: 1500"`.
+    pub proxy: String,
 }
 
 impl Default for NodeSettings {
@@ -70,6 +73,7 @@ impl Default for NodeSettings {
             max_connections_per_workload: 20_000,
             services: String::new(),
             wrapper: Vec::new(),
+            proxy: String::new(),
         }
     }
 }
@@ -87,13 +91,17 @@ pub fn config_yaml(
     let bpffs = bed.bpffs_dir()?.join(node);
     let mut yaml = format!(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
-         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n\
+         redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n{}\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
          caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}services:\n{}workloads:\n",
         n.cgroup().display(),
         bpffs.display(),
         settings.handshake_timeout_ms,
         settings.max_connections_per_workload,
+        settings.proxy.lines().fold(String::new(), |mut out, line| {
+            let _ = writeln!(out, "  {}", line.trim());
+            out
+        }),
         settings.cert_lifetime_seconds,
         if settings.policies.trim().is_empty() {
             "  []\n"

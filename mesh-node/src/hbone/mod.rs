@@ -2,15 +2,53 @@
 //! destination pod's port 15008. Wire facts (settings, status codes) follow Istio ztunnel so
 //! that the two interoperate in both directions.
 
+mod abuse;
+mod liveness;
 mod pipe;
 mod pool;
 mod server;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+pub use abuse::BadConnect;
+pub use liveness::{Dead, Liveness, keepalive};
 pub use pipe::pipe;
 pub use pool::{HboneError, Pool, PoolKey, Stream};
 pub use server::{InboundTarget, check_connect, serve_connection};
+
+use crate::metrics::{HboneLabels, Metrics};
+
+/// Counts one HBONE connection in `mesh_open_hbone_connections` while alive.
+pub struct OpenGauge {
+    metrics: Arc<Metrics>,
+    labels: HboneLabels,
+}
+
+impl OpenGauge {
+    /// Counts a connection of `role` in `state`.
+    #[must_use]
+    pub fn new(metrics: &Arc<Metrics>, role: &'static str, state: &'static str) -> Self {
+        let labels = HboneLabels { role, state };
+        metrics.open_hbone.get_or_create(&labels).inc();
+        Self {
+            metrics: Arc::clone(metrics),
+            labels,
+        }
+    }
+
+    /// Moves the connection to another state.
+    pub fn set_state(&mut self, state: &'static str) {
+        self.metrics.open_hbone.get_or_create(&self.labels).dec();
+        self.labels.state = state;
+        self.metrics.open_hbone.get_or_create(&self.labels).inc();
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.metrics.open_hbone.get_or_create(&self.labels).dec();
+    }
+}
 
 /// Stream flow-control window (4 MiB).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -22,8 +60,9 @@ pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub const SERVER_MAX_STREAMS: u32 = 200;
 /// Streams after which the client pool opens another connection.
 pub const CLIENT_MAX_STREAMS: usize = 100;
-/// Keepalive PING interval, and how long a PONG may take before the connection is dropped.
+/// Keepalive PING interval (the default of `proxy.pingIntervalMs`).
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PONG may take before the connection is dropped (`proxy.pingTimeoutMs`).
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pooled connections without streams for this long are closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_mins(5);

@@ -1,8 +1,8 @@
 //! The HBONE client: a pool of HTTP/2-over-mTLS connections keyed by (source identity,
 //! destination identity, destination address). A new application connection takes a stream on
 //! a pooled connection with fewer than 100 open streams, or dials a new one. Each connection
-//! sends a PING every 10 s and is dropped when a PONG takes longer than 20 s; a connection
-//! without streams for 5 minutes is closed.
+//! sends a PING every 10 s and is dropped when a PONG takes longer than 20 s (`Liveness`); a
+//! connection without streams for 5 minutes is closed.
 
 use std::{
     collections::HashMap,
@@ -22,8 +22,8 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
 use super::{
-    CLIENT_MAX_STREAMS, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME_SIZE,
-    PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
+    CLIENT_MAX_STREAMS, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, Liveness,
+    MAX_FRAME_SIZE, OpenGauge, STREAM_WINDOW, keepalive,
 };
 use crate::{identity::Identity, redirect::NetnsWorker};
 
@@ -102,6 +102,7 @@ impl Drop for StreamGuard {
 /// The connection pool.
 pub struct Pool {
     metrics: Arc<crate::metrics::Metrics>,
+    liveness: Liveness,
     conns: Mutex<HashMap<PoolKey, Vec<Conn>>>,
     /// One dial at a time per key, so a burst of new connections shares the first dial instead
     /// of each opening its own.
@@ -113,9 +114,10 @@ pub struct Pool {
 
 impl Pool {
     #[must_use]
-    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+    pub fn new(metrics: Arc<crate::metrics::Metrics>, liveness: Liveness) -> Self {
         Self {
             metrics,
+            liveness,
             conns: Mutex::default(),
             dialing: Mutex::default(),
             next_id: AtomicU64::default(),
@@ -222,6 +224,9 @@ impl Pool {
             .tcp_socket(address.is_ipv6(), mark)
             .await
             .map_err(|source| HboneError::Connect { address, source })?;
+        self.liveness
+            .apply(&socket)
+            .map_err(|source| HboneError::Connect { address, source })?;
         let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.connect(address))
             .await
             .map_err(|_| HboneError::Connect {
@@ -266,9 +271,12 @@ impl Pool {
         let ping_pong = connection.ping_pong();
         let driver_streams = Arc::clone(&streams);
         let driver_closed = Arc::clone(&closed);
+        let gauge = OpenGauge::new(&self.metrics, "client", "established");
+        let liveness = self.liveness;
         tokio::spawn(async move {
-            let reason = drive(&mut connection, ping_pong, &driver_streams).await;
+            let reason = drive(&mut connection, ping_pong, &driver_streams, liveness).await;
             driver_closed.store(true, Ordering::Relaxed);
+            drop(gauge);
             debug!(connection = id, address = %address, reason, "HBONE connection closed");
         });
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
@@ -296,9 +304,12 @@ async fn drive(
     >,
     ping_pong: Option<h2::PingPong>,
     streams: &AtomicUsize,
+    liveness: Liveness,
 ) -> &'static str {
-    let mut ping_pong = ping_pong;
-    let mut ticker = tokio::time::interval(PING_INTERVAL);
+    let alive = keepalive(ping_pong, liveness, None, || ());
+    tokio::pin!(alive);
+    let mut ticker = tokio::time::interval(IDLE_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut idle_for = Duration::ZERO;
     loop {
@@ -306,33 +317,26 @@ async fn drive(
             result = &mut *connection => {
                 return if result.is_ok() { "closed by peer" } else { "connection error" };
             }
+            _ = &mut alive => {
+                warn!(timeout = ?liveness.ping_timeout, "HBONE peer did not answer a PING in time; dropping the connection");
+                return "ping timeout";
+            }
             _ = ticker.tick() => {
                 if streams.load(Ordering::Relaxed) == 0 {
-                    idle_for += PING_INTERVAL;
+                    idle_for += IDLE_CHECK;
                     if idle_for >= IDLE_TIMEOUT {
                         return "idle";
                     }
                 } else {
                     idle_for = Duration::ZERO;
                 }
-                if let Some(pp) = ping_pong.as_mut() {
-                    let ping = pp.ping(h2::Ping::opaque());
-                    // Keep driving the connection while waiting for the PONG.
-                    let answered = tokio::time::timeout(PING_TIMEOUT, async {
-                        tokio::select! {
-                            r = ping => r.is_ok(),
-                            _ = &mut *connection => false,
-                        }
-                    });
-                    if !answered.await.unwrap_or(false) {
-                        warn!("HBONE peer did not answer a PING within {PING_TIMEOUT:?}; dropping the connection");
-                        return "ping timeout";
-                    }
-                }
             }
         }
     }
 }
+
+/// How often a client connection checks whether it has been idle for [`IDLE_TIMEOUT`].
+const IDLE_CHECK: Duration = Duration::from_secs(10);
 
 async fn request(
     send: SendRequest<Bytes>,

@@ -110,6 +110,10 @@ pub struct Metrics {
     pub enrolled_workloads: Gauge,
     pub connection_errors: Family<ErrorLabels, Counter>,
     pub kernel_repairs: Family<StateLabels, Counter>,
+    /// HBONE connections open now, by role and state (handshakes in progress included).
+    pub open_hbone: Family<HboneLabels, Gauge>,
+    /// The file descriptor budget (see `proxy::limits`).
+    pub descriptors: Family<DescriptorLabels, Gauge>,
     /// Istio label sets (and their counters) already built, shared by connections between the
     /// same workloads (`conn.rs`).
     label_sets: conn::LabelSets,
@@ -120,6 +124,22 @@ pub struct Metrics {
 pub struct ErrorLabels {
     pub listener: &'static str,
     pub reason: &'static str,
+}
+
+/// An HBONE connection's side (`server`: accepted on 15008, `client`: dialled by the pool) and
+/// state (`handshake`: TLS or HTTP/2 setup in progress, `established`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HboneLabels {
+    pub role: &'static str,
+    pub state: &'static str,
+}
+
+/// A part of the file descriptor budget: `limit` (`RLIMIT_NOFILE`), `reserved` (kept for the
+/// node's endpoints and everything else), `base` (open, not connections), `connections`
+/// (charged to open connections).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DescriptorLabels {
+    pub kind: &'static str,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -148,6 +168,8 @@ impl Metrics {
             enrolled_workloads: Gauge::default(),
             connection_errors: Family::default(),
             kernel_repairs: Family::default(),
+            open_hbone: Family::default(),
+            descriptors: Family::default(),
             label_sets: conn::LabelSets::default(),
             registry: Registry::default(),
         };
@@ -218,6 +240,18 @@ impl Metrics {
              another daemon of the node removed it)",
             metrics.kernel_repairs.clone(),
         );
+        registry.register(
+            "mesh_open_hbone_connections",
+            "HBONE connections open now, by role (server, client) and state (handshake, \
+             established)",
+            metrics.open_hbone.clone(),
+        );
+        registry.register(
+            "mesh_file_descriptors",
+            "The file descriptor budget: the limit, the reserve for the node's endpoints, the \
+             descriptors not used by connections, and those charged to connections",
+            metrics.descriptors.clone(),
+        );
         registry.register_collector(Box::new(collector));
         Arc::new(Self {
             registry,
@@ -225,11 +259,14 @@ impl Metrics {
         })
     }
 
-    /// Counts a connection error.
-    pub fn error(&self, listener: &'static str, reason: &'static str) {
+    /// Counts a connection error, and says whether to log it now: `Some(n)` at most once per
+    /// listener and reason every few seconds, with `n` the errors of the kind not logged since
+    /// the last line (see `throttle`); `None` means the caller logs nothing.
+    pub fn error(&self, listener: &'static str, reason: &'static str) -> Option<u64> {
         self.connection_errors
             .get_or_create(&ErrorLabels { listener, reason })
             .inc();
+        crate::throttle::allow(listener, reason)
     }
 
     /// The exposition (Prometheus text format).

@@ -5,24 +5,46 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    sync::Arc,
     time::Duration,
 };
 
 use tokio::{io::Interest, net::TcpStream};
 
+use super::{
+    Proxy,
+    limits::{Limits, PipeCharge},
+};
 use crate::{
     metrics::{ByteCount, ConnRecord},
     redirect::NetnsWorker,
 };
 
-/// Connects to `dst` with a marked socket created inside the worker's netns.
-pub async fn connect_in_netns(
-    worker: &NetnsWorker,
+impl Proxy {
+    /// Connects to `dst` from inside `worker`'s netns: marked, time-limited, with TCP
+    /// keepalive and the user timeout set before the SYN.
+    pub async fn connect_upstream(
+        &self,
+        worker: &NetnsWorker,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
+        let socket = worker.tcp_socket(dst.is_ipv6(), self.mark).await?;
+        self.liveness.apply(&socket)?;
+        connect(socket, dst, self.connect_timeout).await
+    }
+
+    /// The limits (pipes are charged against the descriptor budget).
+    pub(super) fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+}
+
+/// Connects `socket` to `dst` within `timeout`; small frames are not delayed (no Nagle).
+async fn connect(
+    socket: tokio::net::TcpSocket,
     dst: SocketAddr,
-    mark: u32,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = worker.tcp_socket(dst.is_ipv6(), mark).await?;
     let stream = match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(result) => result?,
         Err(_) => {
@@ -43,17 +65,19 @@ pub async fn connect_in_netns(
 ///
 /// Each direction moves bytes with `splice(2)` through a pipe (the kernel moves the pages, no
 /// copy through user space); the pipe exists only while bytes are in flight, so an idle
-/// connection holds no buffer (see [`copy_one_way`]).
+/// connection holds no buffer (see [`copy_one_way`]), and is charged against the descriptor
+/// budget of `limits` meanwhile.
 pub async fn copy_recorded(
     client: TcpStream,
     upstream: TcpStream,
     record: ConnRecord,
     admission: Option<&super::Admission>,
+    limits: &Arc<Limits>,
 ) {
     let _ = client.set_nodelay(true);
     let result = {
-        let up = copy_one_way(&client, &upstream, &record.received);
-        let down = copy_one_way(&upstream, &client, &record.sent);
+        let up = copy_one_way(&client, &upstream, &record.received, limits);
+        let down = copy_one_way(&upstream, &client, &record.sent, limits);
         let copy = async { tokio::try_join!(up, down) };
         let revoked = async {
             match admission {
@@ -89,17 +113,22 @@ struct Pipe {
     write: OwnedFd,
     /// Bytes in the pipe.
     held: usize,
+    _charge: PipeCharge,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    /// A pipe, if the descriptor budget has room for one (`None` otherwise, or if the kernel
+    /// refuses one).
+    fn new(limits: &Arc<Limits>) -> Option<Self> {
+        let charge = limits.charge_pipe()?;
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(io::Error::from)?;
-        Ok(Self {
+                .ok()?;
+        Some(Self {
             read,
             write,
             held: 0,
+            _charge: charge,
         })
     }
 }
@@ -124,15 +153,20 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 /// byte count. Uses a pipe and `splice(2)`, created when bytes arrive and closed once they are
 /// all written and `from` has nothing more, so an idle direction holds nothing; falls back to
 /// a user-space copy (a 64 KiB buffer, same lifetime) if a pipe cannot be had.
-async fn copy_one_way(from: &TcpStream, to: &TcpStream, count: &ByteCount) -> io::Result<u64> {
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &ByteCount,
+    limits: &Arc<Limits>,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pipe: Option<Pipe> = None;
     loop {
         from.readable().await?;
         if pipe.is_none() {
-            match Pipe::new() {
-                Ok(p) => pipe = Some(p),
-                Err(_) => {
+            match Pipe::new(limits) {
+                Some(p) => pipe = Some(p),
+                None => {
                     // Out of descriptors: copy this burst through user space instead.
                     match copy_burst(from, to, count).await? {
                         Some(n) => {

@@ -23,7 +23,9 @@ impl Proxy {
         };
         let peer = forward::unmap(peer);
         if self.reserved_ports.contains(&dst.port()) {
-            warn!(direction = "inbound", dst_workload = %uid, client = %peer, orig_dst = %dst, "connection to a reserved port refused");
+            if let Some(suppressed) = self.metrics.error("inbound", "reserved_port") {
+                warn!(direction = "inbound", dst_workload = %uid, client = %peer, orig_dst = %dst, suppressed, "connection to a reserved port refused");
+            }
             forward::reset(client);
             return;
         }
@@ -53,14 +55,7 @@ impl Proxy {
             orig_dst = %dst,
             "connection captured"
         );
-        let upstream = match forward::connect_in_netns(
-            &ctx.worker,
-            dst,
-            self.mark,
-            self.connect_timeout,
-        )
-        .await
-        {
+        let upstream = match self.connect_upstream(&ctx.worker, dst).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
@@ -70,6 +65,6 @@ impl Proxy {
             }
         };
         record.connected();
-        forward::copy_recorded(client, upstream, record, Some(&admission)).await;
+        forward::copy_recorded(client, upstream, record, Some(&admission), self.limits()).await;
     }
 }

@@ -8,31 +8,34 @@
 //! - Inbound HBONE (15008 on each pod IP): see `hbone::server`.
 //! - Inbound plaintext (15006): `sk_lookup` handed a connection for the pod here; admitted
 //!   (PERMISSIVE) and forwarded to the application from inside the pod's netns.
+//!
+//! Every accepted connection is counted against the limits before anything else happens
+//! (`limits`), and every socket gets TCP keepalive and a user timeout (`hbone::Liveness`).
 
 mod admission;
+mod descriptors;
 mod forward;
 mod inbound;
+mod limits;
 mod outbound;
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError, RwLock, atomic::AtomicUsize},
     time::Duration,
 };
 
 pub use admission::{Admission, Admissions, Refusal};
-pub use forward::connect_in_netns;
+pub use descriptors::{Budget, Descriptors, accept};
+pub use limits::{Active, Limits, MaxConnections, Unit};
 use rustls::crypto::CryptoProvider;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, warn};
+use tracing::{info, warn};
 
 use crate::{
-    hbone::{self, InboundTarget, Pool},
+    hbone::{self, InboundTarget, Liveness, Pool},
     identity::{CertManager, Identity},
     metrics::{Endpoint, Metrics},
     policy::PolicyStore,
@@ -110,25 +113,12 @@ pub struct Proxy {
     policies: RwLock<Arc<PolicyStore>>,
     admissions: Arc<Admissions>,
     metrics: Arc<Metrics>,
-    /// Connections being handled (for draining).
-    active: Arc<std::sync::atomic::AtomicUsize>,
+    /// What is open, against the limits.
+    limits: Arc<Limits>,
     /// Set when the daemon starts draining: HBONE servers send GOAWAY.
     draining: tokio::sync::watch::Sender<bool>,
     handshake_timeout: Duration,
-    max_connections: usize,
-    max_connections_per_workload: usize,
-}
-
-/// Counts a connection as active (in total, and for its workload) while alive.
-pub struct Active(Arc<AtomicUsize>, Option<Arc<AtomicUsize>>);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        if let Some(w) = &self.1 {
-            w.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
+    liveness: Liveness,
 }
 
 /// What the proxy knows about workloads: all of them by address, and the enrolled pods of this
@@ -208,8 +198,8 @@ pub struct ProxyOptions {
     pub node: String,
     pub mark: u32,
     pub handshake_timeout: Duration,
-    pub max_connections: usize,
-    pub max_connections_per_workload: usize,
+    pub max_connections: MaxConnections,
+    pub liveness: Liveness,
     pub connect_timeout: Duration,
     pub reserved_ports: [u16; 3],
 }
@@ -223,17 +213,48 @@ impl Proxy {
             connect_timeout: options.connect_timeout,
             reserved_ports: options.reserved_ports,
             mesh,
-            pool: Pool::new(Arc::clone(&options.metrics)),
+            pool: Pool::new(Arc::clone(&options.metrics), options.liveness),
             directory: RwLock::new(Directory::default()),
             services: RwLock::new(Arc::new(ServiceTable::default())),
             policies: RwLock::new(Arc::new(PolicyStore::default())),
             admissions: Arc::new(Admissions::default()),
+            limits: Arc::new(Limits::new(
+                options.max_connections,
+                Descriptors::new(),
+                Arc::clone(&options.metrics),
+            )),
             metrics: options.metrics,
-            active: Arc::default(),
             draining: tokio::sync::watch::Sender::new(false),
             handshake_timeout: options.handshake_timeout,
-            max_connections: options.max_connections,
-            max_connections_per_workload: options.max_connections_per_workload,
+            liveness: options.liveness,
+        }
+    }
+
+    /// How dead peers and idle connections are found.
+    #[must_use]
+    pub fn liveness(&self) -> Liveness {
+        self.liveness
+    }
+
+    /// Measures the descriptor budget every second (the limit can change at run time, the
+    /// descriptors held besides connections do), publishes it, and logs it when the limit
+    /// changed. Runs until aborted.
+    pub async fn watch_descriptors(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let descriptors = self.limits.descriptors();
+            if let Some(budget) = descriptors.refresh() {
+                info!(
+                    limit = budget.limit,
+                    reserved = budget.reserved,
+                    base = budget.base,
+                    available = budget.available,
+                    "file descriptor budget"
+                );
+            }
+            descriptors.export(&self.metrics);
         }
     }
 
@@ -243,29 +264,11 @@ impl Proxy {
         self.handshake_timeout
     }
 
-    /// Counts a new connection of `pod` (arriving on `listener`) as active, unless a limit is
-    /// reached: then it is logged and counted, and `None` says to refuse it.
-    pub fn track_for(&self, pod: &PodContext, listener: &'static str) -> Option<Active> {
-        let total = self.active.fetch_add(1, Ordering::Relaxed) + 1;
-        let mine = pod.active.fetch_add(1, Ordering::Relaxed) + 1;
-        let guard = Active(Arc::clone(&self.active), Some(Arc::clone(&pod.active)));
-        let reason = if total > self.max_connections {
-            "limit_total"
-        } else if mine > self.max_connections_per_workload {
-            "limit_workload"
-        } else {
-            return Some(guard);
-        };
-        warn!(
-            listener,
-            workload = %pod.workload.uid(),
-            reason,
-            max_total = self.max_connections,
-            max_per_workload = self.max_connections_per_workload,
-            "connection limit reached; refusing the connection"
-        );
-        self.metrics.error(listener, reason);
-        None
+    /// Counts a new `unit` of `pod` (from `source`, for connections into the pod) against the
+    /// limits, unless one is reached: then it is logged and counted, and `None` says to refuse
+    /// it.
+    pub fn track(&self, unit: Unit, pod: &PodContext, source: Option<IpAddr>) -> Option<Active> {
+        self.limits.admit(unit, &pod.workload, &pod.active, source)
     }
 
     /// Starts draining: HBONE connections get a graceful GOAWAY (peers open new streams on a
@@ -280,10 +283,10 @@ impl Proxy {
         self.draining.subscribe()
     }
 
-    /// Connections being handled now.
+    /// Connections being proxied now.
     #[must_use]
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.limits.proxied()
     }
 
     /// Starts the metrics record of an inbound HBONE stream to `pod`.
@@ -392,7 +395,6 @@ impl Proxy {
     /// pod is known to the rest of the proxy once [`PodServing::publish`] is called.
     pub fn serve(self: &Arc<Self>, pod: EnrolledPod) -> std::io::Result<PodServing> {
         let identity = self.mesh.identity(&pod.workload);
-        let uid = pod.workload.uid();
         self.mesh.certs.acquire(&identity);
         let ctx = Arc::new(PodContext {
             workload: pod.workload,
@@ -418,39 +420,36 @@ impl Proxy {
         let target = Arc::new(InboundTarget {
             pod: Arc::clone(&ctx),
             proxy: Arc::clone(self),
-            mark: self.mark,
-            connect_timeout: self.connect_timeout,
             reserved_ports: self.reserved_ports,
         });
         for listener in pod.hbone {
             let listener = Arc::new(tokio_listener(listener)?);
             let acceptor = TlsAcceptor::from(Arc::clone(&server));
             let target = Arc::clone(&target);
-            serving.tasks.push(tokio::spawn(accept_loop(
+            serving.tasks.push(tokio::spawn(self.accept_loop(
                 listener,
-                uid.clone(),
-                move |tcp, peer| {
+                Unit::HboneConnection,
+                Arc::clone(&ctx),
+                move |tcp, peer, active| {
                     tokio::spawn(hbone::serve_connection(
                         acceptor.clone(),
                         tcp,
                         peer,
                         Arc::clone(&target),
+                        active,
                     ));
                 },
             )));
         }
         for listener in pod.outbound {
             let listener = Arc::new(tokio_listener(listener)?);
-            let (this, ctx) = (Arc::clone(self), Arc::clone(&ctx));
-            serving.tasks.push(tokio::spawn(accept_loop(
+            let (this, outbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
+            serving.tasks.push(tokio::spawn(self.accept_loop(
                 listener,
-                uid.clone(),
-                move |tcp, peer| {
-                    let (this, ctx) = (Arc::clone(&this), Arc::clone(&ctx));
-                    let Some(active) = this.track_for(&ctx, "outbound") else {
-                        forward::reset(tcp);
-                        return;
-                    };
+                Unit::Outbound,
+                Arc::clone(&ctx),
+                move |tcp, peer, active| {
+                    let (this, ctx) = (Arc::clone(&this), Arc::clone(&outbound_ctx));
                     tokio::spawn(async move {
                         this.outbound(&ctx, tcp, peer, active).await;
                     });
@@ -458,15 +457,12 @@ impl Proxy {
             )));
         }
         let (this, inbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
-        serving.tasks.push(tokio::spawn(accept_loop(
+        serving.tasks.push(tokio::spawn(self.accept_loop(
             inbound,
-            uid.clone(),
-            move |tcp, peer| {
+            Unit::Inbound,
+            Arc::clone(&ctx),
+            move |tcp, peer, active| {
                 let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
-                let Some(active) = this.track_for(&ctx, "inbound") else {
-                    forward::reset(tcp);
-                    return;
-                };
                 tokio::spawn(async move {
                     this.inbound(&ctx, tcp, peer).await;
                     drop(active);
@@ -498,19 +494,32 @@ fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListene
     TcpListener::from_std(listener)
 }
 
-/// Accepts connections until aborted, handing each to `handle`. Errors (out of file
-/// descriptors or memory) back off instead of spinning.
-async fn accept_loop(
-    listener: Arc<TcpListener>,
-    uid: String,
-    handle: impl Fn(tokio::net::TcpStream, SocketAddr),
-) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => handle(stream, peer),
-            Err(e) => {
-                error!(workload = %uid, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+impl Proxy {
+    /// Accepts connections until aborted: each is counted against the limits as a `unit` of
+    /// `pod` (refused with a reset beyond them), gets TCP keepalive, and is handed to `handle`
+    /// with what counts it. Accept errors never end the loop (see [`accept`]).
+    fn accept_loop(
+        self: &Arc<Self>,
+        listener: Arc<TcpListener>,
+        unit: Unit,
+        pod: Arc<PodContext>,
+        handle: impl Fn(tokio::net::TcpStream, SocketAddr, Active) + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let this = Arc::clone(self);
+        async move {
+            loop {
+                let (stream, peer) = accept(&listener, unit.listener(), Some(&this.metrics)).await;
+                // Outbound connections come from the pod itself: only connections into it
+                // count against their source.
+                let source = (unit != Unit::Outbound).then(|| forward::unmap(peer).ip());
+                let Some(active) = this.track(unit, &pod, source) else {
+                    forward::reset(stream);
+                    continue;
+                };
+                if let Err(e) = this.liveness.apply(&stream) {
+                    warn!(listener = unit.listener(), error = %e, "setting TCP keepalive failed");
+                }
+                handle(stream, peer, active);
             }
         }
     }

@@ -44,12 +44,15 @@ impl Proxy {
     ) {
         let uid = ctx.workload.uid();
         let Some(dst) = self.orig_dst.take(ctx.worker.cookie(), peer) else {
-            warn!(
-                direction = "outbound",
-                src_workload = %uid,
-                client = %peer,
-                "no original destination recorded for a captured connection; closing it"
-            );
+            if let Some(suppressed) = self.metrics.error("outbound", "no_original_destination") {
+                warn!(
+                    direction = "outbound",
+                    src_workload = %uid,
+                    client = %peer,
+                    suppressed,
+                    "no original destination recorded for a captured connection; closing it"
+                );
+            }
             forward::reset(client);
             return;
         };
@@ -61,14 +64,16 @@ impl Proxy {
                     debug!(service = %backends.service.hostname, vip = %dst, endpoint = %endpoint, "service endpoint chosen");
                     (endpoint, Some(Arc::clone(&backends.service.hostname)))
                 } else {
-                    warn!(
-                        direction = "outbound",
-                        src_workload = %uid,
-                        service = %backends.service.hostname,
-                        orig_dst = %dst,
-                        "no ready endpoint for the service; closing the connection"
-                    );
-                    self.metrics.error("outbound", "no_endpoint");
+                    if let Some(suppressed) = self.metrics.error("outbound", "no_endpoint") {
+                        warn!(
+                            direction = "outbound",
+                            src_workload = %uid,
+                            service = %backends.service.hostname,
+                            orig_dst = %dst,
+                            suppressed,
+                            "no ready endpoint for the service; closing the connection"
+                        );
+                    }
                     forward::reset(client);
                     return;
                 }
@@ -141,12 +146,10 @@ impl Proxy {
         record: ConnRecord,
         admission: Option<&super::Admission>,
     ) {
-        match forward::connect_in_netns(&netns_of.worker, dst, self.mark, self.connect_timeout)
-            .await
-        {
+        match self.connect_upstream(&netns_of.worker, dst).await {
             Ok(upstream) => {
                 record.connected();
-                forward::copy_recorded(client, upstream, record, admission).await;
+                forward::copy_recorded(client, upstream, record, admission, self.limits()).await;
             }
             Err(e) => {
                 warn!(direction = "outbound", workload = %netns_of.workload.uid(), orig_dst = %dst, error = %e, "upstream connect failed");
