@@ -103,9 +103,17 @@ pub struct Metrics {
     pub hbone_connections: Counter,
     pub enrolled_workloads: Gauge,
     pub connection_errors: Family<ErrorLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
     /// Istio label sets (and their counters) already built, shared by connections between the
     /// same workloads (`conn.rs`).
     label_sets: conn::LabelSets,
+}
+
+/// What became of a change of the configuration file.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `rejected` (the last good state stays).
+    pub result: &'static str,
 }
 
 /// Why a connection was refused or cut short by the daemon.
@@ -140,6 +148,7 @@ impl Metrics {
             hbone_connections: Counter::default(),
             enrolled_workloads: Gauge::default(),
             connection_errors: Family::default(),
+            config_reloads: Family::default(),
             label_sets: conn::LabelSets::default(),
             registry: Registry::default(),
         };
@@ -203,6 +212,12 @@ impl Metrics {
             "Connections refused or ended by the daemon, by listener and reason (TLS handshake, \
              handshake timeout, HTTP/2 protocol, limits)",
             metrics.connection_errors.clone(),
+        );
+        registry.register(
+            "mesh_config_reloads",
+            "Changes of the configuration file read by the daemon, by result: applied, or \
+             rejected (empty, cut short, invalid; the last good state stays)",
+            metrics.config_reloads.clone(),
         );
         registry.register_collector(Box::new(collector));
         Arc::new(Self {
