@@ -48,8 +48,15 @@ fn logging() -> &'static (Logs, LogHandle) {
             format: LogFormat::Json,
             filter: "info".to_owned(),
         };
+        // The test harness's hook prints a failing test's panic: keep it after ours.
+        let harness = std::panic::take_hook();
         let handle =
             logging::init_with_writer(&config, move || writer.clone(), false).expect("logger");
+        let ours = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            ours(info);
+            harness(info);
+        }));
         (logs, handle)
     })
 }
