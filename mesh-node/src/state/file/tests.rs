@@ -215,9 +215,10 @@ async fn a_file_written_in_pieces_is_read_once_it_is_complete() {
     let half = &full[..full.find("- name: w1").unwrap()];
     assert!(Config::parse(half, &crate::config::Origin::File(path.clone())).is_ok());
 
-    // `echo ... > f; echo ... >> f`: two writes, each closing the file, a poll apart.
+    // `echo ... > f; echo ... >> f`: two writes, each closing the file, a pause apart that
+    // spans polls but is shorter than the settle time.
     std::fs::write(&path, half).unwrap();
-    tokio::time::sleep(POLL).await;
+    tokio::time::sleep(SETTLE - Duration::from_millis(100)).await;
     std::fs::OpenOptions::new()
         .append(true)
         .open(&path)
