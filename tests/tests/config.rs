@@ -12,7 +12,7 @@ use std::{
 
 use mesh_tests::{
     Daemon, Proc, Testbed, Topology,
-    mesh::{NodeSettings, ca_dir, config_yaml},
+    mesh::{NodeSettings, ca_dir, config_yaml, counter},
     namespaced_test_can_run,
 };
 
@@ -57,21 +57,12 @@ fn still_protected(bed: &Testbed, daemon: &Daemon, step: &str) {
 
 /// `mesh_config_reloads_total{result}` from the daemon's metrics endpoint.
 fn reloads(bed: &Testbed, result: &str) -> u64 {
-    let out = bed
-        .node("node-a")
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15020/metrics",
-        ])
-        .expect("curl");
-    let prefix = format!("mesh_config_reloads_total{{result=\"{result}\"}} ");
-    out.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().expect("a count"))
+    counter(
+        bed,
+        "node-a",
+        &format!("mesh_config_reloads_total{{result=\"{result}\"}}"),
+    )
+    .expect("metrics")
 }
 
 /// A `ConfigMap` volume as kubelet lays it out: `mesh.yaml -> ..data/mesh.yaml`,

@@ -656,24 +656,12 @@ fn multi_san(bed: &Testbed, ca_dir: &Path, sans: &[&str], name: &str) -> (String
 
 /// `mesh_connection_errors_total{listener="hbone",reason="tls_handshake"}` on node-a.
 fn tls_handshake_errors(bed: &Testbed) -> u64 {
-    let out = bed
-        .node("node-a")
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15020/metrics",
-        ])
-        .expect("curl");
-    out.stdout
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "mesh_connection_errors_total{listener=\"hbone\",reason=\"tls_handshake\"} ",
-            )
-        })
-        .map_or(0, |v| v.trim().parse().expect("a count"))
+    mesh_tests::mesh::counter(
+        bed,
+        "node-a",
+        "mesh_connection_errors_total{listener=\"hbone\",reason=\"tls_handshake\"}",
+    )
+    .expect("metrics")
 }
 
 /// Issue 13, item 4: a mesh-CA certificate with `spiffe://evil.local/...` first and a

@@ -70,11 +70,11 @@ impl Logs {
             .collect()
     }
 
-    fn count(&self, message: &str) -> usize {
+    fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
         self.messages()
-            .iter()
+            .into_iter()
             .filter(|r| r["message"] == message)
-            .count()
+            .collect()
     }
 }
 
@@ -172,11 +172,9 @@ async fn a_truncated_file_is_rejected_and_the_last_good_state_stays() {
     settle().await;
     assert_eq!(run.workloads(), 3, "the last good state stays");
     assert_eq!((run.count("rejected"), run.count("applied")), (1, 0));
-    let rejected = run.logs.messages();
-    let rejected: Vec<_> = rejected
-        .iter()
-        .filter(|r| r["message"] == "rejected configuration change; keeping the last good state")
-        .collect();
+    let rejected = run
+        .logs
+        .with_message("rejected configuration change; keeping the last good state");
     assert_eq!(rejected.len(), 1, "logged once: {rejected:?}");
     let error = rejected[0]["error"].as_str().unwrap();
     assert!(
@@ -218,7 +216,7 @@ async fn a_file_written_in_pieces_is_read_once_it_is_complete() {
     // `echo ... > f; echo ... >> f`: two writes, each closing the file, a pause apart that
     // spans polls but is shorter than the settle time.
     std::fs::write(&path, half).unwrap();
-    tokio::time::sleep(SETTLE - Duration::from_millis(100)).await;
+    tokio::time::sleep(SETTLE.saturating_sub(Duration::from_millis(100))).await;
     std::fs::OpenOptions::new()
         .append(true)
         .open(&path)
@@ -295,7 +293,8 @@ async fn a_vanished_file_is_a_rejected_change() {
     assert_eq!((run.workloads(), run.count("rejected")), (2, 1));
     assert_eq!(
         run.logs
-            .count("cannot read the configuration; keeping the last good state"),
+            .with_message("cannot read the configuration; keeping the last good state")
+            .len(),
         1
     );
     std::fs::write(&path, config(1, "")).unwrap();
@@ -329,12 +328,7 @@ async fn start_only_fields_changed_at_run_time_are_warned_about_once_per_change(
         ),
     );
     settle().await;
-    let warnings: Vec<_> = run
-        .logs
-        .messages()
-        .into_iter()
-        .filter(|r| r["message"] == warning)
-        .collect();
+    let warnings = run.logs.with_message(warning);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert_eq!(warnings[0]["fields"], "log.format, proxy.connectTimeoutMs");
     // Back to the running values, then a new difference: warned again.
@@ -348,12 +342,7 @@ async fn start_only_fields_changed_at_run_time_are_warned_about_once_per_change(
         ),
     );
     settle().await;
-    let warnings: Vec<_> = run
-        .logs
-        .messages()
-        .into_iter()
-        .filter(|r| r["message"] == warning)
-        .collect();
+    let warnings = run.logs.with_message(warning);
     assert_eq!(warnings.len(), 2, "warned again for the new change");
     assert_eq!(warnings[1]["fields"], "redirect.mark");
     assert_eq!(run.count("rejected"), 0);
