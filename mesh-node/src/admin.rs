@@ -143,7 +143,7 @@ where
         let handler = Arc::clone(&handler);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = handler(&req);
+                let response = guarded(name, &*handler, &req);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
@@ -154,6 +154,22 @@ where
             drop(slot);
         });
     }
+}
+
+/// Runs a handler; a panic (a bug: no input should cause one) answers 500 instead of dropping
+/// the connection, and is logged by the panic hook (`logging.rs`).
+fn guarded<F>(name: &'static str, handler: &F, req: &Request<Incoming>) -> Response<Full<Bytes>>
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>>,
+{
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(req))).unwrap_or_else(|_| {
+        warn!(endpoint = name, path = %req.uri().path(), "handler panicked; answered 500");
+        respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "internal error\n".to_owned(),
+        )
+    })
 }
 
 fn bind(addr: SocketAddr, name: &str) -> std::io::Result<TcpListener> {
@@ -326,33 +342,18 @@ pub fn spawn_admin(
     )))
 }
 
-fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == key).then(|| percent_decode(v))
-    })
+/// The value of `key` in a URL query string (`a=1&b=x+y%2C`), decoded as HTML forms are
+/// (`+` is a space, `%XX` a byte, invalid UTF-8 replaced): the first occurrence wins. Any input
+/// is accepted; a malformed escape is kept as it is.
+#[must_use]
+pub fn query_value(query: &str, key: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
-/// Decodes `%XX` and `+` in a query value.
-fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&v[i + 1..i + 3], 16) {
-                Ok(b) => {
-                    out.push(b);
-                    i += 2;
-                }
-                Err(_) => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    query_value(req.uri().query()?, key)
 }
 
 fn admin_route(admin: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -429,6 +430,38 @@ mod tests {
             slots.take("::ffff:198.18.2.1".parse().unwrap()).is_none(),
             "an IPv4-mapped address is the same source"
         );
+    }
+
+    #[test]
+    fn query_values_are_decoded_and_hostile_ones_kept_as_they_are() {
+        let value = |q: &str| query_value(q, "filter");
+        assert_eq!(
+            value("filter=info%2Cmesh_node%3Ddebug").as_deref(),
+            Some("info,mesh_node=debug")
+        );
+        assert_eq!(
+            value("a=1&filter=x+y&filter=z").as_deref(),
+            Some("x y"),
+            "first one wins"
+        );
+        assert_eq!(value("filter").as_deref(), Some(""));
+        assert_eq!(value("other=1"), None);
+        // Malformed escapes stay as they are; bytes that are not UTF-8 become U+FFFD. The
+        // hand-written decoder this replaced sliced `%aé` inside the `é` and panicked.
+        for (query, decoded) in [
+            ("filter=%", "%"),
+            ("filter=%a", "%a"),
+            ("filter=%aé", "%aé"),
+            ("filter=%é", "%é"),
+            ("filter=%zz", "%zz"),
+            ("filter=%ff", "\u{fffd}"),
+            ("filter=+", " "),
+            ("filter=%%%", "%%%"),
+        ] {
+            assert_eq!(value(query).as_deref(), Some(decoded), "{query}");
+        }
+        let long = format!("filter={}", "%é%a".repeat(100_000));
+        assert_eq!(value(&long).map(|v| v.len()), Some(500_000));
     }
 
     #[test]

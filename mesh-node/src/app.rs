@@ -89,7 +89,7 @@ pub enum AppError {
 /// Runs the daemon until SIGINT or SIGTERM. `config_file` is watched for workload changes.
 pub async fn run(
     config: Config,
-    config_file: Option<PathBuf>,
+    config_file: Option<state::file::Watched>,
     log: LogHandle,
 ) -> Result<(), AppError> {
     let effective = serde_json::to_string(&config).map_err(AppError::Serialize)?;
@@ -98,6 +98,9 @@ pub async fn run(
     Descriptors::raise_limit();
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    // Before anything listens or touches the kernel: a bad CA fails the start at once.
+    let ca = LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
+        .map_err(AppError::Ca)?;
 
     // Readiness answers 503 until the state is loaded, the programs attached and every
     // enrolled pod served.
@@ -133,8 +136,6 @@ pub async fn run(
         })?;
     let attachment = programs.attach_cgroup(&cgroup)?;
     let orig_dst = programs.take_orig_dst_table()?;
-    let ca = LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
-        .map_err(AppError::Ca)?;
     let provider = tls::provider();
     // Libraries that build TLS configurations without naming a provider (the Kubernetes
     // client) use the process default: the same one.
@@ -165,7 +166,7 @@ pub async fn run(
         },
     );
 
-    let (_sources, mut states) = start_sources(&config, config_file).await?;
+    let (_sources, mut states) = start_sources(&config, config_file, &metrics).await?;
     let mut warned = HashSet::new();
     let observers = Observers {
         metrics: &metrics,
@@ -254,15 +255,21 @@ type Sources = (
 /// Starts the state sources: the file watcher, and with `kubernetes.enabled` the Kubernetes
 /// source, which merges the file's state into the cluster's. Returns their tasks and the
 /// channel of states (the first one is pending until the cluster's state is synced).
-async fn start_sources(config: &Config, config_file: Option<PathBuf>) -> Result<Sources, AppError> {
+async fn start_sources(
+    config: &Config,
+    config_file: Option<state::file::Watched>,
+    metrics: &Metrics,
+) -> Result<Sources, AppError> {
     let from_file = MeshState::from_config(config).map_err(AppError::Policy)?;
+    let reloads = metrics.config_reloads.clone();
+    let watch_file = move |file, tx| state::file::spawn_watcher(file, WATCH_INTERVAL, tx, reloads);
     if !config.kubernetes.enabled {
         let (tx, states) = watch::channel(Arc::new(from_file));
-        let watcher = config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, tx));
+        let watcher = config_file.map(|file| watch_file(file, tx));
         return Ok((watcher.into_iter().collect(), states));
     }
     crate::redirect::set_proc_root(config.kubernetes.proc_root.clone());
-    start_kube(config, config_file, from_file).await
+    start_kube(config, config_file, from_file, watch_file).await
 }
 
 #[cfg(not(feature = "kubernetes"))]
@@ -272,8 +279,12 @@ async fn start_sources(config: &Config, config_file: Option<PathBuf>) -> Result<
 )]
 async fn start_kube(
     _config: &Config,
-    _config_file: Option<PathBuf>,
+    _config_file: Option<state::file::Watched>,
     _from_file: MeshState,
+    _watch_file: impl FnOnce(
+        state::file::Watched,
+        watch::Sender<Arc<MeshState>>,
+    ) -> tokio::task::JoinHandle<()>,
 ) -> Result<Sources, AppError> {
     Err(AppError::NoKubernetes)
 }
@@ -282,8 +293,12 @@ async fn start_kube(
 #[cfg(feature = "kubernetes")]
 async fn start_kube(
     config: &Config,
-    config_file: Option<PathBuf>,
+    config_file: Option<state::file::Watched>,
     from_file: MeshState,
+    watch_file: impl FnOnce(
+        state::file::Watched,
+        watch::Sender<Arc<MeshState>>,
+    ) -> tokio::task::JoinHandle<()>,
 ) -> Result<Sources, AppError> {
     let client = state::kube::client(&config.kubernetes)
         .await
@@ -306,7 +321,7 @@ async fn start_kube(
         file_rx,
         tx,
     )];
-    tasks.extend(config_file.map(|path| state::file::spawn_watcher(path, WATCH_INTERVAL, file_tx)));
+    tasks.extend(config_file.map(|file| watch_file(file, file_tx)));
     Ok((tasks, states))
 }
 
@@ -410,7 +425,7 @@ type Observability = (
     [tokio::task::JoinHandle<()>; 2],
 );
 
-/// Starts `/metrics` (all addresses, 15020) and the admin API (127.0.0.1:15000).
+/// Starts `/metrics` (`metrics.bindAddress`, 15020) and the admin API (127.0.0.1:15000).
 fn serve_observability(
     config: &Config,
     certs: &CertManager,
@@ -421,7 +436,7 @@ fn serve_observability(
         certs: certs.clone(),
     });
     let listen_err = |address| move |source| AppError::Listen { address, source };
-    let metrics_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_METRICS));
+    let metrics_addr = SocketAddr::new(config.metrics.bind_address, PORT_METRICS);
     let metrics_server = admin::spawn_metrics(metrics_addr, Arc::clone(&metrics))
         .map_err(listen_err(metrics_addr))?;
     let admin_state = Arc::new(AdminState {

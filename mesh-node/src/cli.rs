@@ -139,9 +139,32 @@ enum ConfigCommand {
     },
 }
 
+/// The error of a command that has already been reported in the daemon's log (in the
+/// configured format), so that `main` does not print it a second time.
+#[derive(Debug, thiserror::Error)]
+#[error("reported in the log")]
+struct Logged;
+
 /// Runs the command line; `main` of the `mesh-node` binary.
-pub fn main() -> anyhow::Result<()> {
+///
+/// A failure is a user's error (a bad file, a missing CA), not a crash: it prints one line,
+/// `error: what: cause: cause`, and exits 1. It never prints a backtrace, whatever
+/// `RUST_BACKTRACE` says (an `anyhow::Error` returned from `main` would print one).
+#[must_use]
+pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.is::<Logged>() {
+                eprintln!("error: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     match cli.command {
         Command::Config(ConfigCommand::Default) => {
@@ -191,8 +214,13 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config, log_format } => {
-            let file = config;
-            let mut config = Config::load(file.as_deref(), env)?;
+            let (mut config, file) = match config {
+                Some(path) => {
+                    let (config, watched) = crate::state::file::Watched::load(&path, env)?;
+                    (config, Some(watched))
+                }
+                None => (Config::load(None, env)?, None),
+            };
             if let Some(format) = log_format {
                 config.log.format = format;
             }
@@ -203,9 +231,10 @@ pub fn main() -> anyhow::Result<()> {
                 .thread_name("mesh-worker")
                 .build()
                 .context("starting the async runtime")?;
+            // From here on errors go to the log, in its format (JSON lines stay JSON).
             runtime.block_on(app::run(config, file, log)).map_err(|e| {
                 tracing::error!(error = %crate::error_chain(&e), "mesh-node failed");
-                anyhow::Error::new(e)
+                anyhow::Error::new(Logged)
             })
         }
     }

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::{Service, Workload, validate_services, validate_workloads};
 
+mod locate;
+
+pub use locate::Position;
+
 /// The embedded default configuration (`mesh-node config default`).
 pub const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
 
@@ -37,6 +41,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The Kubernetes state source.
     pub kubernetes: KubernetesConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
     /// `istio-system`.
     pub root_namespace: String,
@@ -91,6 +97,24 @@ impl Default for KubernetesConfig {
     }
 }
 
+/// The Prometheus endpoint (`/metrics` on port 15020).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetricsConfig {
+    /// Address the endpoint listens on: `::` is every address, IPv4 and IPv6; `0.0.0.0` every
+    /// IPv4 address; `127.0.0.1` only local scrapers (the metrics name every workload,
+    /// principal and policy of the node). Default: `::`.
+    pub bind_address: std::net::IpAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        }
+    }
+}
+
 /// Identity and certificate settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -129,6 +153,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             identity: IdentityConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            metrics: MetricsConfig::default(),
             root_namespace: "istio-system".to_owned(),
             policies: Vec::new(),
             workloads: Vec::new(),
@@ -304,8 +329,8 @@ impl Default for RedirectConfig {
     }
 }
 
-/// Why a configuration was rejected. The message names the origin and, for YAML errors, the
-/// field and line.
+/// Why a configuration was rejected. The message names the origin and the field, and for a
+/// file the line and column.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {origin}")]
@@ -314,6 +339,17 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
+    /// Empty, blanks or comments only: never a configuration, even a default one (a file
+    /// truncated to nothing would otherwise unenroll every pod and drop every policy).
+    #[error("{origin}: no configuration in it (empty, or only comments)")]
+    Empty { origin: Origin },
+    /// A file whose last line has no line break: cut short while it was written (or a write
+    /// that failed half-way), not a complete document.
+    #[error(
+        "{origin}: the last line has no line break: the file looks cut short (a write in \
+         progress or one that failed); a complete file ends with a newline"
+    )]
+    Incomplete { origin: Origin },
     /// The YAML message already names the field, line and column; it is part of this error's
     /// own message (not a separate cause) so that one log line says everything.
     #[error("{origin}: {error}")]
@@ -321,17 +357,37 @@ pub enum ConfigError {
         origin: Origin,
         error: serde_yaml_ng::Error,
     },
-    #[error("{origin}: {error}")]
+    #[error("{origin}: {error}{}", At(.at))]
     Policy {
         origin: Origin,
-        error: crate::policy::PolicyError,
+        error: Box<crate::policy::PolicyError>,
+        at: Option<Position>,
     },
-    #[error("{origin}: field `{field}`: {reason}")]
+    #[error("{origin}: field `{field}`{}: {reason}", At(.at))]
     Invalid {
         origin: Origin,
         field: String,
         reason: String,
+        at: Option<Position>,
     },
+}
+
+/// ` at line L column C`, or nothing when the position is unknown.
+struct At<'a>(&'a Option<Position>);
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(position) => write!(f, " at {position}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A semantic error before it is placed in the text: the field path and the reason.
+enum Invalid {
+    Field { field: String, reason: String },
+    Policy(crate::policy::PolicyError),
 }
 
 /// Where a configuration came from, for error messages.
@@ -369,35 +425,64 @@ impl Config {
                 }
             }
         };
-        let mut config = Self::parse(&text, &origin)?;
+        Ok(Self::parse(&text, &origin)?.with_overrides(env))
+    }
+
+    /// Applies the environment overrides looked up through `env` and fills computed defaults
+    /// (the node name from the host name).
+    #[must_use]
+    pub fn with_overrides(mut self, env: impl Fn(&str) -> Option<String>) -> Self {
         if let Some(node) = env(ENV_NODE_NAME).filter(|v| !v.is_empty()) {
-            config.node = node;
+            self.node = node;
         }
         if let Some(filter) = env(ENV_LOG).filter(|v| !v.is_empty()) {
-            config.log.filter = filter;
+            self.log.filter = filter;
         }
-        if config.node.is_empty() {
-            config.node = nix::unistd::gethostname()
+        if self.node.is_empty() {
+            self.node = nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".to_owned());
         }
-        Ok(config)
+        self
     }
 
-    /// Parses and validates YAML text.
+    /// Parses and validates YAML text. Besides YAML and field errors, a text without any
+    /// configuration in it is refused, and so is a file whose last line has no line break
+    /// (cut short); semantic errors name the line and column of the field.
     pub fn parse(text: &str, origin: &Origin) -> Result<Self, ConfigError> {
+        if locate::is_empty_document(text) {
+            return Err(ConfigError::Empty {
+                origin: origin.clone(),
+            });
+        }
+        if matches!(origin, Origin::File(_)) && !text.ends_with('\n') {
+            return Err(ConfigError::Incomplete {
+                origin: origin.clone(),
+            });
+        }
         let config: Config = serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
             origin: origin.clone(),
             error,
         })?;
-        config.validate(origin)?;
+        config.validate().map_err(|invalid| match invalid {
+            Invalid::Field { field, reason } => ConfigError::Invalid {
+                origin: origin.clone(),
+                at: locate::locate(text, &field),
+                field,
+                reason,
+            },
+            Invalid::Policy(error) => ConfigError::Policy {
+                origin: origin.clone(),
+                at: locate::locate(text, &format!("policies[{}].{}", error.index, error.field)),
+                error: Box::new(error),
+            },
+        })?;
         Ok(config)
     }
 
-    fn validate(&self, origin: &Origin) -> Result<(), ConfigError> {
-        let invalid = |field: &str, reason: &str| ConfigError::Invalid {
-            origin: origin.clone(),
+    fn validate(&self) -> Result<(), Invalid> {
+        let invalid = |field: &str, reason: &str| Invalid::Field {
             field: field.to_owned(),
             reason: reason.to_owned(),
         };
@@ -418,14 +503,16 @@ impl Config {
         if !self.redirect.bpffs.is_absolute() {
             return Err(invalid("redirect.bpffs", "must be an absolute path"));
         }
-        if self.redirect.exclude_ports.contains(&0) {
-            return Err(invalid("redirect.excludePorts", "0 is not a port"));
+        if let Some(i) = self.redirect.exclude_ports.iter().position(|p| *p == 0) {
+            return Err(invalid(
+                &format!("redirect.excludePorts[{i}]"),
+                "0 is not a port",
+            ));
         }
-        let td = &self.identity.trust_domain;
-        if td.is_empty() || td.contains('/') || td.contains(':') {
+        if !crate::identity::valid_trust_domain(&self.identity.trust_domain) {
             return Err(invalid(
                 "identity.trustDomain",
-                "must be a non-empty name without `/` or `:`",
+                "must be a SPIFFE trust domain: lowercase letters, digits, `.`, `-`, `_`",
             ));
         }
         if self.identity.cert_lifetime_seconds < 2 {
@@ -440,24 +527,27 @@ impl Config {
         if self.proxy.handshake_timeout_ms == 0 {
             return Err(invalid("proxy.handshakeTimeoutMs", "must be positive"));
         }
-        if self.proxy.max_connections == 0 || self.proxy.max_connections_per_workload == 0 {
-            return Err(invalid("proxy.maxConnections", "limits must be positive"));
+        if self.proxy.max_connections == 0 {
+            return Err(invalid("proxy.maxConnections", "must be positive"));
+        }
+        if self.proxy.max_connections_per_workload == 0 {
+            return Err(invalid(
+                "proxy.maxConnectionsPerWorkload",
+                "must be positive",
+            ));
         }
         if let Err((field, reason)) = self.proxy.validate_liveness() {
             return Err(invalid(field, reason));
         }
         if let Err(e) = crate::policy::PolicyStore::new(&self.root_namespace, &self.policies) {
-            return Err(ConfigError::Policy {
-                origin: origin.clone(),
-                error: e,
-            });
+            return Err(Invalid::Policy(e));
         }
         let k8s = &self.kubernetes;
-        if k8s.enroll_label.is_empty() || k8s.enroll_value.is_empty() {
-            return Err(invalid(
-                "kubernetes.enrollLabel",
-                "the label and its value must not be empty",
-            ));
+        if k8s.enroll_label.is_empty() {
+            return Err(invalid("kubernetes.enrollLabel", "must not be empty"));
+        }
+        if k8s.enroll_value.is_empty() {
+            return Err(invalid("kubernetes.enrollValue", "must not be empty"));
         }
         if !k8s.proc_root.is_absolute() {
             return Err(invalid("kubernetes.procRoot", "must be an absolute path"));
@@ -468,11 +558,7 @@ impl Config {
         if let Err((field, reason)) =
             validate_workloads(&self.workloads).and_then(|()| validate_services(&self.services))
         {
-            return Err(ConfigError::Invalid {
-                origin: origin.clone(),
-                field,
-                reason,
-            });
+            return Err(Invalid::Field { field, reason });
         }
         Ok(())
     }
@@ -528,46 +614,171 @@ mod tests {
     }
 
     #[test]
-    fn invalid_values_name_the_field() {
+    fn invalid_values_name_the_field_and_its_line() {
         let origin = Origin::File("/etc/mesh.yaml".into());
-        for (text, field) in [
-            ("redirect:\n  mark: 0\n", "redirect.mark"),
-            ("redirect:\n  cgroup: relative/dir\n", "redirect.cgroup"),
-            ("log:\n  filter: \"info,[\"\n", "log.filter"),
-            ("redirect:\n  bpffs: pins\n", "redirect.bpffs"),
-            ("redirect:\n  excludePorts: [0]\n", "redirect.excludePorts"),
+        let w = |name: &str, ip: &str| format!("- {{name: {name}, node: n, ips: [{ip}]}}\n");
+        let a1 = w("a", "198.18.0.1");
+        for (text, field, line) in [
+            ("redirect:\n  mark: 0\n".to_owned(), "redirect.mark", 2),
+            ("redirect:\n  cgroup: relative/dir\n".to_owned(), "redirect.cgroup", 2),
+            ("node: x\nlog:\n  filter: \"info,[\"\n".to_owned(), "log.filter", 3),
+            ("redirect:\n  bpffs: pins\n".to_owned(), "redirect.bpffs", 2),
+            ("redirect:\n  excludePorts: [22, 0]\n".to_owned(), "redirect.excludePorts[1]", 2),
+            ("identity:\n  trustDomain: Cluster.Local\n".to_owned(), "identity.trustDomain", 2),
+            ("identity:\n  certLifetimeSeconds: 1\n".to_owned(), "identity.certLifetimeSeconds", 2),
+            ("proxy:\n  connectTimeoutMs: 0\n".to_owned(), "proxy.connectTimeoutMs", 2),
+            ("proxy:\n  handshakeTimeoutMs: 0\n".to_owned(), "proxy.handshakeTimeoutMs", 2),
+            ("proxy:\n  maxConnections: 0\n".to_owned(), "proxy.maxConnections", 2),
             (
-                "workloads:\n- {name: a, node: n, ips: [198.18.0.1]}\n- {name: a, node: n, ips: [198.18.0.2]}\n",
-                "workloads[1].name",
+                "proxy:\n  maxConnectionsPerWorkload: 0\n".to_owned(),
+                "proxy.maxConnectionsPerWorkload",
+                2,
+            ),
+            (format!("workloads:\n{a1}{}", w("a", "198.18.0.2")), "workloads[1].name", 3),
+            (format!("workloads:\n{a1}{}", w("b", "198.18.0.1")), "workloads[1].ips[0]", 3),
+            (
+                format!("workloads:\n{a1}- name: b\n  node: n\n  ips:\n  - 198.18.0.2\n  - 198.18.0.1\n"),
+                "workloads[1].ips[1]",
+                7,
+            ),
+            ("workloads:\n- {name: a, node: n, ips: []}\n".to_owned(), "workloads[0].ips", 2),
+            ("workloads:\n- {name: '', node: n, ips: [198.18.0.1]}\n".to_owned(), "workloads[0].name", 2),
+            ("workloads:\n- {name: a, node: '', ips: [198.18.0.1]}\n".to_owned(), "workloads[0].node", 2),
+            (
+                "workloads:\n- name: a\n  node: n\n  ips: [198.18.0.1]\n  netns: run/a\n".to_owned(),
+                "workloads[0].netns",
+                5,
             ),
             (
-                "workloads:\n- {name: a, node: n, ips: [198.18.0.1]}\n- {name: b, node: n, ips: [198.18.0.1]}\n",
-                "workloads[1].ips",
+                "workloads:\n- name: a\n  namespace: Shop/x\n  node: n\n  ips: [198.18.0.1]\n".to_owned(),
+                "workloads[0].namespace",
+                3,
             ),
             (
-                "workloads:\n- {name: a, node: n, ips: []}\n",
-                "workloads[0].ips",
+                "workloads:\n- {name: a, serviceAccount: '..', node: n, ips: [198.18.0.1]}\n".to_owned(),
+                "workloads[0].serviceAccount",
+                2,
             ),
             (
-                "services:\n- {name: s, addresses: [], ports: [{port: 1}]}\n",
+                "services:\n- {name: s, addresses: [], ports: [{port: 1}]}\n".to_owned(),
                 "services[0].addresses",
+                2,
             ),
-            ("kubernetes:\n  procRoot: proc\n", "kubernetes.procRoot"),
-            ("kubernetes:\n  enrollValue: ''\n", "kubernetes.enrollLabel"),
             (
-                "proxy:\n  maxConnectionsPerSource: 0\n",
+                "services:\n- {name: '', addresses: [198.19.0.1], ports: [{port: 1}]}\n".to_owned(),
+                "services[0].name",
+                2,
+            ),
+            (
+                "services:\n- name: s\n  addresses: [198.19.0.1]\n  ports: []\n".to_owned(),
+                "services[0].ports",
+                4,
+            ),
+            (
+                "services:\n- name: s\n  addresses: [198.19.0.1]\n  ports:\n  - {port: 1}\n  - {port: 0}\n".to_owned(),
+                "services[0].ports[1]",
+                6,
+            ),
+            (
+                "services:\n- {name: s, addresses: [198.19.0.1], ports: [{port: 1}]}\n\
+                 - {name: t, addresses: [198.19.0.2, 198.19.0.1], ports: [{port: 1}]}\n"
+                    .to_owned(),
+                "services[1].addresses[1]",
+                3,
+            ),
+            ("kubernetes:\n  procRoot: proc\n".to_owned(), "kubernetes.procRoot", 2),
+            ("kubernetes:\n  enrollLabel: ''\n".to_owned(), "kubernetes.enrollLabel", 2),
+            ("kubernetes:\n  enrollValue: ''\n".to_owned(), "kubernetes.enrollValue", 2),
+            ("kubernetes:\n  rescanIntervalMs: 0\n".to_owned(), "kubernetes.rescanIntervalMs", 2),
+            (
+                "proxy:\n  maxConnectionsPerSource: 0\n".to_owned(),
                 "proxy.maxConnectionsPerSource",
+                2,
             ),
-            ("proxy:\n  pingTimeoutMs: 0\n", "proxy.pingTimeoutMs"),
+            ("proxy:\n  pingTimeoutMs: 0\n".to_owned(), "proxy.pingTimeoutMs", 2),
             (
-                "proxy:\n  tcpKeepaliveTimeMs: 500\n",
+                "proxy:\n  tcpKeepaliveTimeMs: 500\n".to_owned(),
                 "proxy.tcpKeepaliveTimeMs",
+                2,
             ),
         ] {
-            let err = Config::parse(text, &origin).unwrap_err().to_string();
-            assert!(err.contains(field), "{text:?}: {err}");
-            assert!(err.contains("/etc/mesh.yaml"), "{err}");
+            let err = Config::parse(&text, &origin).unwrap_err();
+            let ConfigError::Invalid { field: named, .. } = &err else {
+                panic!("{text:?}: not a field error: {err}");
+            };
+            assert_eq!(named, field, "{text:?}");
+            let err = err.to_string();
+            assert!(err.contains(&format!("`{field}` at line {line} column")), "{text:?}: {err}");
+            assert!(err.starts_with("/etc/mesh.yaml: "), "{err}");
         }
+    }
+
+    #[test]
+    fn policy_errors_name_the_line_of_the_field() {
+        let text = "\
+policies:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: a, namespace: ns}
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: b, namespace: ns}
+  spec:
+    portLevelMtls:
+      8080: {mode: STRICT}
+";
+        let err = Config::parse(text, &Origin::Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("policies[1]")
+                && err.contains("portLevelMtls")
+                && err.ends_with("at line 9 column 5"),
+            "{err}"
+        );
+        let text =
+            "policies:\n- apiVersion: v2\n  kind: AuthorizationPolicy\n  metadata: {name: a}\n";
+        let err = Config::parse(text, &Origin::Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("apiVersion") && err.ends_with("at line 2 column 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_not_a_default_configuration() {
+        let origin = Origin::File("/etc/mesh.yaml".into());
+        for text in [
+            "",
+            "\n",
+            "   \n\n",
+            "# nothing but\n# comments\n",
+            "---\n",
+            "null\n",
+        ] {
+            let err = Config::parse(text, &origin).unwrap_err();
+            assert!(matches!(err, ConfigError::Empty { .. }), "{text:?}: {err}");
+            assert!(
+                err.to_string().contains("/etc/mesh.yaml: no configuration"),
+                "{err}"
+            );
+        }
+        assert!(
+            Config::parse("{}\n", &origin).is_ok(),
+            "an explicit empty mapping is meant"
+        );
+    }
+
+    #[test]
+    fn a_file_cut_in_the_middle_of_a_line_is_incomplete() {
+        let origin = Origin::File("/etc/mesh.yaml".into());
+        // Cut inside a value: `node: no` is valid YAML, and would move the workload away.
+        let text = "workloads:\n- name: a\n  ips: [198.18.0.1]\n  node: no";
+        let err = Config::parse(text, &origin).unwrap_err();
+        assert!(matches!(err, ConfigError::Incomplete { .. }), "{err}");
+        assert!(Config::parse(&format!("{text}\n"), &origin).is_ok());
     }
 
     #[test]
@@ -635,6 +846,9 @@ mod tests {
                 opt_out_value: "none".into(),
                 proc_root: "/host/proc".into(),
                 rescan_interval_ms: 1000,
+            },
+            metrics: MetricsConfig {
+                bind_address: "127.0.0.1".parse().unwrap(),
             },
             root_namespace: "mesh-root".into(),
             policies: Vec::new(),

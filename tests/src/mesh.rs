@@ -132,6 +132,23 @@ pub fn config_yaml(
     Ok(yaml)
 }
 
+/// The value of one sample (`name{labels}` exactly as exposed) of the metrics endpoint of the
+/// daemon on `node` (0 when the sample is absent: a counter not incremented yet).
+pub fn counter(bed: &Testbed, node: &str, sample: &str) -> anyhow::Result<u64> {
+    let out = bed.node(node).exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:15020/metrics",
+    ])?;
+    let prefix = format!("{sample} ");
+    match out.stdout.lines().find_map(|l| l.strip_prefix(&prefix)) {
+        Some(value) => Ok(value.trim().parse()?),
+        None => Ok(0),
+    }
+}
+
 /// Replaces a file atomically (write beside it, then rename), as a careful operator would.
 pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");

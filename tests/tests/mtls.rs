@@ -618,3 +618,143 @@ fn the_daemon_connects_to_a_foreign_hbone_server_and_rejects_wrong_identities() 
     );
     assert!(failures[2].contains("Expired"), "{}", failures[2]);
 }
+
+/// A certificate with these URI SANs signed by the CA in `ca_dir` (what `mesh-node ca issue`
+/// never makes): (cert, key) paths.
+fn multi_san(bed: &Testbed, ca_dir: &Path, sans: &[&str], name: &str) -> (String, String) {
+    let read = |file: &str| std::fs::read_to_string(ca_dir.join(file)).expect("CA file");
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca-cert.pem"), ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = sans
+        .iter()
+        .map(|uri| rcgen::SanType::URI((*uri).try_into().expect("IA5")))
+        .collect();
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_mins(1)).into();
+    params.not_after = (now + Duration::from_hours(1)).into();
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let (cert_path, key_path) = (
+        bed.tmp_dir().join(format!("{name}-cert.pem")),
+        bed.tmp_dir().join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (
+        cert_path.to_str().unwrap().to_owned(),
+        key_path.to_str().unwrap().to_owned(),
+    )
+}
+
+/// `mesh_connection_errors_total{listener="hbone",reason="tls_handshake"}` on node-a.
+fn tls_handshake_errors(bed: &Testbed) -> u64 {
+    mesh_tests::mesh::counter(
+        bed,
+        "node-a",
+        "mesh_connection_errors_total{listener=\"hbone\",reason=\"tls_handshake\"}",
+    )
+    .expect("metrics")
+}
+
+/// Issue 13, item 4: a mesh-CA certificate with `spiffe://evil.local/...` first and a
+/// `cluster.local` identity second was accepted (some SAN in the trust domain), identified as
+/// the first, and a DENY on the second principal bypassed.
+#[test]
+fn a_certificate_with_several_uri_sans_is_refused_at_the_handshake() {
+    if !namespaced_test_can_run() {
+        return;
+    }
+    let bed = up();
+    let _servers = echo_servers(&bed, &["a2"]);
+    let deny_b1 = "- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata:\n    name: deny-b1\n    namespace: default\n  spec:\n    action: DENY\n    rules:\n    - from:\n      - source:\n          principals: [cluster.local/ns/default/sa/b1]\n";
+    let settings = mesh_tests::mesh::NodeSettings {
+        policies: deny_b1.to_owned(),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with_settings(&bed, "node-a", Path::new(DUT), &["a2"], &settings)
+        .expect("daemon");
+    let ca = daemon.ca().to_path_buf();
+    let ca_cert = ca.join("ca-cert.pem").to_str().unwrap().to_owned();
+    let hbone = format!("{}:15008", bed.pod("a2").ipv4());
+    let app = bed.pod("a2").addr(false, PORT).to_string();
+    let connect = |cert: &str, key: &str| {
+        python_client(
+            &bed,
+            "b1",
+            &[
+                "--connect",
+                &hbone,
+                "--authority",
+                &app,
+                "--ca",
+                &ca_cert,
+                "--cert",
+                cert,
+                "--key",
+                key,
+            ],
+        )
+    };
+    // Controls: the policy denies b1 and lets b2 in.
+    let (cert, key) = multi_san(&bed, &ca, &[&identity("b1")], "b1-only");
+    assert_eq!(connect(&cert, &key)["status"], 401, "DENY applies to b1");
+    let (cert, key) = multi_san(&bed, &ca, &[&identity("b2")], "b2-only");
+    assert_eq!(connect(&cert, &key)["status"], 200, "b2 is allowed");
+    let before = tls_handshake_errors(&bed);
+
+    let evil = "spiffe://evil.local/ns/default/sa/x";
+    let cases = [
+        ("evil first", vec![evil.to_owned(), identity("b1")]),
+        ("evil second", vec![identity("b1"), evil.to_owned()]),
+        ("two mesh identities", vec![identity("b2"), identity("b1")]),
+        (
+            "a URL and b1",
+            vec!["https://b1.example".to_owned(), identity("b1")],
+        ),
+    ];
+    for (i, (case, sans)) in cases.iter().enumerate() {
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+        let (cert, key) = multi_san(&bed, &ca, &sans, &format!("multi-{i}"));
+        let r = connect(&cert, &key);
+        assert!(
+            r.get("status").is_none_or(serde_json::Value::is_null),
+            "{case}: refused at the TLS handshake, not answered: {r}"
+        );
+        daemon
+            .wait_for_records(
+                "HBONE TLS handshake rejected",
+                i + 1,
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+    let reasons: Vec<String> = daemon
+        .records("HBONE TLS handshake rejected")
+        .iter()
+        .map(|r| r["error"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    eprintln!("rejections: {reasons:#?}");
+    for reason in &reasons {
+        // rustls prints its `Other` certificate errors with `Debug`.
+        assert!(reason.contains("SeveralUris"), "{reason}");
+    }
+    assert_eq!(
+        tls_handshake_errors(&bed),
+        before + cases.len() as u64,
+        "counted"
+    );
+    let inbound = daemon.captured("inbound");
+    assert_eq!(
+        inbound.len(),
+        1,
+        "only the allowed b2 reached the application: {inbound:?}"
+    );
+}

@@ -10,7 +10,13 @@ use anyhow::bail;
 use crate::util::{Step, run_checked, workspace_root};
 
 /// The targets (`mesh-node/fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: &[&str] = &["config_yaml", "policy", "hbone_request", "peer_certificate"];
+pub const TARGETS: &[&str] = &[
+    "config_yaml",
+    "policy",
+    "hbone_request",
+    "peer_certificate",
+    "admin_query",
+];
 
 pub fn run(seconds: u64) -> anyhow::Result<()> {
     let dir = workspace_root().join("mesh-node/fuzz");

@@ -46,6 +46,18 @@ pub enum CaError {
     },
     #[error("{path}: not a PEM certificate: {reason}")]
     Pem { path: PathBuf, reason: String },
+    #[error("{path}: not a PEM private key: {source}")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the CA key {key} does not belong to the CA certificate {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("the CA returned a certificate for {got} where {requested} was requested")]
+    WrongIdentity { requested: String, got: String },
+    #[error("the CA returned a certificate that is not a workload certificate")]
+    NotSvid(#[source] super::SvidError),
     #[error("the CA is unavailable: {reason}")]
     Unavailable { reason: String },
 }
@@ -120,7 +132,9 @@ impl LocalCa {
         Ok((cert_path, key_path))
     }
 
-    /// Loads a CA from its certificate and key PEM files.
+    /// Loads a CA from its certificate and key PEM files. The key must be the one of the
+    /// certificate: with another key, every certificate the daemon issued would fail to verify
+    /// at its peers while the daemon reported ready.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
         let read = |path: &Path| {
             fs::read_to_string(path).map_err(|source| CaError::Read {
@@ -129,12 +143,27 @@ impl LocalCa {
             })
         };
         let cert_pem = read(cert_path)?;
-        let key = KeyPair::from_pem(&read(key_path)?).map_err(cert_err("parsing the CA key"))?;
+        let key = KeyPair::from_pem(&read(key_path)?).map_err(|source| CaError::Key {
+            path: key_path.to_owned(),
+            source,
+        })?;
         let root =
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Pem {
                 path: cert_path.to_owned(),
                 reason: e.to_string(),
             })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&root).map_err(|e| CaError::Pem {
+            path: cert_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        // The subject public key (the BIT STRING of the SubjectPublicKeyInfo) against the
+        // key's public half, in the same raw form.
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::KeyMismatch {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            });
+        }
         let issuer =
             Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_err("loading the CA"))?;
         Ok(Self { issuer, root })

@@ -284,6 +284,15 @@ impl Inner {
         let leaf = chain.first().ok_or_else(|| CaError::Unavailable {
             reason: "the CA returned an empty chain".to_owned(),
         })?;
+        // The CA decides what it signs: serve only a leaf that names exactly the identity asked
+        // for, read as the peers' verifiers will read it.
+        let got = super::svid_identity(leaf).map_err(CaError::NotSvid)?;
+        if got != *identity {
+            return Err(CaError::WrongIdentity {
+                requested: identity.to_string(),
+                got: got.to_string(),
+            });
+        }
         let (not_before, not_after) = validity(leaf)?;
         let signing_key = self
             .provider

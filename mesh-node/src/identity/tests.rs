@@ -154,3 +154,93 @@ fn parses_and_prints_spiffe_ids() {
         assert!(bad.parse::<Identity>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_ca_key_that_is_not_the_certificates_key_is_refused_naming_both_files() {
+    let (a, b) = (tempdir::Dir::new(), tempdir::Dir::new());
+    let (cert, _) = LocalCa::init(a.path(), "test.local").expect("init a");
+    let (_, other_key) = LocalCa::init(b.path(), "test.local").expect("init b");
+    let Err(err) = LocalCa::load(&cert, &other_key) else {
+        panic!("a mismatched key must not load");
+    };
+    assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&*cert.to_string_lossy())
+            && message.contains(&*other_key.to_string_lossy()),
+        "{message}"
+    );
+}
+
+/// A CA that signs a certificate for another identity than the one asked for.
+struct LyingCa {
+    ca: LocalCa,
+    instead: Identity,
+    requests: AtomicUsize,
+}
+
+impl CertSource for LyingCa {
+    fn sign<'a>(
+        &'a self,
+        _identity: &'a Identity,
+        csr: &'a CertificateSigningRequestDer<'static>,
+        lifetime: Duration,
+    ) -> BoxFuture<'a, Result<Vec<CertificateDer<'static>>, CaError>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.ca.sign(&self.instead, csr, lifetime)
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.ca.roots()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_for_another_identity_is_never_served() {
+    let dir = tempdir::Dir::new();
+    let (cert, key) = LocalCa::init(dir.path(), "test.local").expect("init");
+    let lying = Arc::new(LyingCa {
+        ca: LocalCa::load(&cert, &key).expect("load"),
+        instead: Identity::new("test.local", "ns", "admin"),
+        requests: AtomicUsize::new(0),
+    });
+    let certs = CertManager::new(
+        Arc::clone(&lying) as Arc<dyn CertSource>,
+        Duration::from_mins(1),
+        crate::tls::provider(),
+    );
+    let id = Identity::new("test.local", "ns", "web");
+    certs.acquire(&id);
+    let got = certs.get(&id).await;
+    assert!(got.is_err(), "served a certificate of another identity");
+    assert!(certs.current(&id).is_none());
+    assert!(
+        lying.requests.load(Ordering::SeqCst) >= 2,
+        "asked, refused, asked again"
+    );
+}
+
+#[test]
+fn spiffe_ids_follow_the_spiffe_character_rules() {
+    for bad in [
+        "spiffe://Cluster.local/ns/a/sa/b",
+        "spiffe://cluster.local:8080/ns/a/sa/b",
+        "spiffe://cluster.local/ns/a%2Fb/sa/c",
+        "spiffe://cluster.local/ns/./sa/b",
+        "spiffe://cluster.local/ns/a/sa/..",
+        "spiffe://cluster.local/ns/a/sa/b?x",
+        "spiffe://cluster.local/ns/a/sa/b#f",
+        "spiffe://cluster.local/ns/a b/sa/c",
+        "SPIFFE://cluster.local/ns/a/sa/b",
+    ] {
+        assert!(bad.parse::<Identity>().is_err(), "{bad}");
+    }
+    let long = format!("spiffe://cluster.local/ns/{}/sa/b", "a".repeat(2048));
+    assert!(long.parse::<Identity>().is_err(), "longer than 2048 bytes");
+    for good in [
+        "spiffe://cluster.local/ns/kube-system/sa/coredns",
+        "spiffe://td_1.example-2/ns/A.b_c/sa/x-Y.z",
+    ] {
+        assert_eq!(good.parse::<Identity>().expect(good).to_string(), good);
+    }
+}

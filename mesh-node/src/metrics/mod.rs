@@ -114,9 +114,17 @@ pub struct Metrics {
     pub open_hbone: Family<HboneLabels, Gauge>,
     /// The file descriptor budget (see `proxy::limits`).
     pub descriptors: Family<DescriptorLabels, Gauge>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
     /// Istio label sets (and their counters) already built, shared by connections between the
     /// same workloads (`conn.rs`).
     label_sets: conn::LabelSets,
+}
+
+/// What became of a change of the configuration file.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `rejected` (the last good state stays).
+    pub result: &'static str,
 }
 
 /// Why a connection was refused or cut short by the daemon.
@@ -170,6 +178,7 @@ impl Metrics {
             kernel_repairs: Family::default(),
             open_hbone: Family::default(),
             descriptors: Family::default(),
+            config_reloads: Family::default(),
             label_sets: conn::LabelSets::default(),
             registry: Registry::default(),
         };
@@ -251,6 +260,12 @@ impl Metrics {
             "The file descriptor budget: the limit, the reserve for the node's endpoints, the \
              descriptors not used by connections, and those charged to connections",
             metrics.descriptors.clone(),
+        );
+        registry.register(
+            "mesh_config_reloads",
+            "Changes of the configuration file read by the daemon, by result: applied, or \
+             rejected (empty, cut short, invalid; the last good state stays)",
+            metrics.config_reloads.clone(),
         );
         registry.register_collector(Box::new(collector));
         Arc::new(Self {

@@ -103,12 +103,27 @@ pub fn validate_workloads(workloads: &[Workload]) -> Result<(), (String, String)
         if w.ips.is_empty() {
             return Err((field("ips"), "needs at least one address".to_owned()));
         }
+        // The namespace and service account are the path of the workload's SPIFFE id.
+        for (name, value) in [
+            ("namespace", &w.namespace),
+            ("serviceAccount", &w.service_account),
+        ] {
+            if !crate::identity::valid_segment(value) {
+                return Err((
+                    field(name),
+                    "must be a SPIFFE path segment: letters, digits, `.`, `-`, `_`".to_owned(),
+                ));
+            }
+        }
         if !uids.insert(w.uid()) {
             return Err((field("name"), format!("{} is listed twice", w.uid())));
         }
-        for ip in &w.ips {
+        for (j, ip) in w.ips.iter().enumerate() {
             if let Some(other) = ips.insert(*ip, w.uid()) {
-                return Err((field("ips"), format!("{ip} is also used by {other}")));
+                return Err((
+                    field(&format!("ips[{j}]")),
+                    format!("{ip} is also used by {other}"),
+                ));
             }
         }
         if w.netns.as_ref().is_some_and(|p| !p.is_absolute()) {

@@ -121,12 +121,12 @@ pub fn validate_services(services: &[Service]) -> Result<(), (String, String)> {
                 return Err((field(&format!("ports[{j}]")), "0 is not a port".to_owned()));
             }
         }
-        for addr in &s.addresses {
+        for (k, addr) in s.addresses.iter().enumerate() {
             for p in &s.ports {
                 let key = SocketAddr::new(*addr, p.port);
                 if let Some(other) = seen.insert(key, format!("{}/{}", s.namespace, s.name)) {
                     return Err((
-                        field("addresses"),
+                        field(&format!("addresses[{k}]")),
                         format!("{key} is also served by {other}"),
                     ));
                 }
@@ -426,7 +426,7 @@ mod tests {
             service("{name: b, addresses: [198.19.0.1], ports: [{port: 80}]}"),
         ];
         let (field, reason) = validate_services(&dup).unwrap_err();
-        assert_eq!(field, "services[1].addresses");
+        assert_eq!(field, "services[1].addresses[0]");
         assert!(reason.contains("default/a"), "{reason}");
         let no_port = [service("{name: a, addresses: [198.19.0.1], ports: []}")];
         assert_eq!(

@@ -1,5 +1,7 @@
 //! Certificate verification for both ends: a webpki chain check against the mesh roots, then a
-//! SPIFFE identity check (trust domain for clients, exact identity for servers).
+//! SPIFFE identity check (trust domain for clients, exact identity for servers) on the one
+//! identity of the leaf ([`svid_identity`]: exactly one URI SAN), which is also the identity
+//! [`peer_identity`] hands to the authorizer.
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use rustls::{
 };
 
 use super::TlsError;
-use crate::identity::Identity;
+use crate::identity::{Identity, svid_identity};
 
 /// What the peer's identity must satisfy.
 #[derive(Debug)]
@@ -89,21 +91,25 @@ impl PeerVerifier {
             None,
         )
         .map_err(pki_error)?;
-        let ids = uri_sans(end_entity)?;
+        let id = svid_identity(end_entity).map_err(|e| {
+            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })?;
         let ok = match &self.expect {
-            Expect::TrustDomain(td) => ids.iter().any(|id| id.trust_domain == *td),
-            Expect::Exactly(expected) => ids.contains(expected),
+            Expect::TrustDomain(td) => id.trust_domain == *td,
+            Expect::Exactly(expected) => id == *expected,
         };
         if ok {
             Ok(())
         } else {
-            let shown: Vec<String> = ids.iter().map(ToString::to_string).collect();
             let wanted = match &self.expect {
                 Expect::TrustDomain(td) => format!("an identity in trust domain {td}"),
                 Expect::Exactly(id) => id.to_string(),
             };
             Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(WrongIdentity { shown, wanted })),
+                OtherError(Arc::new(WrongIdentity {
+                    shown: id.to_string(),
+                    wanted,
+                })),
             )))
         }
     }
@@ -148,9 +154,9 @@ impl PeerVerifier {
 
 /// The peer presented a valid chain for the wrong identity.
 #[derive(Debug, thiserror::Error)]
-#[error("peer identity {shown:?} is not {wanted}")]
+#[error("peer identity {shown} is not {wanted}")]
 pub struct WrongIdentity {
-    pub shown: Vec<String>,
+    pub shown: String,
     pub wanted: String,
 }
 
@@ -166,28 +172,11 @@ fn pki_error(error: webpki::Error) -> Error {
     Error::InvalidCertificate(cert_error)
 }
 
-/// The SPIFFE ids among a certificate's URI SANs.
-fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Error> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Ok(Vec::new());
-    };
-    Ok(san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
-            _ => None,
-        })
-        .collect())
-}
-
-/// The SPIFFE identity of a verified peer (the first SPIFFE URI SAN of its leaf).
+/// The SPIFFE identity of a verified peer: the one URI SAN of its leaf, as the verifier read it
+/// (`None` for a chain that has no leaf or does not name exactly one workload).
 #[must_use]
 pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<Identity> {
-    uri_sans(chain.first()?).ok()?.into_iter().next()
+    svid_identity(chain.first()?).ok()
 }
 
 impl ClientCertVerifier for PeerVerifier {
@@ -274,3 +263,6 @@ impl ServerCertVerifier for PeerVerifier {
         self.schemes()
     }
 }
+
+#[cfg(test)]
+mod tests;
