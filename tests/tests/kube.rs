@@ -350,9 +350,11 @@ fn policies_and_outage(fx: &mut Fixture) {
                  "rulez": [{"from": [{"source": {"namespaces": ["elsewhere"]}}]}]}
     }))
     .unwrap();
-    wait_until("an unreadable ALLOW fails closed", Duration::from_secs(10), || {
-        !connects(bed, "a1", &b1_addr(bed))
-    });
+    wait_until(
+        "an unreadable ALLOW fails closed",
+        Duration::from_secs(10),
+        || !connects(bed, "a1", &b1_addr(bed)),
+    );
     api.delete("AuthorizationPolicy", NS, "allow-typo").unwrap();
     wait_until("unreadable policy removed", Duration::from_secs(10), || {
         connects(bed, "a1", &b1_addr(bed))

@@ -7,7 +7,7 @@ mod manager;
 use std::{fmt, str::FromStr};
 
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError, CertSource, LocalCa};
-pub use manager::{CertManager, CertState, WorkloadCert};
+pub use manager::{CertError, CertManager, CertState, WorkloadCert};
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
