@@ -18,8 +18,8 @@ use std::{
 use h2::Reason;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The metrics label of a failed server TLS handshake: what was wrong with the client's
-/// certificate, or `tls_handshake` for anything else (not TLS, a protocol error).
+/// The metrics label of a failed TLS handshake: what was wrong with the peer's certificate, or
+/// `tls_handshake` for anything else (not TLS, a protocol error).
 #[must_use]
 pub fn tls_error(e: &io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};

@@ -14,6 +14,7 @@ mod server;
 
 use std::{sync::Arc, time::Duration};
 
+pub use abuse::tls_error as tls_failure;
 pub use liveness::{Dead, Liveness, keepalive};
 pub use pipe::pipe;
 pub use pool::{BoxFuture, Dialer, HboneError, Pool, PoolKey, Stream};

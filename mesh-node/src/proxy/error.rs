@@ -108,7 +108,8 @@ impl Error {
             Error::TlsConfig(_) => "tls_config",
             Error::Hbone(e) => match e {
                 HboneError::Connect { .. } => "hbone_connect",
-                HboneError::Tls { .. } => "hbone_tls",
+                // What was wrong with the server's certificate, as for clients on 15008.
+                HboneError::Tls { source, .. } => crate::hbone::tls_failure(source),
                 HboneError::TlsTimeout { .. } => "hbone_tls_timeout",
                 HboneError::H2 { .. } => "hbone_http2",
                 HboneError::Status { status, .. } => match *status {

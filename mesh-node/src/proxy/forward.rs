@@ -90,10 +90,10 @@ pub async fn copy_recorded(
     match result {
         Ok(()) => record.close("completed"),
         Err(e) => {
-            if e.kind() == io::ErrorKind::ConnectionAborted {
-                let _ = client.set_zero_linger();
-                let _ = upstream.set_zero_linger();
-            }
+            // A reset on one side (or a revocation) resets the other: closed with a RST, not
+            // a FIN the application would take for a clean end.
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
             record.close(&e.to_string());
         }
     }

@@ -242,6 +242,12 @@ impl Proxy {
         self.limits.proxied()
     }
 
+    /// The certificates of this node's workloads.
+    #[must_use]
+    pub fn certs(&self) -> &CertManager {
+        &self.mesh.certs
+    }
+
     /// The metrics registry.
     #[must_use]
     pub fn metrics(&self) -> &Arc<Metrics> {

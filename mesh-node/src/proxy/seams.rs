@@ -38,18 +38,25 @@ pub trait OriginalDst: Send + Sync {
     }
 }
 
-/// Sockets in the daemon's own network namespace, unmarked.
+/// Sockets in the daemon's own network namespace, unmarked, bound to `source` when it is set
+/// (a pod's address: its connections come from there, as they would from its netns).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PlainSockets;
+pub struct PlainSockets {
+    pub source: Option<std::net::IpAddr>,
+}
 
 impl SocketFactory for PlainSockets {
     fn tcp_socket(&self, v6: bool) -> BoxFuture<'_, io::Result<TcpSocket>> {
         Box::pin(async move {
-            if v6 {
-                TcpSocket::new_v6()
+            let socket = if v6 {
+                TcpSocket::new_v6()?
             } else {
-                TcpSocket::new_v4()
+                TcpSocket::new_v4()?
+            };
+            if let Some(ip) = self.source.filter(|ip| ip.is_ipv6() == v6) {
+                socket.bind(SocketAddr::new(ip, 0))?;
             }
+            Ok(socket)
         })
     }
 }

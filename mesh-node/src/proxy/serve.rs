@@ -123,15 +123,30 @@ impl Proxy {
             let listener = Arc::new(tokio_listener(listener)?);
             let acceptor = TlsAcceptor::from(Arc::clone(&server));
             let (handler, settings) = (Arc::clone(&handler), Arc::clone(&settings));
+            let this = Arc::clone(self);
+            let identity = identity.clone();
             serving.tasks.push(tokio::spawn(self.accept_loop(
                 listener,
                 Unit::HboneConnection,
                 Arc::clone(&ctx),
                 move |tcp, peer, active| {
                     let (acceptor, handler) = (acceptor.clone(), Arc::clone(&handler));
-                    let settings = Arc::clone(&settings);
+                    let (settings, this) = (Arc::clone(&settings), Arc::clone(&this));
+                    let identity = identity.clone();
                     tokio::spawn(async move {
-                        hbone::serve_connection(acceptor, tcp, peer, &settings, handler).await;
+                        // The pod's first certificate may still be on its way from the CA (a
+                        // peer can connect as soon as the listener is bound): the handshake
+                        // waits for it, within its deadline, rather than fail.
+                        let certificate = this.mesh.certs.get(&identity);
+                        match tokio::time::timeout(settings.handshake_timeout, certificate).await {
+                            Ok(Ok(_)) => {
+                                hbone::serve_connection(acceptor, tcp, peer, &settings, handler)
+                                    .await;
+                            }
+                            _ => {
+                                this.metrics.error("hbone", "no_certificate");
+                            }
+                        }
                         drop(active);
                     });
                 },
