@@ -150,13 +150,13 @@ pub async fn run(
     let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log)?;
     let proxy = Arc::new(Proxy::new(
         proxy_options(&config, &metrics),
-        orig_dst,
         MeshTls::new(config.identity.trust_domain.clone(), certs, provider),
     ));
     let mut inpod = InPod::new(
         config.node.clone(),
         programs,
         succession,
+        Arc::new(orig_dst),
         Arc::clone(&proxy),
         config.redirect.mark,
         PodPorts {
@@ -331,7 +331,6 @@ fn proxy_options(config: &Config, metrics: &Arc<Metrics>) -> ProxyOptions {
     ProxyOptions {
         metrics: Arc::clone(metrics),
         node: config.node.clone(),
-        mark: config.redirect.mark,
         handshake_timeout: Duration::from_millis(proxy.handshake_timeout_ms),
         max_connections: MaxConnections {
             total: proxy.max_connections,

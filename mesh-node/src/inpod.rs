@@ -9,8 +9,11 @@ use std::{collections::HashMap, sync::Arc};
 use tracing::{info, warn};
 
 use crate::{
-    proxy::{PodServing, Proxy},
-    redirect::{self, Attachment, NetnsWorker, PodKernelState, PodPorts, Programs, Succession},
+    proxy::{PodListeners, PodServing, Proxy},
+    redirect::{
+        self, Attachment, MarkedSockets, NetnsWorker, OrigDstTable, PodKernelState, PodOrigDst,
+        PodPorts, Programs, Succession,
+    },
     state::Workload,
 };
 
@@ -27,6 +30,9 @@ pub struct InPod {
     node: String,
     programs: Programs,
     succession: Succession,
+    /// The kernel's original destinations of captured connections (each pod's view of it is
+    /// the proxy's `OriginalDst`).
+    orig_dst: Arc<OrigDstTable>,
     proxy: Arc<Proxy>,
     mark: u32,
     ports: PodPorts,
@@ -52,6 +58,7 @@ impl InPod {
         node: String,
         programs: Programs,
         succession: Succession,
+        orig_dst: Arc<OrigDstTable>,
         proxy: Arc<Proxy>,
         mark: u32,
         ports: PodPorts,
@@ -60,6 +67,7 @@ impl InPod {
             node,
             programs,
             succession,
+            orig_dst,
             proxy,
             mark,
             ports,
@@ -169,7 +177,21 @@ impl InPod {
             Err(e) => return fail(&mut self.failed, "enrollment", &crate::error_chain(&e)),
         };
         let (state, worker) = (pod.state.clone(), Arc::clone(&pod.worker));
-        let serving = match self.proxy.serve(pod) {
+        let listeners = PodListeners {
+            workload: Arc::clone(&workload),
+            sockets: Arc::new(MarkedSockets {
+                worker: Arc::clone(&pod.worker),
+                mark: self.mark,
+            }),
+            orig_dst: Arc::new(PodOrigDst {
+                table: Arc::clone(&self.orig_dst),
+                cookie: state.cookie,
+            }),
+            outbound: pod.outbound,
+            inbound: pod.inbound,
+            hbone: pod.hbone,
+        };
+        let serving = match self.proxy.serve(listeners) {
             Ok(serving) => serving,
             Err(e) => {
                 return fail(

@@ -5,7 +5,10 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use mesh_node::{
     identity::{CA_CERT_FILE, CA_KEY_FILE, CertManager, LocalCa},
-    metrics::{ConnRecord, DecisionLabels, Endpoint, Metrics, NodeCollector, RoleLabels, Security},
+    metrics::{
+        ConnRecord, DecisionLabels, Direction, Endpoint, Metrics, NodeCollector, Path, RoleLabels,
+        Security,
+    },
     tls,
 };
 
@@ -22,8 +25,7 @@ fn metrics(test: &str) -> (Arc<Metrics>, std::path::PathBuf) {
     // Families appear in the exposition once they have a sample: record one of everything.
     let record = ConnRecord::open(
         &metrics,
-        "outbound",
-        "hbone",
+        (Direction::Outbound, Path::Hbone),
         Endpoint::default(),
         Endpoint::default(),
         Security::MutualTls,

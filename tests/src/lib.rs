@@ -3,7 +3,7 @@
 //!
 //! A [`Testbed`] is a declarative topology of *nodes* and *pods* built on one machine from
 //! network namespaces, veth pairs and cgroup v2 directories, torn down on drop (including
-//! during a panic). See `docs/testing.md`.
+//! during a panic). See `docs/development.md`, "The netns testbed".
 
 #[cfg(feature = "apiserver")]
 pub mod apiserver;

@@ -106,6 +106,19 @@ pub fn run() -> anyhow::Result<()> {
     ok &= passed;
     step.done();
 
+    let step = Step::start("the rootless tier (the data path on loopback) as an unprivileged user");
+    match rootless_tier() {
+        Ok((passed, lines)) => {
+            tally.add(&lines, false);
+            ok &= passed;
+        }
+        Err(e) => {
+            println!("the rootless tier could not run unprivileged: {e:#}");
+            ok = false;
+        }
+    }
+    step.done();
+
     let step = Step::start(
         "namespaced tests (network namespaces, cgroups, real eBPF) and deploy/'s manifests",
     );
@@ -159,6 +172,53 @@ pub fn run() -> anyhow::Result<()> {
         bail!("no namespaced test ran");
     }
     Ok(())
+}
+
+/// The user the rootless tier runs as (`nobody`).
+const UNPRIVILEGED: &str = "65534";
+
+/// Runs mesh-node's rootless test binary (`tests/direct.rs`, built by the previous step) as an
+/// unprivileged user, to show that the data path it covers needs no privilege.
+fn rootless_tier() -> anyhow::Result<(bool, Vec<String>)> {
+    let output = cargo(&[
+        "test",
+        "--release",
+        "--package",
+        "mesh-node",
+        "--test",
+        "direct",
+        "--no-run",
+        "--message-format=json",
+    ])
+    .stderr(std::process::Stdio::inherit())
+    .output()?;
+    let binary = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "direct")
+        .find_map(|m| m["executable"].as_str().map(str::to_owned));
+    let Some(binary) = binary else {
+        bail!("cargo did not name the rootless test binary");
+    };
+    // The header line the tally reads, then the run.
+    let mut lines = vec![format!(
+        "     Running tests/direct.rs ({binary}) as uid {UNPRIVILEGED}"
+    )];
+    let (passed, run) = run_streaming(
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                UNPRIVILEGED,
+                "--regid",
+                UNPRIVILEGED,
+                "--clear-groups",
+                "--",
+                &binary,
+            ])
+            .env_remove(ALLOW_SKIP_ENV),
+    )?;
+    lines.extend(run);
+    Ok((passed, lines))
 }
 
 #[cfg(test)]

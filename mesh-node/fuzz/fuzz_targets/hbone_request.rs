@@ -10,7 +10,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let method = http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::CONNECT);
     let ips = ["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
     if let Ok(dst) =
-        mesh_node::hbone::check_connect(&method, Some(authority), &ips, &[15001, 15006, 15008])
+        mesh_node::proxy::check_connect(&method, Some(authority), &ips, &[15001, 15006, 15008])
     {
         assert!(ips.contains(&dst.ip()));
         assert!(![15001, 15006, 15008].contains(&dst.port()));

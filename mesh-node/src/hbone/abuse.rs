@@ -1,6 +1,6 @@
 //! What a hostile or broken HBONE peer did, named for `mesh_connection_errors_total{reason}`:
-//! the HTTP/2 connection errors h2 answers with GOAWAY (rapid reset, CONTINUATION flood,
-//! oversized headers, other protocol errors), and the requests answered with 400.
+//! the TLS handshakes it failed, and the HTTP/2 connection errors h2 answers with GOAWAY (rapid
+//! reset, CONTINUATION flood, oversized headers, other protocol errors).
 //!
 //! h2 names the limit a peer broke only in the debug data of the GOAWAY it sends
 //! (`too_many_resets`, `too_many_continuations`, `header_list_way_too_large`, ...): the error
@@ -18,34 +18,8 @@ use std::{
 use h2::Reason;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Why a CONNECT request was answered with 400.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BadConnect {
-    #[error("not a CONNECT")]
-    NotConnect,
-    #[error("authority is not ip:port")]
-    BadAuthority,
-    #[error("authority IP is not this workload")]
-    NotThisWorkload,
-    #[error("reserved port")]
-    ReservedPort,
-}
-
-impl BadConnect {
-    /// The metrics label.
-    #[must_use]
-    pub fn reason(self) -> &'static str {
-        match self {
-            BadConnect::NotConnect => "bad_request_method",
-            BadConnect::BadAuthority => "bad_request_authority",
-            BadConnect::NotThisWorkload => "bad_request_workload",
-            BadConnect::ReservedPort => "reserved_port",
-        }
-    }
-}
-
-/// The metrics label of a failed server TLS handshake: what was wrong with the client's
-/// certificate, or `tls_handshake` for anything else (not TLS, a protocol error).
+/// The metrics label of a failed TLS handshake: what was wrong with the peer's certificate, or
+/// `tls_handshake` for anything else (not TLS, a protocol error).
 #[must_use]
 pub fn tls_error(e: &io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};

@@ -1,6 +1,10 @@
-//! HBONE: one HTTP/2 `CONNECT` stream per application connection, inside mutual TLS to the
-//! destination pod's port 15008. Wire facts (settings, status codes) follow Istio ztunnel so
-//! that the two interoperate in both directions.
+//! HBONE, the transport: one HTTP/2 `CONNECT` stream per application connection, inside
+//! mutual TLS to the destination pod's port 15008. Wire facts (settings, status codes) follow
+//! Istio ztunnel so that the two interoperate in both directions.
+//!
+//! Transport only: the server hands each stream to a [`Handler`] and the pool dials through a
+//! [`Dialer`], both given by the proxy, which decides what a connection is for. Nothing here
+//! knows policy, workloads or the kernel.
 
 mod abuse;
 mod liveness;
@@ -10,11 +14,13 @@ mod server;
 
 use std::{sync::Arc, time::Duration};
 
-pub use abuse::BadConnect;
+pub use abuse::tls_error as tls_failure;
 pub use liveness::{Dead, Liveness, keepalive};
 pub use pipe::pipe;
-pub use pool::{HboneError, Pool, PoolKey, Stream};
-pub use server::{InboundTarget, check_connect, serve_connection};
+pub use pool::{BoxFuture, Dialer, HboneError, Pool, PoolKey, Stream};
+pub use server::{
+    Handler, Incoming, ServerError, ServerSettings, StreamSlot, Tunnel, serve_connection,
+};
 
 use crate::metrics::{HboneLabels, Metrics};
 

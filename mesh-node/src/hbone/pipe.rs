@@ -2,19 +2,13 @@
 //! `END_STREAM` and the other way round (half-close), a reset becomes `RST_STREAM` and the other way
 //! round, and the HTTP/2 receive window is released as bytes are written out.
 
-use std::{io, os::fd::AsRawFd as _};
+use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
+use tokio::net::TcpStream;
 
 use crate::metrics::ByteCount;
-use tokio::{
-    io::AsyncWriteExt as _,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-};
 
 /// Largest read buffer for the TCP → HTTP/2 direction.
 const CHUNK: usize = 256 * 1024;
@@ -24,13 +18,15 @@ const FIRST_CHUNK: usize = 16 * 1024;
 const MIN_READ: usize = 4 * 1024;
 
 /// Pipes `tcp` and an HTTP/2 stream until both directions are done. Returns (bytes from TCP to
-/// the stream, bytes from the stream to TCP). A reset on either side ends both directions at
-/// once (dropping the other half closes the socket, with a RST if the peer reset).
+/// the stream, bytes from the stream to TCP).
 ///
 /// Bytes are added to `from_tcp` and `from_h2` as they are copied.
 ///
-/// When `revoked` fires (a policy change took the connection's authorization away), both sides
-/// are reset: the application's connection with a TCP RST, the stream with `RST_STREAM`.
+/// A reset on either side ends both directions at once and resets the other side: a reset
+/// stream (or a failed write to it) resets the application's connection with a TCP RST, and
+/// nothing else (no FIN first: the application must not take it for a clean end); a reset
+/// application connection resets the stream (`RST_STREAM`). When `revoked` fires (a policy
+/// change took the connection's authorization away), both sides are reset the same way.
 pub async fn pipe(
     tcp: TcpStream,
     send: SendStream<Bytes>,
@@ -39,37 +35,50 @@ pub async fn pipe(
     (from_tcp, from_h2): (&ByteCount, &ByteCount),
 ) -> io::Result<(u64, u64)> {
     let _ = tcp.set_nodelay(true);
-    let fd = tcp.as_raw_fd();
-    let (read, write) = tcp.into_split();
-    let up = tcp_to_h2(read, send, from_tcp);
-    let down = h2_to_tcp(recv, write, from_h2);
-    tokio::pin!(up, down);
-    let revoked = async {
-        match revoked {
-            Some(notify) => notify.notified().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(revoked);
-    let (mut up_done, mut down_done) = (None, None);
-    while up_done.is_none() || down_done.is_none() {
-        tokio::select! {
-            r = &mut up, if up_done.is_none() => up_done = Some(r?),
-            r = &mut down, if down_done.is_none() => down_done = Some(r?),
-            () = &mut revoked => {
-                // SAFETY: the socket is owned by `up`/`down`, both alive until we return.
-                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
-                // Dropping the stream handles (on return) sends RST_STREAM(CANCEL).
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "revoked by a policy change"));
+    let result = {
+        // Both directions borrow the socket: nothing closes or half-closes it behind our
+        // back (owned halves shut the write side down when dropped).
+        let up = tcp_to_h2(&tcp, send, from_tcp);
+        let down = h2_to_tcp(recv, &tcp, from_h2);
+        tokio::pin!(up, down);
+        let revoked = async {
+            match revoked {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(revoked);
+        let (mut up_done, mut down_done) = (None, None);
+        // Dropping the stream handles (on return) sends RST_STREAM(CANCEL).
+        loop {
+            if let (Some(up), Some(down)) = (up_done, down_done) {
+                break Ok((up, down));
+            }
+            tokio::select! {
+                r = &mut up, if up_done.is_none() => match r {
+                    Ok(n) => up_done = Some(n),
+                    Err(e) => break Err(e),
+                },
+                r = &mut down, if down_done.is_none() => match r {
+                    Ok(n) => down_done = Some(n),
+                    Err(e) => break Err(e),
+                },
+                () = &mut revoked => break Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "revoked by a policy change",
+                )),
             }
         }
+    };
+    if result.is_err() {
+        // Closed with a RST, not a FIN.
+        let _ = tcp.set_zero_linger();
     }
-    Ok((up_done.unwrap_or(0), down_done.unwrap_or(0)))
+    result
 }
 
 async fn tcp_to_h2(
-    read: OwnedReadHalf,
+    read: &TcpStream,
     mut send: SendStream<Bytes>,
     count: &ByteCount,
 ) -> io::Result<u64> {
@@ -124,32 +133,39 @@ async fn tcp_to_h2(
     }
 }
 
-async fn h2_to_tcp(
-    mut recv: RecvStream,
-    mut write: OwnedWriteHalf,
-    count: &ByteCount,
-) -> io::Result<u64> {
+async fn h2_to_tcp(mut recv: RecvStream, write: &TcpStream, count: &ByteCount) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         match recv.data().await {
             Some(Ok(data)) => {
                 let n = data.len();
-                write.write_all(&data).await?;
+                write_all(write, &data).await?;
                 total += n as u64;
                 count.add(n as u64);
                 let _ = recv.flow_control().release_capacity(n);
             }
-            Some(Err(e)) => {
-                // The peer reset the stream: reset the application's connection.
-                let _ = write.as_ref().set_zero_linger();
-                return Err(h2_io(e));
-            }
+            // The peer reset the stream: `pipe` resets the application's connection.
+            Some(Err(e)) => return Err(h2_io(e)),
             None => {
-                write.shutdown().await?;
+                // Half-close: the application may keep sending.
+                socket2::SockRef::from(write).shutdown(std::net::Shutdown::Write)?;
                 return Ok(total);
             }
         }
     }
+}
+
+/// Writes all of `data` to the socket.
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn h2_io(e: h2::Error) -> io::Error {

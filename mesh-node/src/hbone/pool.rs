@@ -3,6 +3,9 @@
 //! a pooled connection with fewer than 100 open streams, or dials a new one. Each connection
 //! sends a PING every 10 s and is dropped when a PONG takes longer than 20 s (`Liveness`); a
 //! connection without streams for 5 minutes is closed.
+//!
+//! The pool does not open sockets itself: it dials through the [`Dialer`] it is given (the
+//! proxy's, which opens them inside the source pod's network namespace).
 
 use std::{
     collections::HashMap,
@@ -25,7 +28,16 @@ use super::{
     CLIENT_MAX_STREAMS, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, Liveness,
     MAX_FRAME_SIZE, OpenGauge, STREAM_WINDOW, keepalive,
 };
-use crate::{identity::Identity, redirect::NetnsWorker};
+use crate::identity::Identity;
+
+/// A boxed future, so that [`Dialer`] stays object-safe.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Opens the TCP connections under pooled HBONE connections.
+pub trait Dialer: Send + Sync {
+    /// A TCP connection to `address` (time-limited by the dialer).
+    fn dial(&self, address: SocketAddr) -> BoxFuture<'_, std::io::Result<tokio::net::TcpStream>>;
+}
 
 /// Which pooled connections a request may share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -132,20 +144,19 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `authority` through a pooled connection for `key`, dialling
-    /// one from the source pod's netns (`worker`, sockets marked `mark`) when needed.
+    /// one through `dialer` when needed.
     pub async fn connect(
         &self,
         key: &PoolKey,
         authority: SocketAddr,
-        worker: &NetnsWorker,
-        mark: u32,
+        dialer: &dyn Dialer,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Stream, HboneError> {
         // A pooled connection the peer is shutting down (GOAWAY, e.g. its daemon is being
         // upgraded) refuses new streams: retire it and try once more on a fresh one.
         let mut retried = false;
         loop {
-            let pooled = self.pooled(key, worker, mark, tls).await?;
+            let pooled = self.pooled(key, dialer, tls).await?;
             let guard = StreamGuard(pooled.streams);
             match request(pooled.send, authority, key.address).await {
                 Ok((send, recv)) => {
@@ -175,8 +186,7 @@ impl Pool {
     async fn pooled(
         &self,
         key: &PoolKey,
-        worker: &NetnsWorker,
-        mark: u32,
+        dialer: &dyn Dialer,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Pooled, HboneError> {
         if let Some(found) = self.checkout(key) {
@@ -191,7 +201,7 @@ impl Pool {
             Some(found) => Ok(found),
             // Boxed: the dial (TLS and HTTP/2 handshakes) is large and rare; inline it would
             // make every connection's task as large as a handshake.
-            None => Box::pin(self.dial(key, worker, mark, tls)).await,
+            None => Box::pin(self.dial(key, dialer, tls)).await,
         }
     }
 
@@ -215,24 +225,13 @@ impl Pool {
     async fn dial(
         &self,
         key: &PoolKey,
-        worker: &NetnsWorker,
-        mark: u32,
+        dialer: &dyn Dialer,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Pooled, HboneError> {
         let address = key.address;
-        let socket = worker
-            .tcp_socket(address.is_ipv6(), mark)
+        let tcp = dialer
+            .dial(address)
             .await
-            .map_err(|source| HboneError::Connect { address, source })?;
-        self.liveness
-            .apply(&socket)
-            .map_err(|source| HboneError::Connect { address, source })?;
-        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.connect(address))
-            .await
-            .map_err(|_| HboneError::Connect {
-                address,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
             .map_err(|source| HboneError::Connect { address, source })?;
         let _ = tcp.set_nodelay(true);
         let server_name = ServerName::IpAddress(address.ip().into());

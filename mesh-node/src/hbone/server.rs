@@ -1,13 +1,15 @@
-//! The HBONE server on a pod's 15008 listener: TLS (client certificate required), HTTP/2, one
-//! `CONNECT` per stream, each answered only after the target was connected (and authorized):
-//! `200` then raw bytes, `400` bad request or authority, `401` denied by policy (decided before
-//! connecting upstream, so no byte reaches the application), `503` upstream failure.
+//! The HBONE server transport on a pod's 15008 listener: TLS (client certificate required),
+//! HTTP/2, and one [`Incoming`] `CONNECT` stream handed to the [`Handler`] at a time. What a
+//! stream is for (its target, admission, the upstream connection, the status) is the
+//! handler's: the proxy's inbound path. This module only speaks the protocol and bounds it.
 //!
 //! Every stage of a connection is bounded in time: TLS, the HTTP/2 preface and the first PING
 //! round trip share one deadline (`proxy.handshakeTimeoutMs` from the TCP accept); then a PING
 //! goes out every `proxy.pingIntervalMs` and must be answered within `proxy.pingTimeoutMs`; a
-//! connection without a stream for `proxy.hboneIdleTimeoutMs` is closed. Admission (limits) is
-//! the proxy's: the accept loop counts the connection before it gets here.
+//! connection without a stream for `proxy.hboneIdleTimeoutMs` is closed. At most
+//! [`SERVER_MAX_STREAMS`] streams are in progress on a connection, counting those whose
+//! handling outlives their HTTP/2 stream. Every refusal and every end that is not the peer's
+//! own doing is reported to the handler as a [`ServerError`].
 
 use std::{
     net::SocketAddr,
@@ -16,58 +18,176 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{Reason, server::SendResponse};
+use h2::{Reason, RecvStream, SendStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::{
-    BadConnect, CONNECTION_WINDOW, Dead, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, OpenGauge,
-    SERVER_MAX_STREAMS, STREAM_WINDOW, abuse, keepalive, pipe,
+    CONNECTION_WINDOW, Dead, Liveness, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, OpenGauge,
+    SERVER_MAX_STREAMS, STREAM_WINDOW, abuse, keepalive,
 };
-use crate::{
-    identity::Identity,
-    metrics::Metrics,
-    proxy::{Active, PodContext, Proxy, Unit},
-    tls::peer_identity,
-};
+use crate::{identity::Identity, metrics::Metrics, tls::peer_identity};
 
 /// After a GOAWAY of the daemon's own (idle), how long the peer has to read it.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// What a pod's HBONE listener forwards to.
-pub struct InboundTarget {
-    pub pod: Arc<PodContext>,
-    pub proxy: Arc<Proxy>,
-    pub reserved_ports: [u16; 3],
+/// What the server hands each `CONNECT` stream to.
+pub trait Handler: Send + Sync + 'static {
+    /// A new stream from an authenticated peer. Called on the connection's task: anything that
+    /// waits (an upstream connect, the copy) belongs in a task of its own, which holds the
+    /// stream (its slot on the connection) until done.
+    fn stream(self: &Arc<Self>, stream: Incoming);
+
+    /// The transport refused or ended a connection or a stream on its own (for logs and
+    /// metrics). `identity` is the peer's, once TLS told it.
+    fn error(&self, peer: SocketAddr, identity: Option<&Identity>, error: &ServerError);
+}
+
+/// Why the server transport refused or ended a connection (or a stream).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("HBONE TLS handshake rejected")]
+    Tls {
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HBONE TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("HBONE peer without a SPIFFE identity")]
+    NoPeerIdentity,
+    #[error("HTTP/2 handshake failed")]
+    Http2Handshake(#[source] h2::Error),
+    #[error("HTTP/2 handshake timed out (no preface)")]
+    Http2HandshakeTimeout,
+    /// The first PING, sent when the HTTP/2 handshake was done, was not answered in time.
+    #[error("HTTP/2 handshake timed out (no PING answered)")]
+    SetupPingTimeout,
+    #[error("HBONE connection ended by a protocol error (GOAWAY)")]
+    Protocol {
+        reason: &'static str,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("HBONE peer did not answer a PING in time; dropping the connection")]
+    PingTimeout,
+    #[error("HBONE connection without a stream closed (idle)")]
+    Idle(Duration),
+    #[error("HBONE stream refused: too many streams in progress on the connection")]
+    StreamLimit,
+}
+
+impl ServerError {
+    /// The metrics label (`mesh_connection_errors_total{listener="hbone",reason}`).
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServerError::Tls { reason, .. } | ServerError::Protocol { reason, .. } => reason,
+            ServerError::HandshakeTimeout => "handshake_timeout",
+            ServerError::NoPeerIdentity => "no_peer_identity",
+            ServerError::Http2Handshake(_) => "http2_handshake",
+            ServerError::Http2HandshakeTimeout | ServerError::SetupPingTimeout => {
+                "http2_handshake_timeout"
+            }
+            ServerError::PingTimeout => "ping_timeout",
+            ServerError::Idle(_) => "idle_timeout",
+            ServerError::StreamLimit => "stream_limit",
+        }
+    }
+}
+
+/// How server connections are bounded.
+#[derive(Clone)]
+pub struct ServerSettings {
+    /// TLS, the HTTP/2 preface and the first PING round trip, from the TCP accept.
+    pub handshake_timeout: Duration,
+    pub liveness: Liveness,
+    /// Becomes `true` when the daemon starts draining: connections get a graceful GOAWAY.
+    pub draining: watch::Receiver<bool>,
+    /// The transport's own metrics (handshake time, open connections by state).
+    pub metrics: Arc<Metrics>,
+}
+
+/// One `CONNECT` stream, until the handler answers it.
+pub struct Incoming {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The peer's verified identity.
+    pub identity: Arc<Identity>,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    slot: StreamSlot,
+}
+
+/// An accepted stream: a byte pipe in both directions (see [`super::pipe`]).
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Counts the stream on its connection until the tunnel is dropped.
+    pub slot: StreamSlot,
+}
+
+impl Incoming {
+    /// The request's method.
+    #[must_use]
+    pub fn method(&self) -> &Method {
+        self.request.method()
+    }
+
+    /// The request's `:authority`.
+    #[must_use]
+    pub fn authority(&self) -> Option<&str> {
+        self.request
+            .uri()
+            .authority()
+            .map(http::uri::Authority::as_str)
+    }
+
+    /// Answers with `status` (not 200) and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .unwrap_or_default();
+        let _ = self.respond.send_response(response, true);
+    }
+
+    /// Answers 200: the stream is a byte pipe from now on. Fails when the peer went away.
+    pub fn accept(mut self) -> Result<Tunnel, h2::Error> {
+        let send = self.respond.send_response(Response::new(()), false)?;
+        Ok(Tunnel {
+            send,
+            recv: self.request.into_body(),
+            slot: self.slot,
+        })
+    }
 }
 
 type Connection = h2::server::Connection<abuse::Watched<TlsStream<TcpStream>>, Bytes>;
 
 /// Serves one accepted TCP connection: TLS handshake, then HTTP/2 until the client is done or
-/// a time limit ends it. `admitted` keeps the connection counted against the limits until then.
-pub async fn serve_connection(
+/// a time limit ends it, handing each stream to `handler`.
+pub async fn serve_connection<H: Handler>(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    target: Arc<InboundTarget>,
-    admitted: Active,
+    settings: &ServerSettings,
+    handler: Arc<H>,
 ) {
-    let uid = target.pod.workload.uid();
     // Small HTTP/2 frames (responses, window updates) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let metrics = Arc::clone(target.proxy.metrics());
-    let mut gauge = OpenGauge::new(&metrics, "server", "handshake");
-    let deadline = Instant::now() + target.proxy.handshake_timeout();
+    let mut gauge = OpenGauge::new(&settings.metrics, "server", "handshake");
+    let deadline = Instant::now() + settings.handshake_timeout;
     // Boxed: the handshakes are large and finish long before the connection does.
-    let Some((mut conn, source, sent)) =
-        Box::pin(setup(acceptor, tcp, peer, &uid, &metrics, deadline)).await
-    else {
-        return;
-    };
-    debug!(dst_workload = %uid, client = %peer, peer_identity = %source, "HBONE connection accepted");
-    let liveness = target.proxy.liveness();
+    let (mut conn, source, sent) =
+        match Box::pin(setup(acceptor, tcp, &settings.metrics, deadline)).await {
+            Ok(ready) => ready,
+            Err((identity, error)) => return handler.error(peer, identity.as_ref(), &error),
+        };
+    debug!(client = %peer, peer_identity = %source, "HBONE connection accepted");
+    let liveness = settings.liveness;
     let alive = keepalive(conn.ping_pong(), liveness, Some(deadline), || {
         gauge.set_state("established");
     });
@@ -76,18 +196,18 @@ pub async fn serve_connection(
     let idle = idle(streams.subscribe(), liveness.idle_timeout);
     tokio::pin!(idle);
     let source = Arc::new(source);
-    let mut draining = target.proxy.draining();
+    let mut draining = settings.draining.clone();
     let mut going_away = false;
     let ended = loop {
         let request = tokio::select! {
             request = conn.accept() => request,
             dead = &mut alive => break Some(match dead {
-                Dead::Setup => "http2_handshake_timeout",
-                Dead::Ping => "ping_timeout",
+                Dead::Setup => ServerError::SetupPingTimeout,
+                Dead::Ping => ServerError::PingTimeout,
             }),
-            () = &mut idle, if !going_away => break Some("idle_timeout"),
+            () = &mut idle, if !going_away => break Some(ServerError::Idle(liveness.idle_timeout)),
             _ = draining.wait_for(|d| *d), if !going_away => {
-                debug!(dst_workload = %uid, client = %peer, "draining: GOAWAY");
+                debug!(client = %peer, "draining: GOAWAY");
                 conn.graceful_shutdown();
                 going_away = true;
                 continue;
@@ -95,26 +215,33 @@ pub async fn serve_connection(
         };
         match request {
             None => break None,
-            Some(Ok((request, respond))) => {
-                accept_stream(request, respond, peer, &source, &target, &streams);
+            Some(Ok((request, mut respond))) => {
+                if *streams.borrow() >= SERVER_MAX_STREAMS as usize {
+                    handler.error(peer, Some(&source), &ServerError::StreamLimit);
+                    respond.send_reset(Reason::REFUSED_STREAM);
+                    continue;
+                }
+                streams.send_modify(|n| *n += 1);
+                handler.stream(Incoming {
+                    peer,
+                    identity: Arc::clone(&source),
+                    request,
+                    respond,
+                    slot: StreamSlot(Arc::clone(&streams)),
+                });
             }
             Some(Err(e)) => {
                 if let Some(reason) = abuse::connection_error(&e, &sent) {
-                    if let Some(suppressed) = metrics.error("hbone", reason) {
-                        warn!(direction = "inbound", dst_workload = %uid, client = %peer, peer_identity = %source, reason, error = %e, suppressed, "HBONE connection ended by a protocol error (GOAWAY)");
-                    }
-                } else {
-                    debug!(dst_workload = %uid, client = %peer, error = %e, "HBONE connection ended");
+                    break Some(ServerError::Protocol { reason, source: e });
                 }
+                debug!(client = %peer, error = %e, "HBONE connection ended");
                 break None;
             }
         }
     };
-    match ended {
-        Some("idle_timeout") => {
-            if let Some(suppressed) = metrics.error("hbone", "idle_timeout") {
-                info!(direction = "inbound", dst_workload = %uid, client = %peer, peer_identity = %source, timeout = ?liveness.idle_timeout, suppressed, "HBONE connection without a stream closed (idle)");
-            }
+    if let Some(error) = ended {
+        handler.error(peer, Some(&source), &error);
+        if let ServerError::Idle(_) = error {
             // Idle: no stream to lose; a request already on its way is not processed, and
             // the GOAWAY's last stream id tells the peer to retry it on a new connection.
             conn.abrupt_shutdown(Reason::NO_ERROR);
@@ -123,66 +250,36 @@ pub async fn serve_connection(
             })
             .await;
         }
-        Some(reason) => {
-            if let Some(suppressed) = metrics.error("hbone", reason) {
-                let message = if reason == "ping_timeout" {
-                    "HBONE peer did not answer a PING in time; dropping the connection"
-                } else {
-                    "HTTP/2 handshake timed out (no PING answered)"
-                };
-                warn!(direction = "inbound", dst_workload = %uid, client = %peer, peer_identity = %source, reason, suppressed, "{message}");
-            }
-        }
-        None => {}
     }
     // Dropping the connection ends its streams (their pipes reset the application side).
     drop(conn);
-    drop(admitted);
 }
 
-/// TLS, the peer's identity and the HTTP/2 handshake, all by `deadline`. `None` (logged and
-/// counted) when one fails.
+/// What failed in [`setup`], with the peer's identity once known.
+type SetupError = (Option<Identity>, ServerError);
+
+/// TLS, the peer's identity and the HTTP/2 handshake, all by `deadline`.
 async fn setup(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
-    peer: SocketAddr,
-    uid: &str,
     metrics: &Metrics,
     deadline: Instant,
-) -> Option<(Connection, Identity, abuse::SentGoaway)> {
+) -> Result<(Connection, Identity, abuse::SentGoaway), SetupError> {
     let started = Instant::now();
-    let refuse = |reason: &'static str, message: &str, error: Option<&dyn std::fmt::Display>| {
-        if let Some(suppressed) = metrics.error("hbone", reason) {
-            let error = error.map(ToString::to_string).unwrap_or_default();
-            warn!(direction = "inbound", dst_workload = %uid, client = %peer, reason, error, suppressed, "{message}");
-        }
-    };
     let tls = match tokio::time::timeout_at(deadline.into(), acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            refuse(
-                abuse::tls_error(&e),
-                "HBONE TLS handshake rejected",
-                Some(&e),
-            );
-            return None;
+        Ok(Err(source)) => {
+            let reason = abuse::tls_error(&source);
+            return Err((None, ServerError::Tls { reason, source }));
         }
-        Err(_) => {
-            refuse("handshake_timeout", "HBONE TLS handshake timed out", None);
-            return None;
-        }
+        Err(_) => return Err((None, ServerError::HandshakeTimeout)),
     };
     metrics
         .tls_handshake_seconds
         .get_or_create(&crate::metrics::RoleLabels { role: "server" })
         .observe(started.elapsed().as_secs_f64());
     let Some(source) = tls.get_ref().1.peer_certificates().and_then(peer_identity) else {
-        refuse(
-            "no_peer_identity",
-            "HBONE peer without a SPIFFE identity",
-            None,
-        );
-        return None;
+        return Err((None, ServerError::NoPeerIdentity));
     };
     let (tls, sent) = abuse::Watched::new(tls);
     let handshake = h2::server::Builder::new()
@@ -193,19 +290,9 @@ async fn setup(
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .handshake::<_, Bytes>(tls);
     match tokio::time::timeout_at(deadline.into(), handshake).await {
-        Ok(Ok(conn)) => Some((conn, source, sent)),
-        Ok(Err(e)) => {
-            refuse("http2_handshake", "HTTP/2 handshake failed", Some(&e));
-            None
-        }
-        Err(_) => {
-            refuse(
-                "http2_handshake_timeout",
-                "HTTP/2 handshake timed out (no preface)",
-                None,
-            );
-            None
-        }
+        Ok(Ok(conn)) => Ok((conn, source, sent)),
+        Ok(Err(e)) => Err((Some(source), ServerError::Http2Handshake(e))),
+        Err(_) => Err((Some(source), ServerError::Http2HandshakeTimeout)),
     }
 }
 
@@ -227,168 +314,10 @@ async fn idle(mut streams: watch::Receiver<usize>, timeout: Duration) {
 }
 
 /// Counts a stream on its connection while alive (for the idle timeout and the stream cap).
-struct StreamSlot(Arc<watch::Sender<usize>>);
+pub struct StreamSlot(Arc<watch::Sender<usize>>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
-}
-
-/// Admits a new stream and starts handling it. Streams whose handling outlives their HTTP/2
-/// stream (a peer that resets each one at once, as in a rapid-reset attack, frees h2's slot
-/// while the upstream connect still runs) count until their task ends: past
-/// [`SERVER_MAX_STREAMS`] such tasks a new stream is refused.
-fn accept_stream(
-    request: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    peer: SocketAddr,
-    source: &Arc<Identity>,
-    target: &Arc<InboundTarget>,
-    streams: &Arc<watch::Sender<usize>>,
-) {
-    if *streams.borrow() >= SERVER_MAX_STREAMS as usize {
-        if let Some(suppressed) = target.proxy.metrics().error("hbone", "stream_limit") {
-            warn!(direction = "inbound", dst_workload = %target.pod.workload.uid(), client = %peer, peer_identity = %source, suppressed, "HBONE stream refused: too many streams in progress on the connection");
-        }
-        respond.send_reset(Reason::REFUSED_STREAM);
-        return;
-    }
-    let Some(active) = target
-        .proxy
-        .track(Unit::HboneStream, &target.pod, Some(peer.ip()))
-    else {
-        reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        return;
-    };
-    streams.send_modify(|n| *n += 1);
-    let slot = StreamSlot(Arc::clone(streams));
-    let (target, source) = (Arc::clone(target), Arc::clone(source));
-    tokio::spawn(async move {
-        handle(request, respond, peer, &source, &target, (active, slot)).await;
-    });
-}
-
-/// Validates a request's method and authority against the listening workload: the target
-/// address, or why the answer is 400. Pure, so it is fuzzed directly.
-pub fn check_connect(
-    method: &Method,
-    authority: Option<&str>,
-    workload_ips: &[std::net::IpAddr],
-    reserved_ports: &[u16],
-) -> Result<SocketAddr, BadConnect> {
-    if method != Method::CONNECT {
-        return Err(BadConnect::NotConnect);
-    }
-    let dst = authority
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .ok_or(BadConnect::BadAuthority)?;
-    if !workload_ips.contains(&dst.ip()) {
-        return Err(BadConnect::NotThisWorkload);
-    }
-    if reserved_ports.contains(&dst.port()) {
-        return Err(BadConnect::ReservedPort);
-    }
-    Ok(dst)
-}
-
-/// Why a CONNECT was answered with something other than 200.
-fn reject(respond: &mut SendResponse<Bytes>, status: StatusCode) {
-    let response = Response::builder()
-        .status(status)
-        .body(())
-        .unwrap_or_default();
-    let _ = respond.send_response(response, true);
-}
-
-async fn handle(
-    request: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    peer: SocketAddr,
-    source: &Identity,
-    target: &InboundTarget,
-    counted: (Active, StreamSlot),
-) {
-    let uid = target.pod.workload.uid();
-    let authority = request.uri().authority().map(|a| a.as_str().to_owned());
-    let dst = match check_connect(
-        request.method(),
-        authority.as_deref(),
-        &target.pod.workload.ips,
-        &target.reserved_ports,
-    ) {
-        Ok(dst) => dst,
-        Err(bad) => {
-            if let Some(suppressed) = target.proxy.metrics().error("hbone", bad.reason()) {
-                warn!(
-                    direction = "inbound",
-                    dst_workload = %uid,
-                    peer_identity = %source,
-                    client = %peer,
-                    method = %request.method(),
-                    authority = authority.as_deref().unwrap_or(""),
-                    reason = bad.reason(),
-                    error = %bad,
-                    suppressed,
-                    "HBONE request rejected (400)"
-                );
-            }
-            return reject(&mut respond, StatusCode::BAD_REQUEST);
-        }
-    };
-    let record = target
-        .proxy
-        .record_inbound(&target.pod, peer, Some(source), dst);
-    // Authorize before anything reaches the application: a denied stream gets 401 and no
-    // connection is ever made upstream.
-    let Ok(admission) =
-        target
-            .proxy
-            .admit(&target.pod.workload, peer.ip(), Some(source), dst, "hbone")
-    else {
-        record.fail("DENY", "denied by policy");
-        return reject(&mut respond, StatusCode::UNAUTHORIZED);
-    };
-    // Futures that finish before the connection's long copy phase are boxed, so that the
-    // task of an open connection does not carry their state (memory per idle connection).
-    let connect = Box::pin(target.proxy.connect_upstream(&target.pod.worker, dst));
-    let upstream = match connect.await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "HBONE upstream connect failed (503)");
-            record.fail("UF", &e.to_string());
-            return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        }
-    };
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
-        Err(e) => {
-            debug!(error = %e, "client went away before the 200");
-            record.close("client went away before the 200");
-            return;
-        }
-    };
-    record.connected();
-    debug!(
-        direction = "inbound",
-        path = "hbone",
-        dst_workload = %uid,
-        peer_identity = %source,
-        client = %peer,
-        orig_dst = %dst,
-        "connection captured"
-    );
-    // The copy phase runs in a task of its own that holds only what it needs, so the setup
-    // state (request, handshake futures) is freed: an open connection costs less memory.
-    let body = request.into_body();
-    tokio::spawn(async move {
-        // Application → stream is "sent" (response direction), stream → application "received".
-        let counts = (&record.sent, &record.received);
-        let result = pipe(upstream, send, body, Some(&admission.closed), counts).await;
-        match result {
-            Ok(_) => record.close("completed"),
-            Err(e) => record.close(&e.to_string()),
-        }
-        drop(counted);
-    });
 }

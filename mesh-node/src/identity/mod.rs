@@ -8,7 +8,7 @@ mod svid;
 use std::{fmt, str::FromStr};
 
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError, CertSource, LocalCa};
-pub use manager::{CertManager, CertState, WorkloadCert};
+pub use manager::{CertError, CertManager, CertState, WorkloadCert};
 pub use svid::{SvidError, svid_identity};
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.

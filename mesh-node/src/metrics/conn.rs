@@ -30,11 +30,89 @@ pub struct Endpoint {
     pub service: Option<Arc<str>>,
 }
 
-/// `connection_security_policy`.
+/// `connection_security_policy`, and why a connection is not in mutual TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Security {
     MutualTls,
-    None,
+    None(NoMtls),
+}
+
+/// Why a connection is carried without mutual TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoMtls {
+    /// Both ends are pods of this node: the bytes never leave it, and the daemon knows both
+    /// identities.
+    SameNode,
+    /// The destination is not in the mesh (passthrough).
+    DestinationNotInMesh,
+    /// The peer connected in plaintext (admitted: `PeerAuthentication` is not STRICT).
+    PlaintextPeer,
+}
+
+impl Security {
+    /// The `connection_security_policy` label.
+    #[must_use]
+    pub fn policy(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::None(_) => "none",
+        }
+    }
+
+    /// Why there is no mutual TLS, as in the access log (empty with mutual TLS).
+    #[must_use]
+    pub fn no_mtls_reason(self) -> &'static str {
+        match self {
+            Security::MutualTls => "",
+            Security::None(NoMtls::SameNode) => "same_node",
+            Security::None(NoMtls::DestinationNotInMesh) => "destination_not_in_mesh",
+            Security::None(NoMtls::PlaintextPeer) => "plaintext_peer",
+        }
+    }
+}
+
+/// Which way a connection goes through this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Into a pod of this node.
+    Inbound,
+    /// Out of a pod of this node.
+    Outbound,
+}
+
+impl Direction {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// How a connection is carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// mTLS HBONE between the two pods' nodes.
+    Hbone,
+    /// Both pods on this node: straight into the destination's netns, no TLS.
+    SameNode,
+    /// Destination outside the mesh: plaintext, from the source pod's netns.
+    Passthrough,
+    /// Plaintext into a pod of this node (captured on 15006).
+    Plaintext,
+}
+
+impl Path {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Hbone => "hbone",
+            Path::SameNode => "same-node",
+            Path::Passthrough => "passthrough",
+            Path::Plaintext => "plaintext",
+        }
+    }
 }
 
 /// Istio's canonical workload name: the `service.istio.io/canonical-name` or `app` label, else
@@ -133,7 +211,7 @@ impl LabelSets {
     ) -> u64 {
         let mut h = self.hasher.build_hasher();
         direction.hash(&mut h);
-        (security == Security::MutualTls).hash(&mut h);
+        security.policy().hash(&mut h);
         source.workload.as_ref().map(Arc::as_ptr).hash(&mut h);
         destination.workload.as_ref().map(Arc::as_ptr).hash(&mut h);
         source.identity.hash(&mut h);
@@ -214,10 +292,7 @@ fn labels(
         destination_version: label(dst, |w| w.labels.get("version").cloned()),
         request_protocol: "tcp",
         response_flags: "-",
-        connection_security_policy: match security {
-            Security::MutualTls => "mutual_tls",
-            Security::None => "none",
-        },
+        connection_security_policy: security.policy(),
     }
 }
 
@@ -231,6 +306,7 @@ pub struct ConnRecord {
     started: Instant,
     source: Endpoint,
     destination: Endpoint,
+    security: Security,
     /// Source → destination bytes, and the counter they are added to.
     pub received: ByteCount,
     /// Destination → source bytes.
@@ -270,12 +346,12 @@ impl ConnRecord {
     #[must_use]
     pub fn open(
         metrics: &Arc<Metrics>,
-        direction: &'static str,
-        path: &'static str,
+        (direction, path): (Direction, Path),
         source: Endpoint,
         destination: Endpoint,
         security: Security,
     ) -> Self {
+        let (direction, path) = (direction.as_str(), path.as_str());
         let set = metrics
             .label_sets
             .get(metrics, direction, security, &source, &destination);
@@ -292,6 +368,7 @@ impl ConnRecord {
             started: Instant::now(),
             source,
             destination,
+            security,
             reported_failure: false,
         }
     }
@@ -357,6 +434,8 @@ impl ConnRecord {
             bytes_sent = self.sent.get(),
             bytes_received = self.received.get(),
             duration_ms = elapsed.as_millis(),
+            security = self.security.policy(),
+            no_mtls_reason = self.security.no_mtls_reason(),
             response_flags = self.flags,
             reason,
             "connection complete"

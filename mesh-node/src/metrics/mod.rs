@@ -19,7 +19,7 @@ use prometheus_client::{
 };
 
 pub use collect::NodeCollector;
-pub use conn::{ByteCount, ConnRecord, Endpoint, Security};
+pub use conn::{ByteCount, ConnRecord, Direction, Endpoint, NoMtls, Path, Security};
 
 /// The `OpenMetrics` exposition in the Prometheus text format (0.0.4), for scrapers and tools
 /// that do not ask for `OpenMetrics`: counters are described under their `_total` sample name,

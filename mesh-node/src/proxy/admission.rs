@@ -20,9 +20,10 @@ use std::{
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::Proxy;
+use super::{Error, Proxy};
 use crate::{
     identity::Identity,
+    metrics::Path,
     policy::{ConnInfo, Decision, MtlsMode},
     state::Workload,
 };
@@ -61,15 +62,6 @@ impl Drop for Admission {
     }
 }
 
-/// Why a connection was refused.
-#[derive(Debug)]
-pub enum Refusal {
-    /// Plaintext into a workload whose `PeerAuthentication` is STRICT.
-    Strict,
-    /// An authorization policy (or the lack of a matching ALLOW).
-    Denied(Decision),
-}
-
 impl Admissions {
     /// Open admitted connections.
     #[must_use]
@@ -92,15 +84,17 @@ impl Proxy {
             .inc();
     }
 
-    /// Admits a connection to `destination` (a workload of this node) or says why not.
+    /// Admits a connection to `destination` (a workload of this node) or says why not
+    /// ([`Error::Strict`], [`Error::Denied`]).
     pub fn admit(
         &self,
         destination: &Workload,
         src_ip: IpAddr,
         src_identity: Option<&Identity>,
         dst: SocketAddr,
-        path: &'static str,
-    ) -> Result<Admission, Refusal> {
+        path: Path,
+    ) -> Result<Admission, Error> {
+        let path = path.as_str();
         let uid = destination.uid();
         let policies = self.policies();
         if src_identity.is_none() && policies.mtls_mode(destination, dst.port()) == MtlsMode::Strict
@@ -112,7 +106,7 @@ impl Proxy {
                 "plaintext connection refused: PeerAuthentication is STRICT"
             );
             self.count_decision("deny", "PeerAuthentication STRICT");
-            return Err(Refusal::Strict);
+            return Err(Error::Strict);
         }
         let conn = ConnInfo {
             src_ip,
@@ -133,7 +127,9 @@ impl Proxy {
                 policy = %decision.reason,
                 "connection denied by policy"
             );
-            return Err(Refusal::Denied(decision));
+            return Err(Error::Denied {
+                policy: decision.reason,
+            });
         }
         debug!(path, dst_workload = %uid, client = %src_ip, orig_dst = %dst, policy = %decision.reason, "connection allowed by policy");
         let id = self.admissions.next.fetch_add(1, Ordering::Relaxed);

@@ -1,4 +1,4 @@
-//! Per-connection plumbing: connecting from inside a pod's netns, the plaintext copy loop,
+//! Per-connection plumbing: connecting through a pod's sockets, the plaintext copy loop,
 //! resets.
 
 use std::{
@@ -12,23 +12,20 @@ use std::{
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{
-    Proxy,
+    Proxy, SocketFactory,
     limits::{Limits, PipeCharge},
 };
-use crate::{
-    metrics::{ByteCount, ConnRecord},
-    redirect::NetnsWorker,
-};
+use crate::metrics::{ByteCount, ConnRecord};
 
 impl Proxy {
-    /// Connects to `dst` from inside `worker`'s netns: marked, time-limited, with TCP
-    /// keepalive and the user timeout set before the SYN.
+    /// Connects to `dst` with a socket of `sockets` (inside a pod's netns): time-limited,
+    /// with TCP keepalive and the user timeout set before the SYN.
     pub async fn connect_upstream(
         &self,
-        worker: &NetnsWorker,
+        sockets: &dyn SocketFactory,
         dst: SocketAddr,
     ) -> io::Result<TcpStream> {
-        let socket = worker.tcp_socket(dst.is_ipv6(), self.mark).await?;
+        let socket = sockets.tcp_socket(dst.is_ipv6()).await?;
         self.liveness.apply(&socket)?;
         connect(socket, dst, self.connect_timeout).await
     }
@@ -93,10 +90,10 @@ pub async fn copy_recorded(
     match result {
         Ok(()) => record.close("completed"),
         Err(e) => {
-            if e.kind() == io::ErrorKind::ConnectionAborted {
-                let _ = client.set_zero_linger();
-                let _ = upstream.set_zero_linger();
-            }
+            // A reset on one side (or a revocation) resets the other: closed with a RST, not
+            // a FIN the application would take for a clean end.
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
             record.close(&e.to_string());
         }
     }

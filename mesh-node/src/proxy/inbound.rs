@@ -1,70 +1,215 @@
-//! Inbound plaintext (15006): a connection `sk_lookup` handed to the pod's capture listener.
-//! Refused when the workload's `PeerAuthentication` is STRICT or a policy denies it (closed
-//! before anything connects upstream); otherwise forwarded to the application from inside the
-//! pod's netns.
+//! Inbound: connections into a pod of this node, over HBONE (a `CONNECT` stream the HBONE server
+//! hands over) or in plaintext (what `sk_lookup` captured into the pod's 15006 listener). Both
+//! share one admit-and-connect step: peer authentication (STRICT refuses plaintext), the
+//! authorization policies, then the connection to the application from inside the pod's netns.
+//! A refused HBONE stream gets its status (400, 401, 503) before anything reaches the
+//! application; a refused plaintext connection is reset.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
+use http::Method;
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::{PodContext, Proxy, forward};
-use crate::metrics::{ConnRecord, Endpoint, Security};
+use super::{
+    Active, Admission, BadConnect, Error, PodContext, Proxy, Unit, error::Context, forward,
+};
+use crate::{
+    hbone::{self, Incoming, ServerError},
+    identity::Identity,
+    metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security},
+};
+
+/// Validates a request's method and authority against the listening workload: the target
+/// address, or why the answer is 400. Pure, so it is fuzzed directly.
+pub fn check_connect(
+    method: &Method,
+    authority: Option<&str>,
+    workload_ips: &[std::net::IpAddr],
+    reserved_ports: &[u16],
+) -> Result<SocketAddr, BadConnect> {
+    if method != Method::CONNECT {
+        return Err(BadConnect::NotConnect);
+    }
+    let dst = authority
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .ok_or(BadConnect::BadAuthority)?;
+    if !workload_ips.contains(&dst.ip()) {
+        return Err(BadConnect::NotThisWorkload);
+    }
+    if reserved_ports.contains(&dst.port()) {
+        return Err(BadConnect::ReservedPort);
+    }
+    Ok(dst)
+}
+
+/// The proxy's handler of one pod's HBONE streams.
+pub(super) struct HboneHandler {
+    pub pod: Arc<PodContext>,
+    pub proxy: Arc<Proxy>,
+}
+
+impl hbone::Handler for HboneHandler {
+    fn stream(self: &Arc<Self>, stream: Incoming) {
+        // Counted against the limits while it is handled (the upstream socket).
+        let Some(active) = self
+            .proxy
+            .track(Unit::HboneStream, &self.pod, Some(stream.peer.ip()))
+        else {
+            stream.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            this.proxy.inbound_hbone(&this.pod, stream, active).await;
+        });
+    }
+
+    fn error(&self, peer: SocketAddr, identity: Option<&Identity>, error: &ServerError) {
+        self.proxy
+            .transport_error(&self.pod.workload.uid(), peer, identity, error);
+    }
+}
 
 impl Proxy {
-    pub(super) async fn inbound(&self, ctx: &PodContext, client: TcpStream, peer: SocketAddr) {
-        let uid = ctx.workload.uid();
+    /// Admits a connection into `pod` from `peer` (with `identity` over mTLS, none in
+    /// plaintext) to `dst`, and connects to the application: the step both inbound paths (and
+    /// the same-node path) share. Nothing reaches the application unless it is admitted.
+    pub(super) async fn admit_and_connect(
+        &self,
+        pod: &PodContext,
+        peer: SocketAddr,
+        identity: Option<&Identity>,
+        dst: SocketAddr,
+        path: Path,
+    ) -> Result<(Admission, TcpStream), Error> {
+        let admission = self.admit(&pod.workload, peer.ip(), identity, dst, path)?;
+        // Boxed: it finishes long before the connection does (memory per idle connection).
+        let upstream = Box::pin(self.connect_upstream(&*pod.sockets, dst))
+            .await
+            .map_err(|source| Error::Upstream { dst, source })?;
+        Ok((admission, upstream))
+    }
+
+    /// Who is on the other end of an inbound connection, for metrics.
+    fn peer_endpoint(&self, peer: SocketAddr, identity: Option<&Identity>) -> Endpoint {
+        Endpoint {
+            workload: self.workload_at(peer.ip()),
+            identity: identity.cloned(),
+            addr: Some(peer),
+            service: None,
+        }
+    }
+
+    /// One HBONE stream into `pod`; `active` counts it until it ends.
+    async fn inbound_hbone(&self, pod: &PodContext, stream: Incoming, active: Active) {
+        let uid = pod.workload.uid();
+        let (peer, identity) = (stream.peer, Arc::clone(&stream.identity));
+        let mut context = Context {
+            direction: Direction::Inbound,
+            workload: &uid,
+            client: peer,
+            dst: None,
+            peer_identity: Some(&identity),
+        };
+        let dst = match check_connect(
+            stream.method(),
+            stream.authority(),
+            &pod.workload.ips,
+            &self.reserved_ports,
+        ) {
+            Ok(dst) => dst,
+            Err(bad) => {
+                let error = Error::BadRequest(bad);
+                self.report("hbone", &error, None, &context);
+                return stream.reject(error.status());
+            }
+        };
+        context.dst = Some(dst);
+        let record = ConnRecord::open(
+            &self.metrics,
+            (Direction::Inbound, Path::Hbone),
+            self.peer_endpoint(peer, Some(&identity)),
+            Self::local_endpoint(pod, dst),
+            Security::MutualTls,
+        );
+        let (admission, upstream) = match self
+            .admit_and_connect(pod, peer, Some(&identity), dst, Path::Hbone)
+            .await
+        {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                let status = error.status();
+                self.report("hbone", &error, Some(record), &context);
+                return stream.reject(status);
+            }
+        };
+        let tunnel = match stream.accept() {
+            Ok(tunnel) => tunnel,
+            Err(e) => return self.report("hbone", &Error::PeerGone(e), Some(record), &context),
+        };
+        record.connected();
+        debug!(direction = "inbound", path = "hbone", dst_workload = %uid, peer_identity = %identity, client = %peer, orig_dst = %dst, "connection captured");
+        // The copy phase runs in a task of its own that holds only what it needs, so the setup
+        // state (request, handshake futures) is freed: an open connection costs less memory.
+        tokio::spawn(async move {
+            // Application → stream is "sent" (response direction), stream → application
+            // "received".
+            let counts = (&record.sent, &record.received);
+            let hbone::Tunnel { send, recv, slot } = tunnel;
+            let result = hbone::pipe(upstream, send, recv, Some(&admission.closed), counts).await;
+            match result {
+                Ok(_) => record.close("completed"),
+                Err(e) => record.close(&e.to_string()),
+            }
+            drop((slot, active));
+        });
+    }
+
+    /// One plaintext connection captured into `pod` (accepted from `peer`).
+    pub(super) async fn plaintext(&self, pod: &PodContext, client: TcpStream, peer: SocketAddr) {
+        let uid = pod.workload.uid();
+        let peer = forward::unmap(peer);
+        let mut context = Context {
+            direction: Direction::Inbound,
+            workload: &uid,
+            client: peer,
+            dst: None,
+            peer_identity: None,
+        };
         let dst = match client.local_addr() {
-            Ok(dst) => forward::unmap(dst),
+            Ok(local) => forward::unmap(pod.orig_dst.inbound(forward::unmap(local))),
             Err(e) => {
-                warn!(direction = "inbound", dst_workload = %uid, error = %e, "getsockname failed");
+                debug!(direction = "inbound", dst_workload = %uid, error = %e, "getsockname failed");
                 return;
             }
         };
-        let peer = forward::unmap(peer);
+        context.dst = Some(dst);
         if self.reserved_ports.contains(&dst.port()) {
-            if let Some(suppressed) = self.metrics.error("inbound", "reserved_port") {
-                warn!(direction = "inbound", dst_workload = %uid, client = %peer, orig_dst = %dst, suppressed, "connection to a reserved port refused");
-            }
-            forward::reset(client);
-            return;
+            self.report("inbound", &Error::ReservedPort(dst.port()), None, &context);
+            return forward::reset(client);
         }
         let record = ConnRecord::open(
             &self.metrics,
-            "inbound",
-            "plaintext",
-            Endpoint {
-                workload: self.workload_at(peer.ip()),
-                identity: None,
-                addr: Some(peer),
-                service: None,
-            },
-            Self::local_endpoint(ctx, dst),
-            Security::None,
+            (Direction::Inbound, Path::Plaintext),
+            self.peer_endpoint(peer, None),
+            Self::local_endpoint(pod, dst),
+            Security::None(NoMtls::PlaintextPeer),
         );
-        let Ok(admission) = self.admit(&ctx.workload, peer.ip(), None, dst, "plaintext") else {
-            record.fail("DENY", "denied by policy");
-            forward::reset(client);
-            return;
-        };
-        debug!(
-            direction = "inbound",
-            path = "plaintext",
-            dst_workload = %uid,
-            client = %peer,
-            orig_dst = %dst,
-            "connection captured"
-        );
-        let upstream = match self.connect_upstream(&ctx.worker, dst).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(direction = "inbound", dst_workload = %uid, orig_dst = %dst, error = %e, "upstream connect failed");
-                record.fail("UF", &e.to_string());
-                forward::reset(client);
-                return;
+        match self
+            .admit_and_connect(pod, peer, None, dst, Path::Plaintext)
+            .await
+        {
+            Ok((admission, upstream)) => {
+                record.connected();
+                debug!(direction = "inbound", path = "plaintext", dst_workload = %uid, client = %peer, orig_dst = %dst, "connection captured");
+                forward::copy_recorded(client, upstream, record, Some(&admission), self.limits())
+                    .await;
             }
-        };
-        record.connected();
-        forward::copy_recorded(client, upstream, record, Some(&admission), self.limits()).await;
+            Err(error) => {
+                self.report("inbound", &error, Some(record), &context);
+                forward::reset(client);
+            }
+        }
     }
 }

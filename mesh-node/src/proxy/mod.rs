@@ -1,23 +1,31 @@
-//! The L4 proxy: accept loops on each enrolled pod's listeners and the per-connection paths.
+//! The L4 proxy: it owns the data path. For every connection the kernel captured it chooses
+//! the path, admits the connection (peer authentication, policy, limits), connects upstream,
+//! counts bytes, and writes the metrics and the access log; `hbone` is only its transport.
 //!
-//! - Outbound (15001): the kernel steered an application's `connect()` here; the original
-//!   destination comes from the kernel's table. Destination an enrolled pod on another node →
-//!   HBONE (mTLS) to `podIP:15008`, opened from inside the source pod's netns; on this node →
-//!   the same-node path (no TLS: straight into the destination pod's netns); outside the mesh →
-//!   plaintext passthrough from inside the source pod's netns.
-//! - Inbound HBONE (15008 on each pod IP): see `hbone::server`.
-//! - Inbound plaintext (15006): `sk_lookup` handed a connection for the pod here; admitted
-//!   (PERMISSIVE) and forwarded to the application from inside the pod's netns.
+//! - Outbound (15001, `outbound`): the original destination comes from the pod's
+//!   [`OriginalDst`]; a service address picks an endpoint; then the [`Path`]: a pod on another
+//!   node → HBONE to `podIP:15008`; a pod on this node → the same-node path (no TLS, straight
+//!   into the destination pod's netns); outside the mesh → passthrough.
+//! - Inbound HBONE (15008, `inbound`): the HBONE server hands each `CONNECT` stream to the
+//!   proxy's handler.
+//! - Inbound plaintext (15006, `inbound`): what `sk_lookup` captured into the pod.
 //!
-//! Every accepted connection is counted against the limits before anything else happens
-//! (`limits`), and every socket gets TCP keepalive and a user timeout (`hbone::Liveness`).
+//! Both inbound paths share one admit-and-connect step. Every accepted connection is counted
+//! against the limits before anything else happens (`limits`), every socket gets TCP
+//! keepalive and a user timeout (`hbone::Liveness`), and every refusal or failure is one
+//! typed [`Error`], reported in one place (`report`). Sockets come from each pod's
+//! [`SocketFactory`] (the seams, `seams`: the kernel implementation is in `redirect`, plain
+//! ones let the path run on loopback in tests).
 
 mod admission;
 mod descriptors;
+mod error;
 mod forward;
 mod inbound;
 mod limits;
 mod outbound;
+mod seams;
+mod serve;
 
 use std::{
     collections::HashMap,
@@ -26,20 +34,21 @@ use std::{
     time::Duration,
 };
 
-pub use admission::{Admission, Admissions, Refusal};
+pub use admission::{Admission, Admissions};
 pub use descriptors::{Budget, Descriptors, accept};
+pub use error::{BadConnect, Error};
+pub use inbound::check_connect;
 pub use limits::{Active, Limits, MaxConnections, Unit};
 use rustls::crypto::CryptoProvider;
-use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+pub use seams::{KnownDestinations, OriginalDst, PlainSockets, SocketFactory};
+pub use serve::{PodListeners, PodServing};
+use tracing::info;
 
 use crate::{
-    hbone::{self, InboundTarget, Liveness, Pool},
+    hbone::{Liveness, Pool},
     identity::{CertManager, Identity},
     metrics::{Endpoint, Metrics},
     policy::PolicyStore,
-    redirect::{EnrolledPod, NetnsWorker, OrigDstTable},
     state::{ServiceTable, Workload},
     tls,
 };
@@ -101,8 +110,6 @@ impl MeshTls {
 /// Settings and shared state of the proxy.
 pub struct Proxy {
     node: String,
-    mark: u32,
-    orig_dst: OrigDstTable,
     connect_timeout: Duration,
     /// Ports a connection may never be forwarded to (the daemon's own listeners).
     reserved_ports: [u16; 3],
@@ -133,70 +140,18 @@ struct Directory {
 pub struct PodContext {
     pub workload: Arc<Workload>,
     pub identity: Identity,
-    pub worker: Arc<NetnsWorker>,
+    /// Opens the pod's sockets (inside its netns).
+    pub sockets: Arc<dyn SocketFactory>,
+    /// Where its captured connections were going.
+    pub orig_dst: Arc<dyn OriginalDst>,
     /// Connections of this workload being handled (for the per-workload limit).
     pub active: Arc<AtomicUsize>,
-}
-
-/// The accept loops serving one pod; dropping it stops them, closes the listeners and releases
-/// the pod's certificate.
-pub struct PodServing {
-    tasks: Vec<JoinHandle<()>>,
-    proxy: Arc<Proxy>,
-    ctx: Arc<PodContext>,
-    /// The inbound capture listener (also held by its accept loop), for the kernel's map.
-    inbound: Arc<TcpListener>,
-}
-
-impl PodServing {
-    /// The inbound capture listener, to be (re)installed as the netns's capture socket.
-    #[must_use]
-    pub fn inbound_listener(&self) -> &TcpListener {
-        &self.inbound
-    }
-
-    /// Makes the pod known to the rest of the proxy (the same-node path, policy re-checks), in
-    /// place of a previous enrollment of the same workload. Done once its kernel state is in
-    /// place.
-    pub fn publish(&self) {
-        self.proxy
-            .directory
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .local
-            .insert(self.ctx.workload.uid(), Arc::clone(&self.ctx));
-    }
-}
-
-impl Drop for PodServing {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        let mut directory = self
-            .proxy
-            .directory
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let uid = self.ctx.workload.uid();
-        // A newer enrollment of the same workload (a replacement) may already be served.
-        if directory
-            .local
-            .get(&uid)
-            .is_some_and(|ctx| Arc::ptr_eq(ctx, &self.ctx))
-        {
-            directory.local.remove(&uid);
-        }
-        drop(directory);
-        self.proxy.mesh.certs.release(&self.ctx.identity);
-    }
 }
 
 /// Options of a [`Proxy`].
 pub struct ProxyOptions {
     pub metrics: Arc<Metrics>,
     pub node: String,
-    pub mark: u32,
     pub handshake_timeout: Duration,
     pub max_connections: MaxConnections,
     pub liveness: Liveness,
@@ -205,11 +160,9 @@ pub struct ProxyOptions {
 }
 
 impl Proxy {
-    pub fn new(options: ProxyOptions, orig_dst: OrigDstTable, mesh: MeshTls) -> Self {
+    pub fn new(options: ProxyOptions, mesh: MeshTls) -> Self {
         Self {
             node: options.node,
-            mark: options.mark,
-            orig_dst,
             connect_timeout: options.connect_timeout,
             reserved_ports: options.reserved_ports,
             mesh,
@@ -289,28 +242,10 @@ impl Proxy {
         self.limits.proxied()
     }
 
-    /// Starts the metrics record of an inbound HBONE stream to `pod`.
+    /// The certificates of this node's workloads.
     #[must_use]
-    pub fn record_inbound(
-        &self,
-        pod: &PodContext,
-        peer: SocketAddr,
-        source: Option<&Identity>,
-        dst: SocketAddr,
-    ) -> crate::metrics::ConnRecord {
-        crate::metrics::ConnRecord::open(
-            &self.metrics,
-            "inbound",
-            "hbone",
-            Endpoint {
-                workload: self.workload_at(peer.ip()),
-                identity: source.cloned(),
-                addr: Some(peer),
-                service: None,
-            },
-            Self::local_endpoint(pod, dst),
-            crate::metrics::Security::MutualTls,
-        )
+    pub fn certs(&self) -> &CertManager {
+        &self.mesh.certs
     }
 
     /// The metrics registry.
@@ -391,87 +326,6 @@ impl Proxy {
         self.pool.opened()
     }
 
-    /// Starts serving a prepared pod: its certificate (prefetched now), its accept loops. The
-    /// pod is known to the rest of the proxy once [`PodServing::publish`] is called.
-    pub fn serve(self: &Arc<Self>, pod: EnrolledPod) -> std::io::Result<PodServing> {
-        let identity = self.mesh.identity(&pod.workload);
-        self.mesh.certs.acquire(&identity);
-        let ctx = Arc::new(PodContext {
-            workload: pod.workload,
-            identity: identity.clone(),
-            worker: pod.worker,
-            active: Arc::default(),
-        });
-        let server = tls::server_config(
-            &self.mesh.provider,
-            &self.mesh.certs,
-            &identity,
-            &self.mesh.trust_domain,
-            &self.mesh.certs.roots(),
-        )
-        .map_err(std::io::Error::other)?;
-        let inbound = Arc::new(tokio_listener(pod.inbound)?);
-        let mut serving = PodServing {
-            tasks: Vec::new(),
-            proxy: Arc::clone(self),
-            ctx: Arc::clone(&ctx),
-            inbound: Arc::clone(&inbound),
-        };
-        let target = Arc::new(InboundTarget {
-            pod: Arc::clone(&ctx),
-            proxy: Arc::clone(self),
-            reserved_ports: self.reserved_ports,
-        });
-        for listener in pod.hbone {
-            let listener = Arc::new(tokio_listener(listener)?);
-            let acceptor = TlsAcceptor::from(Arc::clone(&server));
-            let target = Arc::clone(&target);
-            serving.tasks.push(tokio::spawn(self.accept_loop(
-                listener,
-                Unit::HboneConnection,
-                Arc::clone(&ctx),
-                move |tcp, peer, active| {
-                    tokio::spawn(hbone::serve_connection(
-                        acceptor.clone(),
-                        tcp,
-                        peer,
-                        Arc::clone(&target),
-                        active,
-                    ));
-                },
-            )));
-        }
-        for listener in pod.outbound {
-            let listener = Arc::new(tokio_listener(listener)?);
-            let (this, outbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
-            serving.tasks.push(tokio::spawn(self.accept_loop(
-                listener,
-                Unit::Outbound,
-                Arc::clone(&ctx),
-                move |tcp, peer, active| {
-                    let (this, ctx) = (Arc::clone(&this), Arc::clone(&outbound_ctx));
-                    tokio::spawn(async move {
-                        this.outbound(&ctx, tcp, peer, active).await;
-                    });
-                },
-            )));
-        }
-        let (this, inbound_ctx) = (Arc::clone(self), Arc::clone(&ctx));
-        serving.tasks.push(tokio::spawn(self.accept_loop(
-            inbound,
-            Unit::Inbound,
-            Arc::clone(&ctx),
-            move |tcp, peer, active| {
-                let (this, ctx) = (Arc::clone(&this), Arc::clone(&inbound_ctx));
-                tokio::spawn(async move {
-                    this.inbound(&ctx, tcp, peer).await;
-                    drop(active);
-                });
-            },
-        )));
-        Ok(serving)
-    }
-
     fn workload_at(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         let directory = self
             .directory
@@ -486,41 +340,5 @@ impl Proxy {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         directory.local.get(uid).cloned()
-    }
-}
-
-fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
-}
-
-impl Proxy {
-    /// Accepts connections until aborted: each is counted against the limits as a `unit` of
-    /// `pod` (refused with a reset beyond them), gets TCP keepalive, and is handed to `handle`
-    /// with what counts it. Accept errors never end the loop (see [`accept`]).
-    fn accept_loop(
-        self: &Arc<Self>,
-        listener: Arc<TcpListener>,
-        unit: Unit,
-        pod: Arc<PodContext>,
-        handle: impl Fn(tokio::net::TcpStream, SocketAddr, Active) + Send + 'static,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let this = Arc::clone(self);
-        async move {
-            loop {
-                let (stream, peer) = accept(&listener, unit.listener(), Some(&this.metrics)).await;
-                // Outbound connections come from the pod itself: only connections into it
-                // count against their source.
-                let source = (unit != Unit::Outbound).then(|| forward::unmap(peer).ip());
-                let Some(active) = this.track(unit, &pod, source) else {
-                    forward::reset(stream);
-                    continue;
-                };
-                if let Err(e) = this.liveness.apply(&stream) {
-                    warn!(listener = unit.listener(), error = %e, "setting TCP keepalive failed");
-                }
-                handle(stream, peer, active);
-            }
-        }
     }
 }

@@ -1,35 +1,65 @@
-//! Outbound (15001): choose the path for a captured connection and carry it.
+//! Outbound (15001): where a captured connection was going (the pod's [`OriginalDst`]), which
+//! endpoint when that is a service address, the [`Path`] that carries it, and carrying it.
+//!
+//! [`OriginalDst`]: super::OriginalDst
 
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::{PodContext, Proxy, forward};
-use crate::metrics::{ConnRecord, Endpoint, Security};
+use super::{Active, Error, PodContext, Proxy, SocketFactory, error::Context, forward};
 use crate::{
-    hbone::{self, PoolKey},
+    hbone::{self, BoxFuture, Dialer, PoolKey},
+    metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security},
     state::Workload,
 };
 
-/// How an outbound connection is carried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path {
-    /// mTLS HBONE to the destination pod's node.
-    Hbone,
-    /// Destination pod on this node: straight into its netns, no TLS.
-    SameNode,
-    /// Destination outside the mesh: plaintext, from the source pod's netns.
-    Passthrough,
+/// Where a captured connection goes, and how.
+enum Route {
+    /// To a pod on another node, over HBONE.
+    Hbone(Arc<Workload>),
+    /// To a pod of this node, straight into its netns.
+    SameNode(Arc<PodContext>),
+    /// Out of the mesh (or to a pod of this node not served yet: its own capture takes it).
+    Passthrough(Option<Arc<Workload>>),
 }
 
-impl Path {
-    fn as_str(self) -> &'static str {
+impl Route {
+    fn path(&self) -> Path {
         match self {
-            Path::Hbone => "hbone",
-            Path::SameNode => "same-node",
-            Path::Passthrough => "passthrough",
+            Route::Hbone(_) => Path::Hbone,
+            Route::SameNode(_) => Path::SameNode,
+            Route::Passthrough(_) => Path::Passthrough,
         }
+    }
+
+    fn security(&self) -> Security {
+        match self {
+            Route::Hbone(_) => Security::MutualTls,
+            Route::SameNode(_) => Security::None(NoMtls::SameNode),
+            Route::Passthrough(_) => Security::None(NoMtls::DestinationNotInMesh),
+        }
+    }
+
+    fn workload(&self) -> Option<Arc<Workload>> {
+        match self {
+            Route::Hbone(w) => Some(Arc::clone(w)),
+            Route::SameNode(pod) => Some(Arc::clone(&pod.workload)),
+            Route::Passthrough(w) => w.clone(),
+        }
+    }
+}
+
+/// Dials the TCP connections of a pod's pooled HBONE connections through its sockets.
+struct PodDialer<'a> {
+    proxy: &'a Proxy,
+    sockets: &'a dyn SocketFactory,
+}
+
+impl Dialer for PodDialer<'_> {
+    fn dial(&self, address: SocketAddr) -> BoxFuture<'_, std::io::Result<TcpStream>> {
+        Box::pin(self.proxy.connect_upstream(self.sockets, address))
     }
 }
 
@@ -40,58 +70,40 @@ impl Proxy {
         ctx: &PodContext,
         client: TcpStream,
         peer: SocketAddr,
-        active: super::Active,
+        active: Active,
     ) {
         let uid = ctx.workload.uid();
-        let Some(dst) = self.orig_dst.take(ctx.worker.cookie(), peer) else {
-            if let Some(suppressed) = self.metrics.error("outbound", "no_original_destination") {
-                warn!(
-                    direction = "outbound",
-                    src_workload = %uid,
-                    client = %peer,
-                    suppressed,
-                    "no original destination recorded for a captured connection; closing it"
-                );
-            }
-            forward::reset(client);
-            return;
+        let mut context = Context {
+            direction: Direction::Outbound,
+            workload: &uid,
+            client: peer,
+            dst: None,
+            peer_identity: None,
         };
+        let Some(dst) = ctx.orig_dst.outbound(peer) else {
+            self.report("outbound", &Error::NoOriginalDst, None, &context);
+            return forward::reset(client);
+        };
+        context.dst = Some(dst);
         // A service address: one endpoint per connection.
         let (dst, service) = match self.service_at(dst) {
             None => (dst, None),
             Some(backends) => {
-                if let Some(endpoint) = backends.pick() {
-                    debug!(service = %backends.service.hostname, vip = %dst, endpoint = %endpoint, "service endpoint chosen");
-                    (endpoint, Some(Arc::clone(&backends.service.hostname)))
-                } else {
-                    if let Some(suppressed) = self.metrics.error("outbound", "no_endpoint") {
-                        warn!(
-                            direction = "outbound",
-                            src_workload = %uid,
-                            service = %backends.service.hostname,
-                            orig_dst = %dst,
-                            suppressed,
-                            "no ready endpoint for the service; closing the connection"
-                        );
-                    }
-                    forward::reset(client);
-                    return;
-                }
+                let service = Arc::clone(&backends.service.hostname);
+                let Some(endpoint) = backends.pick() else {
+                    self.report("outbound", &Error::NoEndpoint { service }, None, &context);
+                    return forward::reset(client);
+                };
+                debug!(service = %service, vip = %dst, endpoint = %endpoint, "service endpoint chosen");
+                (endpoint, Some(service))
             }
         };
-        let target = self.workload_at(dst.ip()).filter(|w| w.enrolled);
-        let (path, local_target) = match &target {
-            Some(w) if w.node == self.node => match self.local_pod(&w.uid()) {
-                Some(pod) => (Path::SameNode, Some(pod)),
-                // Enrolled here but not (yet) served: let its capture take it.
-                None => (Path::Passthrough, None),
-            },
-            Some(_) => (Path::Hbone, None),
-            None => (Path::Passthrough, None),
-        };
+        context.dst = Some(dst);
+        let route = self.route(dst);
+        let target = route.workload();
         debug!(
             direction = "outbound",
-            path = path.as_str(),
+            path = route.path().as_str(),
             src_workload = %uid,
             src_identity = %ctx.identity,
             dst_workload = target.as_ref().map(|w| w.uid()).unwrap_or_default(),
@@ -102,63 +114,70 @@ impl Proxy {
         let src_ip = source_ip(&ctx.workload, dst);
         let record = ConnRecord::open(
             &self.metrics,
-            "outbound",
-            path.as_str(),
+            (Direction::Outbound, route.path()),
             Self::local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
             Endpoint {
                 identity: target.as_ref().map(|w| self.mesh.identity(w)),
-                workload: target.clone(),
+                workload: target,
                 addr: Some(dst),
                 service,
             },
-            if path == Path::Hbone {
-                Security::MutualTls
-            } else {
-                Security::None
-            },
+            route.security(),
         );
-        match (path, target, local_target) {
-            (Path::Hbone, Some(w), _) => {
-                self.via_hbone(ctx, client, dst, &w, record, active).await;
+        let result = match route {
+            Route::Hbone(target) => {
+                return self
+                    .via_hbone(ctx, client, dst, &target, record, active, &context)
+                    .await;
             }
-            (Path::SameNode, _, Some(pod)) => {
-                // The same admission as inbound, in process: both identities are known here.
-                if let Ok(admission) =
-                    self.admit(&pod.workload, src_ip, Some(&ctx.identity), dst, "same-node")
-                {
-                    self.direct(&pod, client, dst, record, Some(&admission))
-                        .await;
-                } else {
-                    record.fail("DENY", "denied by policy");
-                    forward::reset(client);
-                }
+            Route::SameNode(pod) => {
+                // The same admission and connect as inbound, in process: both identities
+                // are known here.
+                self.admit_and_connect(
+                    &pod,
+                    SocketAddr::new(src_ip, 0),
+                    Some(&ctx.identity),
+                    dst,
+                    Path::SameNode,
+                )
+                .await
+                .map(|(admission, upstream)| (Some(admission), upstream))
             }
-            _ => self.direct(ctx, client, dst, record, None).await,
-        }
-    }
-
-    /// Connects to `dst` from inside `netns_of`'s namespace and copies.
-    async fn direct(
-        &self,
-        netns_of: &PodContext,
-        client: TcpStream,
-        dst: SocketAddr,
-        record: ConnRecord,
-        admission: Option<&super::Admission>,
-    ) {
-        match self.connect_upstream(&netns_of.worker, dst).await {
-            Ok(upstream) => {
+            Route::Passthrough(_) => Box::pin(self.connect_upstream(&*ctx.sockets, dst))
+                .await
+                .map(|upstream| (None, upstream))
+                .map_err(|source| Error::Upstream { dst, source }),
+        };
+        match result {
+            Ok((admission, upstream)) => {
                 record.connected();
-                forward::copy_recorded(client, upstream, record, admission, self.limits()).await;
+                forward::copy_recorded(client, upstream, record, admission.as_ref(), self.limits())
+                    .await;
             }
-            Err(e) => {
-                warn!(direction = "outbound", workload = %netns_of.workload.uid(), orig_dst = %dst, error = %e, "upstream connect failed");
-                record.fail("UF", &e.to_string());
+            Err(error) => {
+                self.report("outbound", &error, Some(record), &context);
                 forward::reset(client);
             }
         }
     }
 
+    /// How a connection to `dst` is carried.
+    fn route(&self, dst: SocketAddr) -> Route {
+        match self.workload_at(dst.ip()).filter(|w| w.enrolled) {
+            Some(w) if w.node == self.node => match self.local_pod(&w.uid()) {
+                Some(pod) => Route::SameNode(pod),
+                // Enrolled here but not (yet) served: let its capture take it.
+                None => Route::Passthrough(Some(w)),
+            },
+            Some(w) => Route::Hbone(w),
+            None => Route::Passthrough(None),
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one connection's parts, handed over once"
+    )]
     async fn via_hbone(
         &self,
         ctx: &PodContext,
@@ -166,52 +185,16 @@ impl Proxy {
         dst: SocketAddr,
         target: &Arc<Workload>,
         record: ConnRecord,
-        active: super::Active,
+        active: Active,
+        context: &Context<'_>,
     ) {
-        let uid = ctx.workload.uid();
-        let destination = self.mesh.identity(target);
-        let key = PoolKey {
-            source: ctx.identity.clone(),
-            destination: destination.clone(),
-            address: SocketAddr::new(dst.ip(), hbone::PORT),
-        };
-        // The first certificate may still be on its way from the CA. Futures that finish before
-        // the long copy phase are boxed, so that the task of an open connection does not carry
-        // their state (memory per idle connection).
-        let certificate = Box::pin(self.mesh.certs.get(&ctx.identity));
-        if let Err(e) = certificate.await {
-            warn!(direction = "outbound", src_workload = %uid, orig_dst = %dst, error = %e, "no certificate for the source workload");
-            record.fail("UF", &e.to_string());
-            forward::reset(client);
-            return;
-        }
-        let config = match self.mesh.client_config(&ctx.identity, &destination) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %crate::error_chain(&e), "TLS client configuration");
-                record.fail("UF", &e.to_string());
-                forward::reset(client);
-                return;
-            }
-        };
-        let connect = Box::pin(
-            self.pool
-                .connect(&key, dst, &ctx.worker, self.mark, &config),
-        );
-        let stream = match connect.await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(
-                    direction = "outbound",
-                    src_workload = %uid,
-                    dst_identity = %destination,
-                    orig_dst = %dst,
-                    error = %crate::error_chain(&e),
-                    "HBONE connection failed"
-                );
-                record.fail("UF", &crate::error_chain(&e));
-                forward::reset(client);
-                return;
+        // Boxed: it finishes before the long copy phase, so that the task of an open
+        // connection does not carry its state (memory per idle connection).
+        let stream = match Box::pin(self.open_stream(ctx, dst, target)).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                self.report("outbound", &error, Some(record), context);
+                return forward::reset(client);
             }
         };
         record.connected();
@@ -232,6 +215,42 @@ impl Proxy {
             }
             drop(active);
         });
+    }
+
+    /// A `CONNECT` stream to `dst` (a pod of `target`) on a pooled HBONE connection from `ctx`.
+    async fn open_stream(
+        &self,
+        ctx: &PodContext,
+        dst: SocketAddr,
+        target: &Workload,
+    ) -> Result<hbone::Stream, Error> {
+        let destination = self.mesh.identity(target);
+        // The first certificate may still be on its way from the CA.
+        self.mesh
+            .certs
+            .get(&ctx.identity)
+            .await
+            .map_err(|source| Error::NoCertificate {
+                identity: ctx.identity.clone(),
+                source,
+            })?;
+        let config = self
+            .mesh
+            .client_config(&ctx.identity, &destination)
+            .map_err(Error::TlsConfig)?;
+        let key = PoolKey {
+            source: ctx.identity.clone(),
+            destination,
+            address: SocketAddr::new(dst.ip(), hbone::PORT),
+        };
+        let dialer = PodDialer {
+            proxy: self,
+            sockets: &*ctx.sockets,
+        };
+        self.pool
+            .connect(&key, dst, &dialer, &config)
+            .await
+            .map_err(Error::Hbone)
     }
 }
 

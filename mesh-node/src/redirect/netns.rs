@@ -192,6 +192,22 @@ impl NetnsWorker {
     }
 }
 
+/// A pod's sockets as the proxy asks for them: made in the pod's netns by its thread, carrying
+/// the daemon's mark (the kernel implementation of [`crate::proxy::SocketFactory`]).
+pub struct MarkedSockets {
+    pub worker: Arc<NetnsWorker>,
+    pub mark: u32,
+}
+
+impl crate::proxy::SocketFactory for MarkedSockets {
+    fn tcp_socket(
+        &self,
+        v6: bool,
+    ) -> crate::hbone::BoxFuture<'_, io::Result<tokio::net::TcpSocket>> {
+        Box::pin(self.worker.tcp_socket(v6, self.mark))
+    }
+}
+
 /// A non-blocking, close-on-exec TCP socket with `SO_MARK` set, in the calling thread's netns.
 pub fn marked_socket(v6: bool, mark: u32) -> io::Result<Socket> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };

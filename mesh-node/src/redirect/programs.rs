@@ -161,6 +161,20 @@ impl OrigDstTable {
     }
 }
 
+/// One pod's view of the original-destination table (the kernel implementation of
+/// [`crate::proxy::OriginalDst`]): outbound by the client's address in the pod's netns; inbound
+/// the accepted socket's own local address (`sk_lookup` keeps it).
+pub struct PodOrigDst {
+    pub table: std::sync::Arc<OrigDstTable>,
+    pub cookie: u64,
+}
+
+impl crate::proxy::OriginalDst for PodOrigDst {
+    fn outbound(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self.table.take(self.cookie, peer)
+    }
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> RedirectError {
     move |source| RedirectError::Map { name, source }
 }

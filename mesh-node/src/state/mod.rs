@@ -1,4 +1,4 @@
-//! What the mesh knows about: workloads (and, later, services and policies), fed by one
+//! What the mesh knows about: workloads, services and policies, fed by one
 //! source at a time (`file` today).
 
 pub mod file;
