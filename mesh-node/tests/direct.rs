@@ -57,7 +57,9 @@ async fn outbound_to_another_node_goes_over_hbone_and_the_same_node_path_skips_i
     // Across nodes: HBONE. Half-close both ways: all of 1 MiB comes back after the client's
     // FIN, then the application's.
     let mut stream = mesh.dial("a1", "b1", ECHO).await.expect("connect");
-    let data: Vec<u8> = (0..1u32 << 20).map(|i| u8::try_from(i % 251).unwrap()).collect();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
     let back = round_trip(&mut stream, &data)
         .await
         .expect("echo over HBONE");
