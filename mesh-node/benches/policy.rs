@@ -9,7 +9,7 @@ use std::{hint::black_box, time::Instant};
 use mesh_node::{
     identity::Identity,
     policy::{ConnInfo, PolicyDocument, PolicyStore},
-    state::Workload,
+    workload::Workload,
 };
 
 const NAMESPACES: usize = 500;

@@ -58,8 +58,6 @@ pub enum AppError {
     NoCgroup2 { tried: Vec<PathBuf> },
     #[error("loading the CA (create a development CA with `mesh-node ca init --dir DIR`)")]
     Ca(#[source] CaError),
-    #[error("policies")]
-    Policy(#[source] crate::policy::PolicyError),
     #[error("listening on {address}")]
     Listen {
         address: SocketAddr,
@@ -86,12 +84,17 @@ pub enum AppError {
     NoKubernetes,
 }
 
-/// Runs the daemon until SIGINT or SIGTERM. `config_file` is watched for workload changes.
+/// Runs the daemon with `document`'s settings and state until SIGINT or SIGTERM.
+/// `config_file` is watched for changes of its workloads, services and policies.
 pub async fn run(
-    config: Config,
+    document: state::file::Document,
     config_file: Option<state::file::Watched>,
     log: LogHandle,
 ) -> Result<(), AppError> {
+    let state::file::Document {
+        config,
+        state: from_file,
+    } = document;
     let effective = serde_json::to_string(&config).map_err(AppError::Serialize)?;
     info!(config = %effective, version = env!("CARGO_PKG_VERSION"), "mesh-node starting");
 
@@ -166,7 +169,7 @@ pub async fn run(
         },
     );
 
-    let (_sources, mut states) = start_sources(&config, config_file, &metrics).await?;
+    let (_sources, mut states) = start_sources(&config, from_file, config_file, &metrics).await?;
     let mut warned = HashSet::new();
     let observers = Observers {
         metrics: &metrics,
@@ -257,10 +260,10 @@ type Sources = (
 /// channel of states (the first one is pending until the cluster's state is synced).
 async fn start_sources(
     config: &Config,
+    from_file: MeshState,
     config_file: Option<state::file::Watched>,
     metrics: &Metrics,
 ) -> Result<Sources, AppError> {
-    let from_file = MeshState::from_config(config).map_err(AppError::Policy)?;
     let reloads = metrics.config_reloads.clone();
     let watch_file = move |file, tx| state::file::spawn_watcher(file, WATCH_INTERVAL, tx, reloads);
     if !config.kubernetes.enabled {

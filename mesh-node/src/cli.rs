@@ -10,6 +10,7 @@ use crate::{
     config::{self, Config, LogFormat},
     identity::{CA_CERT_FILE, CA_KEY_FILE, Identity, LocalCa},
     logging,
+    state::file::{Document, Watched},
 };
 
 /// Every proxied connection holds descriptors: raise the soft `RLIMIT_NOFILE` to the hard limit
@@ -209,22 +210,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check { file }) => {
-            let config = Config::load(Some(&file), env)?;
-            print!("{}", serde_yaml_ng::to_string(&config)?);
+            let document = Document::load(Some(&file), env)?;
+            print!("{}", document.to_yaml()?);
             Ok(())
         }
         Command::Run { config, log_format } => {
-            let (mut config, file) = match config {
+            let (mut document, file) = match config {
                 Some(path) => {
-                    let (config, watched) = crate::state::file::Watched::load(&path, env)?;
-                    (config, Some(watched))
+                    let (document, watched) = Watched::load(&path, env)?;
+                    (document, Some(watched))
                 }
-                None => (Config::load(None, env)?, None),
+                None => (Document::load(None, env)?, None),
             };
             if let Some(format) = log_format {
-                config.log.format = format;
+                document.config.log.format = format;
             }
-            let log = logging::init(&config.log)?;
+            let log = logging::init(&document.config.log)?;
             raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -232,10 +233,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             // From here on errors go to the log, in its format (JSON lines stay JSON).
-            runtime.block_on(app::run(config, file, log)).map_err(|e| {
-                tracing::error!(error = %crate::error_chain(&e), "mesh-node failed");
-                anyhow::Error::new(Logged)
-            })
+            runtime
+                .block_on(app::run(document, file, log))
+                .map_err(|e| {
+                    tracing::error!(error = %crate::error_chain(&e), "mesh-node failed");
+                    anyhow::Error::new(Logged)
+                })
         }
     }
 }

@@ -1,5 +1,10 @@
-//! The daemon's configuration: one serializable [`Config`], read from YAML (a file, or the
-//! embedded default) plus a few environment overrides, validated before use.
+//! The daemon's settings: one serializable [`Config`], read from YAML (a file, or the embedded
+//! default) plus a few environment overrides, validated before use.
+//!
+//! The same file also carries the file state source's `workloads`, `services` and `policies`
+//! (`state::file` reads and checks them, and reloads them when the file changes): [`Config`]
+//! accepts those top-level keys and leaves them alone, so that the file as a whole still refuses
+//! unknown fields.
 
 use std::{
     fmt, fs, io,
@@ -7,8 +12,6 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-
-use crate::state::{Service, Workload, validate_services, validate_workloads};
 
 mod locate;
 
@@ -46,15 +49,24 @@ pub struct Config {
     /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
     /// `istio-system`.
     pub root_namespace: String,
-    /// Istio `AuthorizationPolicy` and `PeerAuthentication` documents (file state source),
-    /// re-read when the file changes.
-    pub policies: Vec<crate::policy::PolicyDocument>,
-    /// The workloads of the mesh (file state source). The daemon enrolls the ones placed on
-    /// its node with `enrolled: true`. Re-read when the file changes.
-    pub workloads: Vec<Workload>,
-    /// Services (file state source): virtual addresses whose connections are load-balanced
-    /// across endpoints. Re-read when the file changes.
-    pub services: Vec<Service>,
+    /// The file state source's sections: accepted, read elsewhere.
+    #[serde(skip_serializing)]
+    policies: Elsewhere,
+    #[serde(skip_serializing)]
+    workloads: Elsewhere,
+    #[serde(skip_serializing)]
+    services: Elsewhere,
+}
+
+/// A top-level section of the file that another part of the daemon reads (the file state
+/// source's `workloads`, `services` and `policies`): any YAML is accepted here, unread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Elsewhere;
+
+impl<'de> Deserialize<'de> for Elsewhere {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| Self)
+    }
 }
 
 /// The Kubernetes state source: workloads, services and policies from the API server.
@@ -155,9 +167,9 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             metrics: MetricsConfig::default(),
             root_namespace: "istio-system".to_owned(),
-            policies: Vec::new(),
-            workloads: Vec::new(),
-            services: Vec::new(),
+            policies: Elsewhere,
+            workloads: Elsewhere,
+            services: Elsewhere,
         }
     }
 }
@@ -384,10 +396,43 @@ impl fmt::Display for At<'_> {
     }
 }
 
-/// A semantic error before it is placed in the text: the field path and the reason.
-enum Invalid {
-    Field { field: String, reason: String },
-    Policy(crate::policy::PolicyError),
+impl ConfigError {
+    /// A semantic error of `field` (a path such as `workloads[1].ips[0]`) in `text`, placed at
+    /// the field's line when it can be found.
+    #[must_use]
+    pub fn invalid(origin: &Origin, text: &str, field: String, reason: String) -> Self {
+        Self::Invalid {
+            origin: origin.clone(),
+            at: locate::locate(text, &field),
+            field,
+            reason,
+        }
+    }
+
+    /// An invalid policy document of `text`'s `policies`, placed at the offending field.
+    #[must_use]
+    pub fn policy(origin: &Origin, text: &str, error: crate::policy::PolicyError) -> Self {
+        Self::Policy {
+            origin: origin.clone(),
+            at: locate::locate(text, &format!("policies[{}].{}", error.index, error.field)),
+            error: Box::new(error),
+        }
+    }
+
+    /// A text without any configuration in it, or cut short (see [`Config::parse`]).
+    fn check_complete(text: &str, origin: &Origin) -> Result<(), Self> {
+        if locate::is_empty_document(text) {
+            return Err(Self::Empty {
+                origin: origin.clone(),
+            });
+        }
+        if matches!(origin, Origin::File(_)) && !text.ends_with('\n') {
+            return Err(Self::Incomplete {
+                origin: origin.clone(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Where a configuration came from, for error messages.
@@ -447,45 +492,25 @@ impl Config {
         self
     }
 
-    /// Parses and validates YAML text. Besides YAML and field errors, a text without any
-    /// configuration in it is refused, and so is a file whose last line has no line break
-    /// (cut short); semantic errors name the line and column of the field.
+    /// Parses and validates the settings of YAML text. Besides YAML and field errors, a text
+    /// without any configuration in it is refused, and so is a file whose last line has no
+    /// line break (cut short); semantic errors name the line and column of the field. The
+    /// file state source's sections are only checked to be YAML (`state::file` reads them).
     pub fn parse(text: &str, origin: &Origin) -> Result<Self, ConfigError> {
-        if locate::is_empty_document(text) {
-            return Err(ConfigError::Empty {
-                origin: origin.clone(),
-            });
-        }
-        if matches!(origin, Origin::File(_)) && !text.ends_with('\n') {
-            return Err(ConfigError::Incomplete {
-                origin: origin.clone(),
-            });
-        }
+        ConfigError::check_complete(text, origin)?;
         let config: Config = serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
             origin: origin.clone(),
             error,
         })?;
-        config.validate().map_err(|invalid| match invalid {
-            Invalid::Field { field, reason } => ConfigError::Invalid {
-                origin: origin.clone(),
-                at: locate::locate(text, &field),
-                field,
-                reason,
-            },
-            Invalid::Policy(error) => ConfigError::Policy {
-                origin: origin.clone(),
-                at: locate::locate(text, &format!("policies[{}].{}", error.index, error.field)),
-                error: Box::new(error),
-            },
-        })?;
+        config
+            .validate()
+            .map_err(|(field, reason)| ConfigError::invalid(origin, text, field, reason))?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), Invalid> {
-        let invalid = |field: &str, reason: &str| Invalid::Field {
-            field: field.to_owned(),
-            reason: reason.to_owned(),
-        };
+    /// The first invalid setting: its field path and why.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let invalid = |field: &str, reason: &str| (field.to_owned(), reason.to_owned());
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
             return Err(invalid("log.filter", &e.to_string()));
         }
@@ -539,9 +564,6 @@ impl Config {
         if let Err((field, reason)) = self.proxy.validate_liveness() {
             return Err(invalid(field, reason));
         }
-        if let Err(e) = crate::policy::PolicyStore::new(&self.root_namespace, &self.policies) {
-            return Err(Invalid::Policy(e));
-        }
         let k8s = &self.kubernetes;
         if k8s.enroll_label.is_empty() {
             return Err(invalid("kubernetes.enrollLabel", "must not be empty"));
@@ -554,11 +576,6 @@ impl Config {
         }
         if k8s.rescan_interval_ms == 0 {
             return Err(invalid("kubernetes.rescanIntervalMs", "must be positive"));
-        }
-        if let Err((field, reason)) =
-            validate_workloads(&self.workloads).and_then(|()| validate_services(&self.services))
-        {
-            return Err(Invalid::Field { field, reason });
         }
         Ok(())
     }
@@ -616,86 +633,84 @@ mod tests {
     #[test]
     fn invalid_values_name_the_field_and_its_line() {
         let origin = Origin::File("/etc/mesh.yaml".into());
-        let w = |name: &str, ip: &str| format!("- {{name: {name}, node: n, ips: [{ip}]}}\n");
-        let a1 = w("a", "198.18.0.1");
         for (text, field, line) in [
             ("redirect:\n  mark: 0\n".to_owned(), "redirect.mark", 2),
-            ("redirect:\n  cgroup: relative/dir\n".to_owned(), "redirect.cgroup", 2),
-            ("node: x\nlog:\n  filter: \"info,[\"\n".to_owned(), "log.filter", 3),
+            (
+                "redirect:\n  cgroup: relative/dir\n".to_owned(),
+                "redirect.cgroup",
+                2,
+            ),
+            (
+                "node: x\nlog:\n  filter: \"info,[\"\n".to_owned(),
+                "log.filter",
+                3,
+            ),
             ("redirect:\n  bpffs: pins\n".to_owned(), "redirect.bpffs", 2),
-            ("redirect:\n  excludePorts: [22, 0]\n".to_owned(), "redirect.excludePorts[1]", 2),
-            ("identity:\n  trustDomain: Cluster.Local\n".to_owned(), "identity.trustDomain", 2),
-            ("identity:\n  certLifetimeSeconds: 1\n".to_owned(), "identity.certLifetimeSeconds", 2),
-            ("proxy:\n  connectTimeoutMs: 0\n".to_owned(), "proxy.connectTimeoutMs", 2),
-            ("proxy:\n  handshakeTimeoutMs: 0\n".to_owned(), "proxy.handshakeTimeoutMs", 2),
-            ("proxy:\n  maxConnections: 0\n".to_owned(), "proxy.maxConnections", 2),
+            (
+                "redirect:\n  excludePorts: [22, 0]\n".to_owned(),
+                "redirect.excludePorts[1]",
+                2,
+            ),
+            (
+                "identity:\n  trustDomain: Cluster.Local\n".to_owned(),
+                "identity.trustDomain",
+                2,
+            ),
+            (
+                "identity:\n  certLifetimeSeconds: 1\n".to_owned(),
+                "identity.certLifetimeSeconds",
+                2,
+            ),
+            (
+                "proxy:\n  connectTimeoutMs: 0\n".to_owned(),
+                "proxy.connectTimeoutMs",
+                2,
+            ),
+            (
+                "proxy:\n  handshakeTimeoutMs: 0\n".to_owned(),
+                "proxy.handshakeTimeoutMs",
+                2,
+            ),
+            (
+                "proxy:\n  maxConnections: 0\n".to_owned(),
+                "proxy.maxConnections",
+                2,
+            ),
             (
                 "proxy:\n  maxConnectionsPerWorkload: 0\n".to_owned(),
                 "proxy.maxConnectionsPerWorkload",
                 2,
             ),
-            (format!("workloads:\n{a1}{}", w("a", "198.18.0.2")), "workloads[1].name", 3),
-            (format!("workloads:\n{a1}{}", w("b", "198.18.0.1")), "workloads[1].ips[0]", 3),
             (
-                format!("workloads:\n{a1}- name: b\n  node: n\n  ips:\n  - 198.18.0.2\n  - 198.18.0.1\n"),
-                "workloads[1].ips[1]",
-                7,
-            ),
-            ("workloads:\n- {name: a, node: n, ips: []}\n".to_owned(), "workloads[0].ips", 2),
-            ("workloads:\n- {name: '', node: n, ips: [198.18.0.1]}\n".to_owned(), "workloads[0].name", 2),
-            ("workloads:\n- {name: a, node: '', ips: [198.18.0.1]}\n".to_owned(), "workloads[0].node", 2),
-            (
-                "workloads:\n- name: a\n  node: n\n  ips: [198.18.0.1]\n  netns: run/a\n".to_owned(),
-                "workloads[0].netns",
-                5,
-            ),
-            (
-                "workloads:\n- name: a\n  namespace: Shop/x\n  node: n\n  ips: [198.18.0.1]\n".to_owned(),
-                "workloads[0].namespace",
-                3,
-            ),
-            (
-                "workloads:\n- {name: a, serviceAccount: '..', node: n, ips: [198.18.0.1]}\n".to_owned(),
-                "workloads[0].serviceAccount",
+                "kubernetes:\n  procRoot: proc\n".to_owned(),
+                "kubernetes.procRoot",
                 2,
             ),
             (
-                "services:\n- {name: s, addresses: [], ports: [{port: 1}]}\n".to_owned(),
-                "services[0].addresses",
+                "kubernetes:\n  enrollLabel: ''\n".to_owned(),
+                "kubernetes.enrollLabel",
                 2,
             ),
             (
-                "services:\n- {name: '', addresses: [198.19.0.1], ports: [{port: 1}]}\n".to_owned(),
-                "services[0].name",
+                "kubernetes:\n  enrollValue: ''\n".to_owned(),
+                "kubernetes.enrollValue",
                 2,
             ),
             (
-                "services:\n- name: s\n  addresses: [198.19.0.1]\n  ports: []\n".to_owned(),
-                "services[0].ports",
-                4,
+                "kubernetes:\n  rescanIntervalMs: 0\n".to_owned(),
+                "kubernetes.rescanIntervalMs",
+                2,
             ),
-            (
-                "services:\n- name: s\n  addresses: [198.19.0.1]\n  ports:\n  - {port: 1}\n  - {port: 0}\n".to_owned(),
-                "services[0].ports[1]",
-                6,
-            ),
-            (
-                "services:\n- {name: s, addresses: [198.19.0.1], ports: [{port: 1}]}\n\
-                 - {name: t, addresses: [198.19.0.2, 198.19.0.1], ports: [{port: 1}]}\n"
-                    .to_owned(),
-                "services[1].addresses[1]",
-                3,
-            ),
-            ("kubernetes:\n  procRoot: proc\n".to_owned(), "kubernetes.procRoot", 2),
-            ("kubernetes:\n  enrollLabel: ''\n".to_owned(), "kubernetes.enrollLabel", 2),
-            ("kubernetes:\n  enrollValue: ''\n".to_owned(), "kubernetes.enrollValue", 2),
-            ("kubernetes:\n  rescanIntervalMs: 0\n".to_owned(), "kubernetes.rescanIntervalMs", 2),
             (
                 "proxy:\n  maxConnectionsPerSource: 0\n".to_owned(),
                 "proxy.maxConnectionsPerSource",
                 2,
             ),
-            ("proxy:\n  pingTimeoutMs: 0\n".to_owned(), "proxy.pingTimeoutMs", 2),
+            (
+                "proxy:\n  pingTimeoutMs: 0\n".to_owned(),
+                "proxy.pingTimeoutMs",
+                2,
+            ),
             (
                 "proxy:\n  tcpKeepaliveTimeMs: 500\n".to_owned(),
                 "proxy.tcpKeepaliveTimeMs",
@@ -708,43 +723,12 @@ mod tests {
             };
             assert_eq!(named, field, "{text:?}");
             let err = err.to_string();
-            assert!(err.contains(&format!("`{field}` at line {line} column")), "{text:?}: {err}");
+            assert!(
+                err.contains(&format!("`{field}` at line {line} column")),
+                "{text:?}: {err}"
+            );
             assert!(err.starts_with("/etc/mesh.yaml: "), "{err}");
         }
-    }
-
-    #[test]
-    fn policy_errors_name_the_line_of_the_field() {
-        let text = "\
-policies:
-- apiVersion: security.istio.io/v1
-  kind: AuthorizationPolicy
-  metadata: {name: a, namespace: ns}
-- apiVersion: security.istio.io/v1
-  kind: PeerAuthentication
-  metadata: {name: b, namespace: ns}
-  spec:
-    portLevelMtls:
-      8080: {mode: STRICT}
-";
-        let err = Config::parse(text, &Origin::Embedded)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("policies[1]")
-                && err.contains("portLevelMtls")
-                && err.ends_with("at line 9 column 5"),
-            "{err}"
-        );
-        let text =
-            "policies:\n- apiVersion: v2\n  kind: AuthorizationPolicy\n  metadata: {name: a}\n";
-        let err = Config::parse(text, &Origin::Embedded)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("apiVersion") && err.ends_with("at line 2 column 3"),
-            "{err}"
-        );
     }
 
     #[test]
@@ -794,19 +778,6 @@ policies:
     }
 
     #[test]
-    fn workload_defaults_apply() {
-        let text = "workloads:\n- name: a\n  node: n1\n  ips: [198.18.1.2, fd6d::2]\n";
-        let config = Config::parse(text, &Origin::Embedded).expect("parse");
-        let w = &config.workloads[0];
-        assert_eq!(
-            (w.namespace.as_str(), w.service_account.as_str()),
-            ("default", "default")
-        );
-        assert!(w.enrolled);
-        assert_eq!(w.uid(), "default/a");
-    }
-
-    #[test]
     fn round_trips_through_yaml() {
         let config = Config {
             node: "n1".into(),
@@ -851,23 +822,7 @@ policies:
                 bind_address: "127.0.0.1".parse().unwrap(),
             },
             root_namespace: "mesh-root".into(),
-            policies: Vec::new(),
-            workloads: vec![Workload {
-                labels: [("app".to_owned(), "web".to_owned())].into(),
-                name: "web-1".into(),
-                namespace: "shop".into(),
-                service_account: "web".into(),
-                ips: vec!["198.18.1.2".parse().unwrap()],
-                node: "n1".into(),
-                netns: Some("/run/netns/web-1".into()),
-                enrolled: true,
-            }],
-            services: vec![
-                serde_yaml_ng::from_str(
-                    "{name: web, namespace: shop, addresses: [198.19.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, loadBalancing: preferNode}",
-                )
-                .expect("service"),
-            ],
+            ..Config::default()
         };
         let text = serde_yaml_ng::to_string(&config).expect("serialize");
         assert_eq!(

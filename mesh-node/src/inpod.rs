@@ -14,7 +14,7 @@ use crate::{
         self, Attachment, MarkedSockets, NetnsWorker, OrigDstTable, PodKernelState, PodOrigDst,
         PodPorts, Programs, Succession,
     },
-    state::Workload,
+    workload::Workload,
 };
 
 struct Enrolled {

@@ -4,7 +4,7 @@
 use mesh_node::{
     identity::Identity,
     policy::{ConnInfo, PolicyDocument, PolicyStore},
-    state::Workload,
+    workload::Workload,
 };
 
 libfuzzer_sys::fuzz_target!(|text: &str| {

@@ -18,7 +18,7 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 
 use super::{ConnLabels, Metrics, PathLabels};
-use crate::{identity::Identity, state::Workload};
+use crate::{identity::Identity, workload::Workload};
 
 /// One end of a connection as metrics see it.
 #[derive(Clone, Debug, Default)]

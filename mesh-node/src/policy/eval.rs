@@ -6,7 +6,7 @@ use super::{
     ConnInfo, DRY_RUN_ANNOTATION, Decision,
     model::{Action, Condition, IpBlock, PolicyDocument, Rule, Source, parse_block},
 };
-use crate::state::Workload;
+use crate::workload::Workload;
 
 /// A string pattern: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use std::{collections::HashMap, net::IpAddr, sync::RwLock};
 pub use eval::{Applicable, CompiledPolicy};
 pub use model::{Action, Kind, MtlsMode, PolicyDocument};
 
-use crate::{identity::Identity, state::Workload};
+use crate::{identity::Identity, workload::Workload};
 
 /// The annotation that makes a policy dry-run.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use super::model::{MtlsMode, PolicyDocument};
-use crate::state::Workload;
+use crate::workload::Workload;
 
 #[derive(Clone, Debug)]
 pub(super) struct PeerAuth {

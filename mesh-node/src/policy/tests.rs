@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use super::{ConnInfo, MtlsMode, PolicyDocument, PolicyStore};
-use crate::{identity::Identity, state::Workload};
+use crate::{identity::Identity, workload::Workload};
 
 fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
     Workload {

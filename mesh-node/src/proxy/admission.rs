@@ -25,7 +25,7 @@ use crate::{
     identity::Identity,
     metrics::Path,
     policy::{ConnInfo, Decision, MtlsMode},
-    state::Workload,
+    workload::Workload,
 };
 
 /// What was admitted, kept to decide again later.

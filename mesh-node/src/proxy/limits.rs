@@ -27,7 +27,7 @@ use std::{
 use tracing::warn;
 
 use super::descriptors::Descriptors;
-use crate::{metrics::Metrics, state::Workload};
+use crate::{metrics::Metrics, workload::Workload};
 
 /// What is being admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use crate::{
     identity::{CA_CERT_FILE, CA_KEY_FILE, CertManager, LocalCa},
     metrics::{ErrorLabels, Metrics, NodeCollector},
     proxy::descriptors::Descriptors,
-    state::Workload,
+    workload::Workload,
 };
 
 fn metrics(test: &str) -> Arc<Metrics> {

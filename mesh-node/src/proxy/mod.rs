@@ -49,8 +49,9 @@ use crate::{
     identity::{CertManager, Identity},
     metrics::{Endpoint, Metrics},
     policy::PolicyStore,
-    state::{ServiceTable, Workload},
+    state::ServiceTable,
     tls,
+    workload::Workload,
 };
 
 /// Mesh identity settings shared by every connection.

@@ -12,7 +12,7 @@ use super::{Active, Error, PodContext, Proxy, SocketFactory, error::Context, for
 use crate::{
     hbone::{self, BoxFuture, Dialer, PoolKey},
     metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security},
-    state::Workload,
+    workload::Workload,
 };
 
 /// Where a captured connection goes, and how.

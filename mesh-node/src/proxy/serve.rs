@@ -12,7 +12,7 @@ use super::{
     Active, OriginalDst, PodContext, Proxy, SocketFactory, Unit, accept, forward,
     inbound::HboneHandler,
 };
-use crate::{hbone, state::Workload, tls};
+use crate::{hbone, tls, workload::Workload};
 
 /// A pod ready to be served: its listeners (bound, listening) and its seams.
 pub struct PodListeners {

@@ -24,7 +24,7 @@ use mesh_common::{ADDR_HBONE, NetnsInfo};
 use tracing::warn;
 
 use super::{Attachment, NetnsWorker, Programs, RedirectError, netns::marked_listener};
-use crate::state::Workload;
+use crate::workload::Workload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {

@@ -1,5 +1,6 @@
 //! The file state source: the configuration file's `workloads`, `services` and `policies`,
-//! re-read when the file changes.
+//! re-read when the file changes. The file's other fields are the daemon's settings
+//! ([`Config`]); a [`Document`] is the two together, as one file holds them.
 //!
 //! The file is polled (every 250 ms by default): cheap for one small file, and robust to the
 //! ways editors and Kubernetes `ConfigMap`s replace files (rename, symlink swap), which inotify
@@ -24,14 +25,100 @@ use std::{
 };
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
+use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, error, info, warn};
 
-use super::MeshState;
+use super::{MeshState, Service, validate_services};
 use crate::{
-    config::{Config, ConfigError, Origin},
+    config::{Config, ConfigError, DEFAULT_YAML, Origin},
     metrics::ReloadLabels,
+    policy::{PolicyDocument, PolicyStore},
+    workload::{Workload, validate_workloads},
 };
+
+/// The file source's sections of the configuration file (the other fields are [`Config`]'s,
+/// which also refuses unknown ones).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+struct Sections {
+    /// Istio `AuthorizationPolicy` and `PeerAuthentication` documents.
+    policies: Vec<PolicyDocument>,
+    /// The workloads of the mesh. The daemon enrolls the ones placed on its node with
+    /// `enrolled: true`.
+    workloads: Vec<Workload>,
+    /// Services: virtual addresses whose connections are load-balanced across endpoints.
+    services: Vec<Service>,
+}
+
+/// A configuration file (or the embedded default) as the daemon reads it: its settings, and
+/// the state its sections describe.
+#[derive(Debug)]
+pub struct Document {
+    /// The daemon's settings.
+    pub config: Config,
+    /// The workloads, services and policies of the file (its zone too, from the settings).
+    pub state: MeshState,
+}
+
+impl Document {
+    /// Parses and validates a whole file: the settings ([`Config::parse`]), then the
+    /// workloads, services and policies; every error names its field and line.
+    pub fn parse(text: &str, origin: &Origin) -> Result<Self, ConfigError> {
+        let config = Config::parse(text, origin)?;
+        let sections: Sections =
+            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
+                origin: origin.clone(),
+                error,
+            })?;
+        validate_workloads(&sections.workloads)
+            .and_then(|()| validate_services(&sections.services))
+            .map_err(|(field, reason)| ConfigError::invalid(origin, text, field, reason))?;
+        let policies = PolicyStore::new(&config.root_namespace, &sections.policies)
+            .map_err(|error| ConfigError::policy(origin, text, error))?;
+        let state = MeshState {
+            workloads: sections.workloads,
+            services: sections.services,
+            policies: Arc::new(policies),
+            zone: config.zone.clone(),
+            pending: None,
+        };
+        Ok(Self { config, state })
+    }
+
+    /// Reads `file` (the embedded default when `None`), then applies the environment
+    /// overrides looked up through `env` to the settings ([`Config::with_overrides`]).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let (origin, text) = match file {
+            None => (Origin::Embedded, DEFAULT_YAML.to_owned()),
+            Some(path) => {
+                let origin = Origin::File(path.to_owned());
+                match std::fs::read_to_string(path) {
+                    Ok(text) => (origin, text),
+                    Err(source) => return Err(ConfigError::Read { origin, source }),
+                }
+            }
+        };
+        let mut document = Self::parse(&text, &origin)?;
+        document.config = document.config.with_overrides(env);
+        Ok(document)
+    }
+
+    /// The document as one YAML file again: the settings, then the sections.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml_ng::Error> {
+        let sections = Sections {
+            policies: self.state.policies.documents().to_vec(),
+            workloads: self.state.workloads.clone(),
+            services: self.state.services.clone(),
+        };
+        let mut text = serde_yaml_ng::to_string(&self.config)?;
+        text.push_str(&serde_yaml_ng::to_string(&sections)?);
+        Ok(text)
+    }
+}
 
 /// How long a changed file must stay the same before it is read.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -75,25 +162,28 @@ pub struct Watched {
 }
 
 impl Watched {
-    /// Reads the configuration file for the daemon's start: the effective configuration (with
-    /// the overrides `env` gives) and the start of its watch.
+    /// Reads the configuration file for the daemon's start: the effective document (with the
+    /// overrides `env` gives) and the start of its watch.
     pub fn load(
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<(Config, Self), ConfigError> {
+    ) -> Result<(Document, Self), ConfigError> {
         let origin = Origin::File(path.to_owned());
         // Taken before reading: a write after it shows as a change.
         let stamp = stamp(path);
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { origin, source })?;
-        let as_written = Config::parse(&text, &Origin::File(path.to_owned()))?;
-        let effective = as_written.clone().with_overrides(env);
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            origin: origin.clone(),
+            source,
+        })?;
+        let mut document = Document::parse(&text, &origin)?;
+        let as_written = document.config.clone();
+        document.config = as_written.clone().with_overrides(env);
         let watched = Self {
             path: path.to_owned(),
             stamp,
             as_written,
         };
-        Ok((effective, watched))
+        Ok((document, watched))
     }
 
     /// The file.
@@ -149,13 +239,14 @@ fn open_for_writing(path: &Path) -> Option<bool> {
     }
 }
 
-/// The top-level fields the file source applies at run time; everything else is read at start.
+/// The settings the file source applies at run time (besides its own sections); every other
+/// setting is read at start.
 fn rereadable(kubernetes: bool) -> &'static [&'static str] {
     if kubernetes {
         // The Kubernetes source took the zone and root namespace at its start.
-        &["workloads", "services", "policies"]
+        &[]
     } else {
-        &["workloads", "services", "policies", "zone", "rootNamespace"]
+        &["zone", "rootNamespace"]
     }
 }
 
@@ -276,16 +367,8 @@ impl Watcher {
                 return;
             }
         };
-        let parsed = Config::parse(text, &self.origin).and_then(|config| {
-            let state = MeshState::from_config(&config).map_err(|error| ConfigError::Policy {
-                origin: self.origin.clone(),
-                error: Box::new(error),
-                at: None,
-            })?;
-            Ok((config, state))
-        });
-        match parsed {
-            Ok((config, state)) => {
+        match Document::parse(text, &self.origin) {
+            Ok(Document { config, state }) => {
                 info!(
                     file = %file,
                     workloads = state.workloads.len(),

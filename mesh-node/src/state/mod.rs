@@ -1,5 +1,6 @@
-//! What the mesh knows about: workloads, services and policies, fed by one
-//! source at a time (`file` today).
+//! What the mesh knows about: workloads, services and policies, and the sources that feed it:
+//! the configuration file (`file`: the only source without Kubernetes, and how VMs join) and
+//! the Kubernetes API (`kube`), which merges the file's state into the cluster's.
 
 pub mod file;
 #[cfg(feature = "kubernetes")]
@@ -8,9 +9,7 @@ pub mod service;
 
 pub use service::{Service, ServiceTable, validate_services};
 
-use std::{net::IpAddr, path::PathBuf};
-
-use serde::{Deserialize, Serialize};
+use crate::workload::Workload;
 
 /// Everything the mesh knows at one moment, as the proxy and the enroller consume it.
 #[derive(Debug)]
@@ -23,112 +22,4 @@ pub struct MeshState {
     /// Why the state is not complete yet (a source has not synced): while set, the daemon
     /// neither enrolls nor unenrolls pods and reports not ready.
     pub pending: Option<String>,
-}
-
-impl MeshState {
-    /// The state described by a (validated) configuration.
-    pub fn from_config(config: &crate::config::Config) -> Result<Self, crate::policy::PolicyError> {
-        Ok(Self {
-            workloads: config.workloads.clone(),
-            services: config.services.clone(),
-            zone: config.zone.clone(),
-            pending: None,
-            policies: std::sync::Arc::new(crate::policy::PolicyStore::new(
-                &config.root_namespace,
-                &config.policies,
-            )?),
-        })
-    }
-}
-
-/// A workload: one pod (or VM) with its identity, addresses and placement.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Workload {
-    /// Workload name (the pod name in Kubernetes).
-    pub name: String,
-    /// Namespace. Default: `default`.
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// Service account; with the namespace and the trust domain it forms the workload's SPIFFE
-    /// identity. Default: `default`.
-    #[serde(default = "default_namespace")]
-    pub service_account: String,
-    /// Labels (Kubernetes pod labels): policy selectors match them; `app` and `version` feed
-    /// metrics. Default: none.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// The workload's IP addresses (IPv4 and/or IPv6).
-    pub ips: Vec<IpAddr>,
-    /// Name of the node the workload runs on.
-    pub node: String,
-    /// Path of the workload's network namespace on its node (e.g. `/run/netns/web-1` or
-    /// `/proc/<pid>/ns/net`). Required for enrolled workloads on this node.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-    /// Whether the workload is in the mesh (its traffic is captured). Default: `true`.
-    #[serde(default = "yes")]
-    pub enrolled: bool,
-}
-
-fn default_namespace() -> String {
-    "default".to_owned()
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Workload {
-    /// `namespace/name`, unique in the mesh.
-    #[must_use]
-    pub fn uid(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Checks a workload list for problems a YAML schema cannot express; returns the offending
-/// field path and the reason.
-pub fn validate_workloads(workloads: &[Workload]) -> Result<(), (String, String)> {
-    let mut uids = std::collections::HashSet::new();
-    let mut ips = std::collections::HashMap::new();
-    for (i, w) in workloads.iter().enumerate() {
-        let field = |f: &str| format!("workloads[{i}].{f}");
-        if w.name.is_empty() {
-            return Err((field("name"), "must not be empty".to_owned()));
-        }
-        if w.node.is_empty() {
-            return Err((field("node"), "must not be empty".to_owned()));
-        }
-        if w.ips.is_empty() {
-            return Err((field("ips"), "needs at least one address".to_owned()));
-        }
-        // The namespace and service account are the path of the workload's SPIFFE id.
-        for (name, value) in [
-            ("namespace", &w.namespace),
-            ("serviceAccount", &w.service_account),
-        ] {
-            if !crate::identity::valid_segment(value) {
-                return Err((
-                    field(name),
-                    "must be a SPIFFE path segment: letters, digits, `.`, `-`, `_`".to_owned(),
-                ));
-            }
-        }
-        if !uids.insert(w.uid()) {
-            return Err((field("name"), format!("{} is listed twice", w.uid())));
-        }
-        for (j, ip) in w.ips.iter().enumerate() {
-            if let Some(other) = ips.insert(*ip, w.uid()) {
-                return Err((
-                    field(&format!("ips[{j}]")),
-                    format!("{ip} is also used by {other}"),
-                ));
-            }
-        }
-        if w.netns.as_ref().is_some_and(|p| !p.is_absolute()) {
-            return Err((field("netns"), "must be an absolute path".to_owned()));
-        }
-    }
-    Ok(())
 }

@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::Workload;
+use crate::workload::Workload;
 
 /// A service: virtual addresses and ports in front of a set of endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub struct Service {
     /// Service name.
     pub name: String,
     /// Namespace. Default: `default`.
-    #[serde(default = "super::default_namespace")]
+    #[serde(default = "crate::workload::default_namespace")]
     pub namespace: String,
     /// Virtual addresses (cluster IPs) that clients connect to.
     pub addresses: Vec<IpAddr>,
@@ -65,7 +65,7 @@ pub struct ServiceEndpoint {
     /// Endpoint address.
     pub address: IpAddr,
     /// Whether the endpoint takes connections. Default: `true`.
-    #[serde(default = "super::yes")]
+    #[serde(default = "crate::workload::yes")]
     pub ready: bool,
     /// Node the endpoint runs on. Default: the node of the workload with this address.
     #[serde(default, skip_serializing_if = "Option::is_none")]

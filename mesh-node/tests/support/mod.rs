@@ -26,8 +26,8 @@ use mesh_node::{
         KnownDestinations, MaxConnections, MeshTls, PlainSockets, PodListeners, PodServing, Proxy,
         ProxyOptions,
     },
-    state::Workload,
     tls,
+    workload::Workload,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},

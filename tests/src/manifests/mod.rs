@@ -26,7 +26,10 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use mesh_node::config::{Config, Origin};
+use mesh_node::{
+    config::{Config, Origin},
+    state::file::Document,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -374,7 +377,8 @@ impl Rendered {
         Ok(())
     }
 
-    /// The configuration the pod template mounts, parsed by the daemon's own code.
+    /// The settings of the configuration the pod template mounts, parsed (with its workloads,
+    /// services and policies) by the daemon's own code.
     fn mounted_config(&self, pod: &PodSpec, container: &Container) -> anyhow::Result<Config> {
         let args = container.args.clone().unwrap_or_default();
         let path = match args.iter().position(|a| a == "--config") {
@@ -410,7 +414,8 @@ impl Rendered {
             .as_ref()
             .and_then(|d| d.get(CONFIG_KEY))
             .with_context(|| format!("ConfigMap {name} has no {CONFIG_KEY}"))?;
-        Config::parse(text, &Origin::File(path.to_owned()))
+        Document::parse(text, &Origin::File(path.to_owned()))
+            .map(|document| document.config)
             .map_err(|e| anyhow::anyhow!(mesh_node::error_chain(&e)))
             .with_context(|| format!("the configuration in ConfigMap {name}"))
     }

@@ -12,8 +12,12 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::sync::watch;
 
-use super::{SETTLE, Watched, spawn_watcher, start_only_changes};
-use crate::{config::Config, metrics::ReloadLabels, state::MeshState};
+use super::{Document, SETTLE, Watched, spawn_watcher, start_only_changes};
+use crate::{
+    config::{Config, ConfigError, Origin},
+    metrics::ReloadLabels,
+    state::MeshState,
+};
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -100,10 +104,8 @@ impl Run {
             .with_max_level(tracing::Level::INFO)
             .finish();
         let guard = tracing::subscriber::set_default(subscriber);
-        let (config, watched) = Watched::load(path, |_| None).expect("initial file");
-        let (tx, states) = watch::channel(Arc::new(
-            MeshState::from_config(&config).expect("initial state"),
-        ));
+        let (document, watched) = Watched::load(path, |_| None).expect("initial file");
+        let (tx, states) = watch::channel(Arc::new(document.state));
         let reloads = Family::default();
         let task = spawn_watcher(watched, POLL, tx, reloads.clone());
         let published = Arc::new(Mutex::new(Vec::new()));
@@ -211,7 +213,7 @@ async fn a_file_written_in_pieces_is_read_once_it_is_complete() {
     let full = config(4, "");
     // Cut between two workloads: a valid document with one workload only.
     let half = &full[..full.find("- name: w1").unwrap()];
-    assert!(Config::parse(half, &crate::config::Origin::File(path.clone())).is_ok());
+    assert!(Document::parse(half, &Origin::File(path.clone())).is_ok());
 
     // `echo ... > f; echo ... >> f`: two writes, each closing the file, a pause apart that
     // spans polls but is shorter than the settle time.
@@ -373,4 +375,197 @@ fn start_only_changes_name_every_field_the_daemon_does_not_reread() {
     let kube = parse("node: a\nkubernetes:\n  enabled: true\n");
     let kube_zone = parse("node: a\nzone: z\nkubernetes:\n  enabled: true\n");
     assert_eq!(start_only_changes(&kube, &kube_zone), ["zone"]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn invalid_sections_name_the_field_and_its_line() {
+    let origin = Origin::File("/etc/mesh.yaml".into());
+    let w = |name: &str, ip: &str| format!("- {{name: {name}, node: n, ips: [{ip}]}}\n");
+    let a1 = w("a", "198.18.0.1");
+    for (text, field, line) in [
+        (format!("workloads:\n{a1}{}", w("a", "198.18.0.2")), "workloads[1].name", 3),
+        (format!("workloads:\n{a1}{}", w("b", "198.18.0.1")), "workloads[1].ips[0]", 3),
+        (
+            format!("workloads:\n{a1}- name: b\n  node: n\n  ips:\n  - 198.18.0.2\n  - 198.18.0.1\n"),
+            "workloads[1].ips[1]",
+            7,
+        ),
+        ("workloads:\n- {name: a, node: n, ips: []}\n".to_owned(), "workloads[0].ips", 2),
+        ("workloads:\n- {name: '', node: n, ips: [198.18.0.1]}\n".to_owned(), "workloads[0].name", 2),
+        ("workloads:\n- {name: a, node: '', ips: [198.18.0.1]}\n".to_owned(), "workloads[0].node", 2),
+        (
+            "workloads:\n- name: a\n  node: n\n  ips: [198.18.0.1]\n  netns: run/a\n".to_owned(),
+            "workloads[0].netns",
+            5,
+        ),
+        (
+            "workloads:\n- name: a\n  namespace: Shop/x\n  node: n\n  ips: [198.18.0.1]\n".to_owned(),
+            "workloads[0].namespace",
+            3,
+        ),
+        (
+            "workloads:\n- {name: a, serviceAccount: '..', node: n, ips: [198.18.0.1]}\n".to_owned(),
+            "workloads[0].serviceAccount",
+            2,
+        ),
+        (
+            "services:\n- {name: s, addresses: [], ports: [{port: 1}]}\n".to_owned(),
+            "services[0].addresses",
+            2,
+        ),
+        (
+            "services:\n- {name: '', addresses: [198.19.0.1], ports: [{port: 1}]}\n".to_owned(),
+            "services[0].name",
+            2,
+        ),
+        (
+            "services:\n- name: s\n  addresses: [198.19.0.1]\n  ports: []\n".to_owned(),
+            "services[0].ports",
+            4,
+        ),
+        (
+            "services:\n- name: s\n  addresses: [198.19.0.1]\n  ports:\n  - {port: 1}\n  - {port: 0}\n".to_owned(),
+            "services[0].ports[1]",
+            6,
+        ),
+        (
+            "services:\n- {name: s, addresses: [198.19.0.1], ports: [{port: 1}]}\n\
+             - {name: t, addresses: [198.19.0.2, 198.19.0.1], ports: [{port: 1}]}\n"
+                .to_owned(),
+            "services[1].addresses[1]",
+            3,
+        ),
+    ] {
+        let err = Document::parse(&text, &origin).unwrap_err();
+        let ConfigError::Invalid { field: named, .. } = &err else {
+            panic!("{text:?}: not a field error: {err}");
+        };
+        assert_eq!(named, field, "{text:?}");
+        let err = err.to_string();
+        assert!(err.contains(&format!("`{field}` at line {line} column")), "{text:?}: {err}");
+        assert!(err.starts_with("/etc/mesh.yaml: "), "{err}");
+    }
+}
+
+#[test]
+fn the_sections_take_their_types_and_lines_from_the_text() {
+    let origin = Origin::File("/etc/mesh.yaml".into());
+    // Not a list: a YAML type error, with its line, from the sections' parse.
+    let err = Document::parse(
+        "node: a\nworkloads:\n- name: a\n  node: n\n  ips: 198.18.0.1\n",
+        &origin,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("workloads[0].ips") && err.contains("line 5"),
+        "{err}"
+    );
+    // The settings refuse unknown top-level fields, the sections unknown workload fields.
+    let err = Document::parse("node: a\nworkload: []\n", &origin)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown field `workload`") && err.contains("line 2"),
+        "{err}"
+    );
+    let err = Document::parse(
+        "workloads:\n- {name: a, node: n, ips: [198.18.0.1], colour: red}\n",
+        &origin,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unknown field `colour`") && err.contains("line 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_document_round_trips_through_yaml() {
+    let text = "\
+node: n1
+zone: z1
+rootNamespace: mesh-root
+policies:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-b, namespace: shop}
+  spec:
+    action: DENY
+    rules:
+    - from:
+      - source: {principals: [cluster.local/ns/shop/sa/b]}
+workloads:
+- name: web-1
+  namespace: shop
+  serviceAccount: web
+  labels: {app: web}
+  ips: [198.18.1.2]
+  node: n1
+  netns: /run/netns/web-1
+services:
+- {name: web, namespace: shop, addresses: [198.19.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, loadBalancing: preferNode}
+";
+    let document = Document::parse(text, &Origin::Embedded).expect("parse");
+    assert_eq!(document.state.workloads.len(), 1);
+    assert_eq!(document.state.services.len(), 1);
+    assert_eq!(document.state.policies.authorization_policies(), 1);
+    assert_eq!(document.state.zone.as_deref(), Some("z1"));
+    let again =
+        Document::parse(&document.to_yaml().expect("yaml"), &Origin::Embedded).expect("reparse");
+    assert_eq!(again.config, document.config);
+    assert_eq!(again.state.workloads, document.state.workloads);
+    assert_eq!(again.state.services, document.state.services);
+    assert_eq!(
+        again.state.policies.documents(),
+        document.state.policies.documents()
+    );
+}
+
+#[test]
+fn policy_errors_name_the_line_of_the_field() {
+    let text = "\
+policies:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: a, namespace: ns}
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: b, namespace: ns}
+  spec:
+    portLevelMtls:
+      8080: {mode: STRICT}
+";
+    let err = Document::parse(text, &Origin::Embedded)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("policies[1]")
+            && err.contains("portLevelMtls")
+            && err.ends_with("at line 9 column 5"),
+        "{err}"
+    );
+    let text = "policies:\n- apiVersion: v2\n  kind: AuthorizationPolicy\n  metadata: {name: a}\n";
+    let err = Document::parse(text, &Origin::Embedded)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("apiVersion") && err.ends_with("at line 2 column 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn workload_defaults_apply() {
+    let text = "workloads:\n- name: a\n  node: n1\n  ips: [198.18.1.2, fd6d::2]\n";
+    let document = Document::parse(text, &Origin::Embedded).expect("parse");
+    let w = &document.state.workloads[0];
+    assert_eq!(
+        (w.namespace.as_str(), w.service_account.as_str()),
+        ("default", "default")
+    );
+    assert!(w.enrolled);
+    assert_eq!(w.uid(), "default/a");
 }

@@ -12,10 +12,8 @@ use kube::{ResourceExt, api::DynamicObject};
 use crate::{
     config::KubernetesConfig,
     policy::{Kind, PolicyDocument},
-    state::{
-        Workload,
-        service::{Locality, Service, ServiceEndpoint, ServicePort},
-    },
+    state::service::{Locality, Service, ServiceEndpoint, ServicePort},
+    workload::Workload,
 };
 
 /// Label of an `EndpointSlice` naming its service.
@@ -489,7 +487,7 @@ mod tests {
     fn an_unreadable_policy_object_fails_closed_for_what_it_selects() {
         use crate::{
             policy::{ConnInfo, MtlsMode, PolicyStore},
-            state::Workload,
+            workload::Workload,
         };
         let object = |spec: serde_json::Value, kind: &str| -> DynamicObject {
             serde_json::from_value(serde_json::json!({

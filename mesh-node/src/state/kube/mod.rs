@@ -42,10 +42,11 @@ use kube::{
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use super::{MeshState, Service, Workload};
+use super::{MeshState, Service};
 use crate::{
     config::KubernetesConfig,
     policy::{Kind, PolicyDocument, PolicyStore},
+    workload::Workload,
 };
 
 /// Changes arriving within this time are applied together.
