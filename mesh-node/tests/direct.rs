@@ -12,7 +12,7 @@ use mesh_node::{
     hbone::{BoxFuture, Dialer, HboneError, Pool, PoolKey},
     identity::Identity,
 };
-use support::{CLOSED, ECHO, Mesh, RESET, principal, round_trip};
+use support::{CLOSED, ECHO, GatedCa, Mesh, RESET, principal, round_trip};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -299,4 +299,30 @@ async fn the_hbone_server_answers_400_401_and_503_and_checks_identities() {
         "counted as an identity failure: {}",
         mesh.node("node-b").metrics.encode()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_its_certificate_serves_no_hbone_until_it_has_one() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let held: Identity = principal("b1").parse().unwrap();
+    let mesh = Mesh::with_ca(17, &[("node-a", &["a1"]), ("node-b", &["b1"])], |ca| {
+        Arc::new(GatedCa {
+            ca,
+            held: held.clone(),
+            gate: gate.clone(),
+        })
+    })
+    .await;
+    // b1's node waits for b1's certificate within the handshake deadline, then drops the
+    // connection: nothing reaches b1, and the refusal is counted with its reason.
+    assert!(!echoes(mesh.dial("a1", "b1", ECHO).await).await);
+    assert_eq!(mesh.errors("node-b", "hbone", "no_certificate"), 1);
+    // Once the CA answers, the pod is served.
+    open.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !echoes(mesh.dial("a1", "b1", ECHO).await).await {
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mesh.errors("node-b", "hbone", "no_certificate"), 1);
 }

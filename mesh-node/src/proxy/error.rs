@@ -156,6 +156,9 @@ impl Error {
             Error::Limit(_) => "connection limit reached; refusing the connection",
             Error::Upstream { .. } if listener == "hbone" => "HBONE upstream connect failed (503)",
             Error::Upstream { .. } => "upstream connect failed",
+            Error::NoCertificate { .. } if listener == "hbone" => {
+                "HBONE connection not served: no certificate for the pod yet"
+            }
             Error::NoCertificate { .. } => "no certificate for the source workload",
             Error::TlsConfig(_) => "TLS client configuration",
             Error::Hbone(_) => "HBONE connection failed",

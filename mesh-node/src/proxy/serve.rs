@@ -9,10 +9,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use super::{
-    Active, OriginalDst, PodContext, Proxy, SocketFactory, Unit, accept, forward,
+    Active, OriginalDst, PodContext, Proxy, SocketFactory, Unit, accept,
+    error::{Context, Error},
+    forward,
     inbound::HboneHandler,
 };
-use crate::{hbone, tls, workload::Workload};
+use crate::{hbone, identity::CertError, metrics::Direction, tls, workload::Workload};
 
 /// A pod ready to be served: its listeners (bound, listening) and its seams.
 pub struct PodListeners {
@@ -123,7 +125,7 @@ impl Proxy {
             let listener = Arc::new(tokio_listener(listener)?);
             let acceptor = TlsAcceptor::from(Arc::clone(&server));
             let (handler, settings) = (Arc::clone(&handler), Arc::clone(&settings));
-            let this = Arc::clone(self);
+            let (this, pod_ctx) = (Arc::clone(self), Arc::clone(&ctx));
             let identity = identity.clone();
             serving.tasks.push(tokio::spawn(self.accept_loop(
                 listener,
@@ -132,21 +134,36 @@ impl Proxy {
                 move |tcp, peer, active| {
                     let (acceptor, handler) = (acceptor.clone(), Arc::clone(&handler));
                     let (settings, this) = (Arc::clone(&settings), Arc::clone(&this));
-                    let identity = identity.clone();
+                    let (identity, pod) = (identity.clone(), Arc::clone(&pod_ctx));
                     tokio::spawn(async move {
                         // The pod's first certificate may still be on its way from the CA (a
                         // peer can connect as soon as the listener is bound): the handshake
                         // waits for it, within its deadline, rather than fail.
                         let certificate = this.mesh.certs.get(&identity);
-                        match tokio::time::timeout(settings.handshake_timeout, certificate).await {
+                        let waited = settings.handshake_timeout;
+                        let source = match tokio::time::timeout(waited, certificate).await {
                             Ok(Ok(_)) => {
                                 hbone::serve_connection(acceptor, tcp, peer, &settings, handler)
                                     .await;
+                                drop(active);
+                                return;
                             }
-                            _ => {
-                                this.metrics.error("hbone", "no_certificate");
-                            }
-                        }
+                            Ok(Err(source)) => source,
+                            Err(_) => CertError::Pending {
+                                identity: identity.to_string(),
+                                waited,
+                            },
+                        };
+                        let uid = pod.workload.uid();
+                        let context = Context {
+                            direction: Direction::Inbound,
+                            workload: &uid,
+                            client: peer,
+                            dst: None,
+                            peer_identity: None,
+                        };
+                        let error = Error::NoCertificate { identity, source };
+                        this.report("hbone", &error, None, &context);
                         drop(active);
                     });
                 },

@@ -18,8 +18,9 @@ use std::{
 };
 
 use mesh_node::{
+    hbone::BoxFuture,
     hbone::Liveness,
-    identity::{CA_CERT_FILE, CA_KEY_FILE, CertManager, LocalCa},
+    identity::{CA_CERT_FILE, CA_KEY_FILE, CaError, CertManager, CertSource, Identity, LocalCa},
     metrics::{Metrics, NodeCollector},
     policy::{PolicyDocument, PolicyStore},
     proxy::{
@@ -103,6 +104,15 @@ impl Mesh {
     /// Nodes named `layout[i].0` with pods `layout[i].1`, numbered `127.<mesh>.<node>.<pod>`
     /// (`mesh` keeps tests running in parallel apart).
     pub async fn new(mesh: u8, layout: &[(&str, &[&str])]) -> Self {
+        Self::with_ca(mesh, layout, |ca| Arc::new(ca)).await
+    }
+
+    /// As [`Mesh::new`], with each node's certificate source made from the mesh's CA by `ca`.
+    pub async fn with_ca(
+        mesh: u8,
+        layout: &[(&str, &[&str])],
+        ca: impl Fn(LocalCa) -> Arc<dyn CertSource>,
+    ) -> Self {
         // The daemon's log, when asked for (`RUST_LOG=debug cargo test ...`).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -129,11 +139,11 @@ impl Mesh {
         let nodes = layout
             .iter()
             .map(|(node, _)| {
-                let ca =
+                let local =
                     LocalCa::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE)).expect("ca");
                 let provider = tls::provider();
                 let certs =
-                    CertManager::new(Arc::new(ca), Duration::from_mins(10), Arc::clone(&provider));
+                    CertManager::new(ca(local), Duration::from_mins(10), Arc::clone(&provider));
                 let metrics = Metrics::new(NodeCollector {
                     bpffs: dir.join("no-bpffs"),
                     certs: certs.clone(),
@@ -251,6 +261,34 @@ impl Mesh {
             .filter(|l| l.starts_with("mesh_connection_errors_total") && l.contains(&needle))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+}
+
+/// A CA that signs for one identity only once its gate opens (`true`); for the others at once.
+pub struct GatedCa {
+    pub ca: LocalCa,
+    pub held: Identity,
+    pub gate: tokio::sync::watch::Receiver<bool>,
+}
+
+impl CertSource for GatedCa {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a Identity,
+        csr: &'a rustls::pki_types::CertificateSigningRequestDer<'static>,
+        lifetime: Duration,
+    ) -> BoxFuture<'a, Result<Vec<rustls::pki_types::CertificateDer<'static>>, CaError>> {
+        Box::pin(async move {
+            if *identity == self.held {
+                let mut gate = self.gate.clone();
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            self.ca.sign(identity, csr, lifetime).await
+        })
+    }
+
+    fn roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        self.ca.roots()
     }
 }
 
