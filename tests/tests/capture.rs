@@ -10,21 +10,19 @@ use std::{path::Path, time::Duration};
 
 use mesh_tests::{
     Daemon, Testbed, Topology,
+    helpers::peer_authentication,
     mesh::{NodeSettings, write_atomically},
-    namespaced_test_can_run,
 };
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 
 /// Addresses added to a1's netns that its workload entry does not list.
 const EXTRA_V4: &str = "198.18.1.200";
 const EXTRA_V6: &str = "fd6d:0:1::c8";
 
+/// A `PeerAuthentication` for `a1` (selector `app: a1`) as a `policies:` list item.
 fn peer_auth(mode: &str) -> String {
-    format!(
-        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: a1-mtls\n    namespace: default\n  spec:\n    selector:\n      matchLabels: {{app: a1}}\n    mtls: {{mode: {mode}}}\n"
-    )
+    peer_authentication("default", "a1-mtls", "{app: a1}", mode)
 }
 
 /// The output of a command that must succeed.
@@ -124,9 +122,7 @@ fn add_unlisted_addresses(bed: &Testbed) {
 
 #[test]
 fn every_address_of_an_enrolled_pods_netns_is_captured() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = Testbed::up(&Topology::new().node("node-a", &["a1"])).expect("testbed");
     add_unlisted_addresses(&bed);
     let a1 = bed.pod("a1");

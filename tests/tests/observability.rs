@@ -5,10 +5,12 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{Daemon, Proc, Testbed, Topology, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Proc, Testbed,
+    helpers::{echo_servers, two_nodes},
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const MIB: u64 = 1 << 20;
 const MIB_F: f64 = 1_048_576.0;
 
@@ -98,19 +100,9 @@ fn prometheus(bed: &Testbed) -> Proc {
 
 #[test]
 fn prometheus_scrapes_the_mesh_and_sees_the_traffic() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _echo = bed
-        .pod("b1")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_nodes(&["a1", "a2"], &["b1"]);
+    let _echo = echo_servers(&bed, APP, &["b1"], 7000);
     let enrolled = ["a1", "b1"];
     let _a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
     let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
