@@ -1,6 +1,6 @@
 //! What the end-to-end tests in `tests/tests/` share: the crate's binaries, the skip check,
-//! the usual two-node testbeds, echo servers and probes run in pods, polling, and Istio
-//! `PeerAuthentication` documents as `policies:` items.
+//! the usual two-node testbeds and their daemons, echo servers and probes run in pods, curl in
+//! a node, polling, and Istio `PeerAuthentication` documents as `policies:` items.
 //!
 //! Cargo tells only integration tests and benchmarks where the binaries of their package are
 //! (`CARGO_BIN_EXE_<name>`), not this library, so the helpers that run `mesh-testapp` take its
@@ -8,10 +8,11 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use crate::{Proc, Testbed, Topology};
+use crate::{CmdOutput, Daemon, Proc, Testbed, Topology};
 
 /// Declares the named binaries of the tests crate as `&str` constants holding their paths:
 /// `APP` (`mesh-testapp`), `DUT` (`mesh-node-dut`, the daemon under test) and `BENCH`
@@ -61,6 +62,15 @@ pub fn two_by_two() -> Testbed {
     two_nodes(&["a1", "a2"], &["b1", "b2"])
 }
 
+/// Daemons (the binary `dut`) on `node-a` and `node-b`, both with the pods `enrolled`, each
+/// ready when this returns.
+#[must_use]
+pub fn two_daemons(bed: &Testbed, dut: &str, enrolled: &[&str]) -> (Daemon, Daemon) {
+    let a = Daemon::start(bed, "node-a", Path::new(dut), enrolled).expect("daemon a");
+    let b = Daemon::start(bed, "node-b", Path::new(dut), enrolled).expect("daemon b");
+    (a, b)
+}
+
 /// Echo servers of `app` (`mesh-testapp`) on `[::]:port` in each of `pods`, listening when
 /// this returns; they stop when the returned processes drop.
 #[must_use]
@@ -103,6 +113,16 @@ pub fn client(
         .ok()
         .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
     serde_json::from_str(out.stdout.trim()).expect("client prints JSON")
+}
+
+/// Runs `curl -sS --max-time <max_time> <args>` in `node`'s netns (where the daemon's metrics,
+/// readiness and admin endpoints listen on loopback), panicking only if curl cannot be run.
+#[must_use]
+pub fn curl(bed: &Testbed, node: &str, max_time: Duration, args: &[&str]) -> CmdOutput {
+    let seconds = max_time.as_secs_f64().to_string();
+    let mut command = vec!["curl", "-sS", "--max-time", &seconds];
+    command.extend_from_slice(args);
+    bed.node(node).exec(&command).expect("curl runs")
 }
 
 /// Polls `check` every 100 ms until it holds or `timeout` passes; how long it took, if it held.

@@ -5,7 +5,7 @@
 //! network namespaces, veth pairs and cgroup v2 directories, torn down on drop (including
 //! during a panic). See `docs/development.md`, "The netns testbed". [`helpers`] holds what
 //! the test files share: the [`binaries!`] and [`skip_unless_namespaced!`] macros, the usual
-//! topologies, echo servers, probes and polling.
+//! topologies and their daemons, echo servers, probes and polling.
 
 #[cfg(feature = "apiserver")]
 pub mod apiserver;

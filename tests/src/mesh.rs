@@ -25,6 +25,9 @@ pub struct Daemon {
 /// The namespace every testbed workload lives in.
 pub const NAMESPACE: &str = "default";
 
+/// Logged by the daemon each time it applied a changed configuration.
+pub const RELOADED: &str = "configuration reloaded";
+
 /// Trust domain of testbed meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -214,6 +217,14 @@ impl Daemon {
             settings: NodeSettings::default(),
             enrolled: Vec::new(),
         })
+    }
+
+    /// Replaces the configuration file with `text` (atomically) and waits, at most `timeout`,
+    /// until the daemon logged one more `configuration reloaded`.
+    pub fn reload_with(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        let reloads = self.records(RELOADED).len();
+        write_atomically(&self.config, text)?;
+        self.wait_for_records(RELOADED, reloads + 1, timeout)
     }
 
     /// Rewrites the configuration with a new `policies:` list (the daemon picks it up).

@@ -8,11 +8,7 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{
-    Daemon, Testbed, Topology,
-    helpers::peer_authentication,
-    mesh::{NodeSettings, write_atomically},
-};
+use mesh_tests::{Daemon, Testbed, Topology, helpers::peer_authentication, mesh::NodeSettings};
 
 mesh_tests::binaries!(APP, DUT);
 
@@ -186,12 +182,9 @@ fn every_address_of_an_enrolled_pods_netns_is_captured() {
     // destination) and forwarded to the application, link-local included.
     let config = daemon.config().to_owned();
     let text = std::fs::read_to_string(&config).expect("config");
-    let reloads = daemon.records("configuration reloaded").len();
-    write_atomically(&config, &text.replace("mode: STRICT", "mode: PERMISSIVE")).expect("write");
     daemon
-        .wait_for_records(
-            "configuration reloaded",
-            reloads + 1,
+        .reload_with(
+            &text.replace("mode: STRICT", "mode: PERMISSIVE"),
             Duration::from_secs(5),
         )
         .expect("reloaded");

@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 
 use mesh_tests::{
     Daemon, Proc, Testbed,
-    helpers::{echo_servers, two_nodes, within},
+    helpers::{curl, echo_servers, two_daemons, two_nodes, within},
     mesh::NodeSettings,
     open_fds, rss_bytes,
 };
@@ -46,16 +46,12 @@ fn hostile_spawn(bed: &Testbed, pod: &str, args: &[&str], needle: &str) -> Proc 
 
 /// The metrics exposition of the daemon of `node`, scraped from the node as Prometheus would.
 fn try_scrape(bed: &Testbed, node: &str) -> Result<String, String> {
-    let out = bed
-        .node(node)
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.1:15020/metrics",
-        ])
-        .expect("curl runs");
+    let out = curl(
+        bed,
+        node,
+        Duration::from_secs(5),
+        &["http://127.0.1:15020/metrics"],
+    );
     if out.status.success() {
         Ok(out.stdout)
     } else {
@@ -456,8 +452,7 @@ fn descriptor_exhaustion_by_one_peer_leaves_the_node_serving() {
     mesh_tests::skip_unless_namespaced!();
     let bed = two_nodes(&["a2"], &["b1", "b2"]);
     let _echo = echo_servers(&bed, APP, &["a2"], 7000);
-    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2", "b2"]).expect("daemon a");
-    let _b = Daemon::start(&bed, "node-b", Path::new(DUT), &["a2", "b2"]).expect("daemon b");
+    let (mut a, _b) = two_daemons(&bed, DUT, &["a2", "b2"]);
     let pid = a.proc().pid();
     let a2_ip = bed.pod("a2").ipv4().to_string();
     let a2_app = bed.pod("a2").addr(false, 7000).to_string();
@@ -513,20 +508,18 @@ fn descriptor_exhaustion_by_one_peer_leaves_the_node_serving() {
         established.abs_diff(held["held"].as_u64().unwrap()) <= 1,
         "{established} open: {held}"
     );
-    let ready = bed
-        .node("node-a")
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
+    let ready = curl(
+        &bed,
+        "node-a",
+        Duration::from_secs(5),
+        &[
             "-o",
             "/dev/null",
             "-w",
             "%{http_code}",
             "http://127.0.1:15021/healthz/ready",
-        ])
-        .expect("curl");
+        ],
+    );
     assert_eq!(ready.stdout, "200", "readiness: {}", ready.stderr);
     for _ in 0..3 {
         assert!(works(&bed, "b1", &a2_app), "plaintext into the pod");

@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use mesh_tests::{
     Daemon, Proc, Testbed,
-    helpers::{echo_servers, two_by_two},
+    helpers::{echo_servers, two_by_two, two_daemons},
     mesh::TRUST_DOMAIN,
 };
 
@@ -97,8 +97,7 @@ fn pod_to_pod_traffic_across_nodes_is_encrypted_on_the_wire() {
     let bed = two_by_two();
     let _servers = echo_servers(&bed, APP, &["b1", "b2"], PORT);
     let enrolled = ["a1", "b1"];
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (a, b) = two_daemons(&bed, DUT, &enrolled);
 
     // Mesh: a1 -> b1, IPv4 and IPv6.
     let marker = format!("MARKER-{}", rand_hex());
@@ -162,8 +161,7 @@ fn concurrent_connections_share_pooled_http2_connections_and_large_transfers_arr
     let bed = two_by_two();
     let _servers = echo_servers(&bed, APP, &["b1"], PORT);
     let enrolled = ["a1", "b1"];
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let _b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (a, _b) = two_daemons(&bed, DUT, &enrolled);
     let target = bed.pod("b1").addr(false, PORT).to_string();
 
     // 40 concurrent clients, 1 MiB each way each.

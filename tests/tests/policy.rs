@@ -1,11 +1,11 @@
 //! L4 authorization and peer authentication across two nodes, with Istio's own documents,
 //! applied and changed live through the file source.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use mesh_tests::{
     Daemon, Proc, Testbed,
-    helpers::{connects, echo_servers, peer_authentication, two_by_two},
+    helpers::{connects, echo_servers, peer_authentication, two_by_two, two_daemons},
 };
 
 mesh_tests::binaries!(APP, DUT);
@@ -33,10 +33,7 @@ fn peer_auth(mode: &str) -> String {
 
 /// Daemons on both nodes with a1, a2 and b1 enrolled (b2 stays outside: plaintext).
 fn mesh(bed: &Testbed) -> (Daemon, Daemon) {
-    let enrolled = ["a1", "a2", "b1"];
-    let a = Daemon::start(bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
-    (a, b)
+    two_daemons(bed, DUT, &["a1", "a2", "b1"])
 }
 
 /// Applies a policy set on node-b and waits until the daemon reloaded it.

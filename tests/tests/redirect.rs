@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use mesh_tests::{
     Daemon, Testbed,
-    helpers::{client, echo_servers, two_by_two},
+    helpers::{client, echo_servers, two_by_two, two_daemons},
 };
 
 mesh_tests::binaries!(APP, DUT);
@@ -107,8 +107,7 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_paths_are_chosen_witho
     let _servers = echo_servers(&bed, APP, &["a2", "b1", "b2"], PORT);
     // Every node sees the same workload list; each enrolls its own pods.
     let enrolled = ["a1", "a2", "b1"];
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (a, b) = two_daemons(&bed, DUT, &enrolled);
 
     // A pod that is not enrolled, to a pod that is not enrolled: no daemon sees it.
     let target = bed.pod("b2").addr(false, PORT);

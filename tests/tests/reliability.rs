@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use mesh_tests::{
     Daemon, Testbed,
-    helpers::{connects, echo_servers, peer_authentication, two_nodes, within},
+    helpers::{connects, curl, echo_servers, peer_authentication, two_daemons, two_nodes, within},
     open_fds, rss_bytes,
 };
 
@@ -37,8 +37,7 @@ fn upgrading_both_daemons_refuses_no_new_connection() {
         .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
     let enrolled = ["a1", "b1"];
-    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (mut a, mut b) = two_daemons(&bed, DUT, &enrolled);
 
     // A steady stream of new connections (connect, exchange a byte, close) for 8 s, over HBONE.
     let target = bed.pod("b1").addr(false, 9000).to_string();
@@ -110,8 +109,7 @@ fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
         .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
     let enrolled = ["a1", "b1"];
-    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (mut a, mut b) = two_daemons(&bed, DUT, &enrolled);
     let target = bed.pod("b1").addr(false, 9000).to_string();
     // Warm up (pooled connection, certificates, allocator), then take the baseline.
     let warm = bed
@@ -266,21 +264,19 @@ fn plaintext_reaches(bed: &Testbed, from: &str, to: &str) -> bool {
 
 /// The status code and body of `node`'s readiness endpoint (`200 ...` or `503 ...`).
 fn readiness(bed: &Testbed, node: &str) -> String {
-    let out = bed
-        .node(node)
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "2",
+    curl(
+        bed,
+        node,
+        Duration::from_secs(2),
+        &[
             "-w",
             "%{http_code} ",
             "-o",
             "/dev/stdout",
             "http://127.0.0.1:15021/healthz/ready",
-        ])
-        .expect("curl runs");
-    out.stdout
+        ],
+    )
+    .stdout
 }
 
 /// Issue 13, item 3: changing a workload's `netns` to a path that does not exist removed the
@@ -309,14 +305,8 @@ fn a_failed_re_enrollment_keeps_the_pod_captured() {
     let netns = netns.to_str().expect("UTF-8");
     assert!(good.contains(netns));
     let bad = good.replace(netns, &format!("{netns}-gone"));
-    let reloads = daemon.records("configuration reloaded").len();
-    mesh_tests::mesh::write_atomically(&config, &bad).expect("write");
     daemon
-        .wait_for_records(
-            "configuration reloaded",
-            reloads + 1,
-            Duration::from_secs(5),
-        )
+        .reload_with(&bad, Duration::from_secs(5))
         .expect("reloaded");
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..3 {
@@ -340,14 +330,8 @@ fn a_failed_re_enrollment_keeps_the_pod_captured() {
     assert!((1..=2).contains(&retries), "{retries} retries in 6 s");
 
     // Back to the real netns: enrolled again, still captured, ready.
-    let reloads = daemon.records("configuration reloaded").len();
-    mesh_tests::mesh::write_atomically(&config, &good).expect("write");
     daemon
-        .wait_for_records(
-            "configuration reloaded",
-            reloads + 1,
-            Duration::from_secs(5),
-        )
+        .reload_with(&good, Duration::from_secs(5))
         .expect("reloaded");
     assert!(
         within(Duration::from_secs(5), || readiness(&bed, "node-a")
