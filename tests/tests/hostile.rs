@@ -9,7 +9,7 @@ use std::{path::Path, time::Duration};
 use mesh_tests::{
     Daemon, Proc, Testbed,
     helpers::{curl, echo_servers, two_daemons, two_nodes, within},
-    mesh::NodeSettings,
+    mesh::{NodeSettings, issue_cert},
     open_fds, rss_bytes,
 };
 
@@ -98,31 +98,20 @@ fn works(bed: &Testbed, from: &str, target: &str) -> bool {
 
 /// A certificate for b1's identity from the testbed CA: (CA cert, cert, key) paths.
 fn b1_credentials(bed: &Testbed, ca: &Path) -> (String, String, String) {
-    let (cert, key) = (
-        bed.tmp_dir().join("b1-cert.pem"),
-        bed.tmp_dir().join("b1-key.pem"),
-    );
-    if cert.exists() {
-        return (
-            ca.join("ca-cert.pem").to_string_lossy().into_owned(),
-            cert.to_string_lossy().into_owned(),
-            key.to_string_lossy().into_owned(),
-        );
-    }
-    let out = std::process::Command::new(DUT)
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(ca)
-        .args([
-            "--identity",
+    let cert = bed.tmp_dir().join("b1-cert.pem");
+    let (cert, key) = if cert.exists() {
+        (cert, bed.tmp_dir().join("b1-key.pem"))
+    } else {
+        issue_cert(
+            bed,
+            Path::new(DUT),
+            ca,
             "spiffe://cluster.local/ns/default/sa/b1",
-            "--cert",
-        ])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("ca issue");
-    assert!(out.status.success());
+            "b1",
+            &[],
+        )
+        .expect("ca issue")
+    };
     (
         ca.join("ca-cert.pem").to_string_lossy().into_owned(),
         cert.to_string_lossy().into_owned(),

@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use mesh_tests::{
     Daemon, Proc, Testbed,
     helpers::{echo_servers, two_by_two, two_daemons},
-    mesh::TRUST_DOMAIN,
+    mesh::{TRUST_DOMAIN, ca_init, issue_cert},
 };
 
 mesh_tests::binaries!(APP, DUT);
@@ -273,23 +273,8 @@ fn certificates_rotate_under_a_running_connection() {
 
 /// Issues a certificate for `id` from the CA in `ca_dir` into the testbed's directory.
 fn issue(bed: &Testbed, ca_dir: &Path, id: &str, name: &str, extra: &[&str]) -> (String, String) {
-    let cert = bed.tmp_dir().join(format!("{name}-cert.pem"));
-    let key = bed.tmp_dir().join(format!("{name}-key.pem"));
-    let out = std::process::Command::new(DUT)
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(ca_dir)
-        .args(["--identity", id, "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .args(extra)
-        .output()
-        .expect("ca issue");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key) = issue_cert(bed, Path::new(DUT), ca_dir, id, name, extra)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     (
         cert.to_str().unwrap().to_owned(),
         key.to_str().unwrap().to_owned(),
@@ -298,12 +283,7 @@ fn issue(bed: &Testbed, ca_dir: &Path, id: &str, name: &str, extra: &[&str]) -> 
 
 fn other_ca(bed: &Testbed) -> std::path::PathBuf {
     let dir = bed.tmp_dir().join("other-ca");
-    let out = std::process::Command::new(DUT)
-        .args(["ca", "init", "--dir"])
-        .arg(&dir)
-        .output()
-        .expect("ca init");
-    assert!(out.status.success());
+    ca_init(Path::new(DUT), &dir).expect("ca init");
     dir
 }
 
