@@ -3,10 +3,13 @@
 //!
 //! A [`Testbed`] is a declarative topology of *nodes* and *pods* built on one machine from
 //! network namespaces, veth pairs and cgroup v2 directories, torn down on drop (including
-//! during a panic). See `docs/development.md`, "The netns testbed".
+//! during a panic). See `docs/development.md`, "The netns testbed". [`helpers`] holds what
+//! the test files share: the [`binaries!`] and [`skip_unless_namespaced!`] macros, the usual
+//! topologies and their daemons, echo servers, probes and polling.
 
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
+pub mod helpers;
 #[cfg(feature = "manifests")]
 pub mod manifests;
 pub mod mesh;

@@ -25,6 +25,9 @@ pub struct Daemon {
 /// The namespace every testbed workload lives in.
 pub const NAMESPACE: &str = "default";
 
+/// Logged by the daemon each time it applied a changed configuration.
+pub const RELOADED: &str = "configuration reloaded";
+
 /// Trust domain of testbed meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -32,15 +35,49 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub fn ca_dir(bed: &Testbed, exe: &Path) -> anyhow::Result<PathBuf> {
     let dir = bed.tmp_dir().join("ca");
     if !dir.join("ca-cert.pem").exists() {
-        let out = std::process::Command::new(exe)
-            .args(["ca", "init", "--dir"])
-            .arg(&dir)
-            .output()?;
-        if !out.status.success() {
-            bail!("ca init: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        ca_init(exe, &dir)?;
     }
     Ok(dir)
+}
+
+/// Creates a CA in `dir` with `exe ca init`.
+pub fn ca_init(exe: &Path, dir: &Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new(exe)
+        .args(["ca", "init", "--dir"])
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("ca init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Issues a certificate for the SPIFFE ID `identity` from the CA in `ca` with `exe ca issue`
+/// (`extra`: more of its arguments) into the testbed's directory, as `<name>-cert.pem` and
+/// `<name>-key.pem`; returns their paths.
+pub fn issue_cert(
+    bed: &Testbed,
+    exe: &Path,
+    ca: &Path,
+    identity: &str,
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = bed.tmp_dir().join(format!("{name}-cert.pem"));
+    let key = bed.tmp_dir().join(format!("{name}-key.pem"));
+    let out = std::process::Command::new(exe)
+        .args(["ca", "issue", "--ca-dir"])
+        .arg(ca)
+        .args(["--identity", identity, "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(extra)
+        .output()?;
+    if !out.status.success() {
+        bail!("ca issue: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((cert, key))
 }
 
 /// Per-node settings that tests vary.
@@ -214,6 +251,14 @@ impl Daemon {
             settings: NodeSettings::default(),
             enrolled: Vec::new(),
         })
+    }
+
+    /// Replaces the configuration file with `text` (atomically) and waits, at most `timeout`,
+    /// until the daemon logged one more `configuration reloaded`.
+    pub fn reload_with(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        let reloads = self.records(RELOADED).len();
+        write_atomically(&self.config, text)?;
+        self.wait_for_records(RELOADED, reloads + 1, timeout)
     }
 
     /// Rewrites the configuration with a new `policies:` list (the daemon picks it up).

@@ -8,23 +8,17 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{
-    Daemon, Testbed, Topology,
-    mesh::{NodeSettings, write_atomically},
-    namespaced_test_can_run,
-};
+use mesh_tests::{Daemon, Testbed, Topology, helpers::peer_authentication, mesh::NodeSettings};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 
 /// Addresses added to a1's netns that its workload entry does not list.
 const EXTRA_V4: &str = "198.18.1.200";
 const EXTRA_V6: &str = "fd6d:0:1::c8";
 
+/// A `PeerAuthentication` for `a1` (selector `app: a1`) as a `policies:` list item.
 fn peer_auth(mode: &str) -> String {
-    format!(
-        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: a1-mtls\n    namespace: default\n  spec:\n    selector:\n      matchLabels: {{app: a1}}\n    mtls: {{mode: {mode}}}\n"
-    )
+    peer_authentication("default", "a1-mtls", "{app: a1}", mode)
 }
 
 /// The output of a command that must succeed.
@@ -124,9 +118,7 @@ fn add_unlisted_addresses(bed: &Testbed) {
 
 #[test]
 fn every_address_of_an_enrolled_pods_netns_is_captured() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = Testbed::up(&Topology::new().node("node-a", &["a1"])).expect("testbed");
     add_unlisted_addresses(&bed);
     let a1 = bed.pod("a1");
@@ -190,12 +182,9 @@ fn every_address_of_an_enrolled_pods_netns_is_captured() {
     // destination) and forwarded to the application, link-local included.
     let config = daemon.config().to_owned();
     let text = std::fs::read_to_string(&config).expect("config");
-    let reloads = daemon.records("configuration reloaded").len();
-    write_atomically(&config, &text.replace("mode: STRICT", "mode: PERMISSIVE")).expect("write");
     daemon
-        .wait_for_records(
-            "configuration reloaded",
-            reloads + 1,
+        .reload_with(
+            &text.replace("mode: STRICT", "mode: PERMISSIVE"),
             Duration::from_secs(5),
         )
         .expect("reloaded");

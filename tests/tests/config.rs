@@ -11,41 +11,29 @@ use std::{
 };
 
 use mesh_tests::{
-    Daemon, Proc, Testbed, Topology,
+    Daemon, Testbed,
+    helpers::{connects, echo_servers, peer_authentication, two_nodes},
     mesh::{NodeSettings, ca_dir, config_yaml, counter},
-    namespaced_test_can_run,
 };
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const REJECTED: &str = "rejected configuration change; keeping the last good state";
 const RELOADED: &str = "configuration reloaded";
 
+/// A mesh-wide `PeerAuthentication` (root namespace, no selector).
 fn mesh_wide(mode: &str) -> String {
-    format!(
-        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: default\n    namespace: istio-system\n  spec:\n    mtls: {{mode: {mode}}}\n"
-    )
-}
-
-/// Whether `from` gets an echo back from `to`'s port 7000.
-fn connects(bed: &Testbed, from: &str, to: &str) -> bool {
-    let target = bed.pod(to).addr(false, 7000).to_string();
-    bed.pod(from)
-        .exec(&[APP, "send", &target, "config probe"])
-        .expect("client runs")
-        .status
-        .success()
+    peer_authentication("istio-system", "default", "", mode)
 }
 
 /// The daemon still serves a2 as before: a1 reaches it through the mesh, and b1 (outside the
 /// mesh, on a node without a daemon) is refused by STRICT.
 fn still_protected(bed: &Testbed, daemon: &Daemon, step: &str) {
     assert!(
-        connects(bed, "a1", "a2"),
+        connects(bed, APP, "a1", "a2", 7000),
         "{step}: a1 → a2 through the mesh"
     );
     assert!(
-        !connects(bed, "b1", "a2"),
+        !connects(bed, APP, "b1", "a2", 7000),
         "{step}: plaintext from b1 must stay refused (STRICT)"
     );
     assert!(
@@ -130,23 +118,9 @@ fn write_in_place(path: &Path, text: &str) {
 
 #[test]
 fn bad_and_half_written_configuration_files_never_unenroll_a_pod_or_drop_a_policy() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _apps: Vec<Proc> = ["a1", "a2"]
-        .iter()
-        .map(|pod| {
-            bed.pod(pod)
-                .spawn_server(&[APP, "echo", "[::]:7000"])
-                .expect("echo")
-        })
-        .collect();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_nodes(&["a1", "a2"], &["b1"]);
+    let _apps = echo_servers(&bed, APP, &["a1", "a2"], 7000);
     let ca = ca_dir(&bed, Path::new(DUT)).expect("ca");
     let text = |mode: &str, connect_timeout: &str| {
         let settings = NodeSettings {
@@ -218,7 +192,10 @@ fn bad_and_half_written_configuration_files_never_unenroll_a_pod_or_drop_a_polic
     daemon
         .wait_for_records(RELOADED, 3, Duration::from_secs(5))
         .expect("the good edit applies");
-    assert!(connects(&bed, "b1", "a2"), "PERMISSIVE admits plaintext");
+    assert!(
+        connects(&bed, APP, "b1", "a2", 7000),
+        "PERMISSIVE admits plaintext"
+    );
     let warnings = daemon.records(
         "configuration fields that are read at start only changed; they apply when the daemon restarts",
     );

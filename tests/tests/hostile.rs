@@ -4,19 +4,16 @@
 //! exhausting one listener's resources leaves metrics, readiness and the other paths served
 //! (security issue 13, items 7 and 10).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use mesh_tests::{
-    Daemon, Proc, Testbed, Topology, mesh::NodeSettings, namespaced_test_can_run, open_fds,
-    rss_bytes,
+    Daemon, Proc, Testbed,
+    helpers::{curl, echo_servers, two_daemons, two_nodes, within},
+    mesh::{NodeSettings, issue_cert},
+    open_fds, rss_bytes,
 };
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const BENCH: &str = env!("CARGO_BIN_EXE_mesh-bench");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT, BENCH);
 const HOSTILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/hostile.py");
 
 fn hostile(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
@@ -25,18 +22,6 @@ fn hostile(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
     let out = bed.pod(pod).exec(&cmd).expect("python3 runs");
     assert!(out.status.success(), "{args:?}: {}", out.stderr);
     last_json(&out.stdout)
-}
-
-/// A testbed of two nodes with these pods.
-fn two_nodes(a: &[&str], b: &[&str]) -> Testbed {
-    Testbed::up(&Topology::new().node("node-a", a).node("node-b", b)).expect("testbed")
-}
-
-/// An echo server on port 7000 of `pod`.
-fn echo(bed: &Testbed, pod: &str) -> Proc {
-    bed.pod(pod)
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo")
 }
 
 /// The last JSON line a hostile peer printed.
@@ -61,16 +46,12 @@ fn hostile_spawn(bed: &Testbed, pod: &str, args: &[&str], needle: &str) -> Proc 
 
 /// The metrics exposition of the daemon of `node`, scraped from the node as Prometheus would.
 fn try_scrape(bed: &Testbed, node: &str) -> Result<String, String> {
-    let out = bed
-        .node(node)
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.1:15020/metrics",
-        ])
-        .expect("curl runs");
+    let out = curl(
+        bed,
+        node,
+        Duration::from_secs(5),
+        &["http://127.0.1:15020/metrics"],
+    );
     if out.status.success() {
         Ok(out.stdout)
     } else {
@@ -107,20 +88,6 @@ fn errors(bed: &Testbed, node: &str, listener: &str, reason: &str) -> u64 {
     )
 }
 
-/// Polls `check` every 200 ms until it holds or `timeout` passes; how long it took, if it held.
-fn within(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn works(bed: &Testbed, from: &str, target: &str) -> bool {
     bed.pod(from)
         .exec(&[APP, "client", target, "10000"])
@@ -131,31 +98,20 @@ fn works(bed: &Testbed, from: &str, target: &str) -> bool {
 
 /// A certificate for b1's identity from the testbed CA: (CA cert, cert, key) paths.
 fn b1_credentials(bed: &Testbed, ca: &Path) -> (String, String, String) {
-    let (cert, key) = (
-        bed.tmp_dir().join("b1-cert.pem"),
-        bed.tmp_dir().join("b1-key.pem"),
-    );
-    if cert.exists() {
-        return (
-            ca.join("ca-cert.pem").to_string_lossy().into_owned(),
-            cert.to_string_lossy().into_owned(),
-            key.to_string_lossy().into_owned(),
-        );
-    }
-    let out = std::process::Command::new(DUT)
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(ca)
-        .args([
-            "--identity",
+    let cert = bed.tmp_dir().join("b1-cert.pem");
+    let (cert, key) = if cert.exists() {
+        (cert, bed.tmp_dir().join("b1-key.pem"))
+    } else {
+        issue_cert(
+            bed,
+            Path::new(DUT),
+            ca,
             "spiffe://cluster.local/ns/default/sa/b1",
-            "--cert",
-        ])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("ca issue");
-    assert!(out.status.success());
+            "b1",
+            &[],
+        )
+        .expect("ca issue")
+    };
     (
         ca.join("ca-cert.pem").to_string_lossy().into_owned(),
         cert.to_string_lossy().into_owned(),
@@ -165,23 +121,9 @@ fn b1_credentials(bed: &Testbed, ca: &Path) -> (String, String, String) {
 
 #[test]
 fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _apps: Vec<_> = ["a2", "b1"]
-        .iter()
-        .map(|pod| {
-            bed.pod(pod)
-                .spawn_server(&[APP, "echo", "[::]:7000"])
-                .expect("echo")
-        })
-        .collect();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_nodes(&["a1", "a2"], &["b1"]);
+    let _apps = echo_servers(&bed, APP, &["a2", "b1"], 7000);
     let settings = NodeSettings {
         handshake_timeout_ms: 1000,
         ..NodeSettings::default()
@@ -283,15 +225,8 @@ fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
 
 #[test]
 fn connection_limits_refuse_with_a_log_line_and_recover() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_nodes(&["a1"], &["b1"]);
     let _server = bed
         .pod("b1")
         .spawn_server(&[BENCH, "serve", "[::]:9000"])
@@ -337,9 +272,7 @@ fn connection_limits_refuse_with_a_log_line_and_recover() {
 /// kinds were held forever (600 of them after 40 s, `mesh_open_connections` 0).
 #[test]
 fn post_tls_idle_and_streamless_hbone_peers_are_closed_in_time_and_counted() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = two_nodes(&["a2"], &["b1"]);
     let settings = NodeSettings {
         handshake_timeout_ms: 1000,
@@ -428,11 +361,9 @@ fn post_tls_idle_and_streamless_hbone_peers_are_closed_in_time_and_counted() {
 /// the plaintext ones. Before the fix 5 streams and 6 TCP connections were still open after 45 s.
 #[test]
 fn a_vanished_peer_is_reaped_in_bounded_time() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = two_nodes(&["a2"], &["b1"]);
-    let _echo = echo(&bed, "a2");
+    let _echo = echo_servers(&bed, APP, &["a2"], 7000);
     let settings = NodeSettings {
         proxy: "pingIntervalMs: 1000\npingTimeoutMs: 2000\ntcpKeepaliveTimeMs: 1000\n\
                 tcpKeepaliveIntervalMs: 1000\ntcpUserTimeoutMs: 3000"
@@ -507,13 +438,10 @@ fn a_vanished_peer_is_reaped_in_bounded_time() {
 /// connections filled every descriptor: plaintext timed out, the metrics scrape failed.
 #[test]
 fn descriptor_exhaustion_by_one_peer_leaves_the_node_serving() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = two_nodes(&["a2"], &["b1", "b2"]);
-    let _echo = echo(&bed, "a2");
-    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2", "b2"]).expect("daemon a");
-    let _b = Daemon::start(&bed, "node-b", Path::new(DUT), &["a2", "b2"]).expect("daemon b");
+    let _echo = echo_servers(&bed, APP, &["a2"], 7000);
+    let (mut a, _b) = two_daemons(&bed, DUT, &["a2", "b2"]);
     let pid = a.proc().pid();
     let a2_ip = bed.pod("a2").ipv4().to_string();
     let a2_app = bed.pod("a2").addr(false, 7000).to_string();
@@ -569,20 +497,18 @@ fn descriptor_exhaustion_by_one_peer_leaves_the_node_serving() {
         established.abs_diff(held["held"].as_u64().unwrap()) <= 1,
         "{established} open: {held}"
     );
-    let ready = bed
-        .node("node-a")
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
+    let ready = curl(
+        &bed,
+        "node-a",
+        Duration::from_secs(5),
+        &[
             "-o",
             "/dev/null",
             "-w",
             "%{http_code}",
             "http://127.0.1:15021/healthz/ready",
-        ])
-        .expect("curl");
+        ],
+    );
     assert_eq!(ready.stdout, "200", "readiness: {}", ready.stderr);
     for _ in 0..3 {
         assert!(works(&bed, "b1", &a2_app), "plaintext into the pod");
@@ -623,11 +549,9 @@ fn descriptor_exhaustion_by_one_peer_leaves_the_node_serving() {
 /// descriptors for their 10 s.
 #[test]
 fn stalled_tls_handshakes_count_against_the_per_source_limit() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = two_nodes(&["a2"], &["b1", "b2"]);
-    let _echo = echo(&bed, "a2");
+    let _echo = echo_servers(&bed, APP, &["a2"], 7000);
     let settings = NodeSettings {
         handshake_timeout_ms: 4000,
         proxy: "maxConnectionsPerSource: 10".to_owned(),
@@ -669,11 +593,9 @@ fn stalled_tls_handshakes_count_against_the_per_source_limit() {
 /// (rate-limited). Before the fix they were logged at debug or not at all, counted nowhere.
 #[test]
 fn protocol_abuse_and_refusals_are_counted_by_reason_and_logged() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = two_nodes(&["a1", "a2"], &["b1"]);
-    let _echo = echo(&bed, "a2");
+    let _echo = echo_servers(&bed, APP, &["a2"], 7000);
     let a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "a2"]).expect("daemon");
     let a2_ip = bed.pod("a2").ipv4().to_string();
     let a2_app = bed.pod("a2").addr(false, 7000).to_string();

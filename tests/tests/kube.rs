@@ -5,20 +5,16 @@
 //! services applied through the API, readiness only after the initial sync, and an API server
 //! restart with a compacted history.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use mesh_tests::{
     Daemon, Proc, Testbed, Topology,
     apiserver::{ApiServer, made_up_uid},
-    namespaced_test_can_run,
+    helpers::{curl, echo_servers, wait_until},
 };
 use serde_json::{Value, json};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const NS: &str = "shop";
 const LABEL: &str = "mesh.io/dataplane-mode";
 const VIP: &str = "198.19.255.10";
@@ -83,31 +79,18 @@ fn config(bed: &Testbed, node: &str, ca: &Path, kubeconfig: &Path) -> String {
 
 /// `(status code, body)` of the readiness endpoint of `node`.
 fn readiness(bed: &Testbed, node: &str) -> (String, String) {
-    let out = bed
-        .node(node)
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "2",
+    let out = curl(
+        bed,
+        node,
+        Duration::from_secs(2),
+        &[
             "-w",
             "\n%{http_code}",
             "http://127.0.0.1:15021/healthz/ready",
-        ])
-        .expect("curl runs");
+        ],
+    );
     let (body, code) = out.stdout.trim().rsplit_once('\n').unwrap_or(("", ""));
     (code.to_owned(), body.to_owned())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn connects(bed: &Testbed, from: &str, target: &str) -> bool {
@@ -154,9 +137,7 @@ struct Fixture {
 
 #[test]
 fn kubernetes_source_drives_the_mesh() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let mut fx = start();
     sync_then_enroll(&mut fx);
     sandbox_restart(&mut fx);
@@ -185,13 +166,7 @@ fn start() -> Fixture {
                 .expect("pause"),
         );
     }
-    for name in ["a2", "b1", "b2"] {
-        procs.push(
-            bed.pod(name)
-                .spawn_server(&[APP, "echo", "[::]:7000"])
-                .expect("echo"),
-        );
-    }
+    procs.extend(echo_servers(&bed, APP, &["a2", "b1", "b2"], 7000));
 
     // The API server (on node-a's link address), seeded, then stopped: the daemons start
     // before it is reachable.

@@ -3,31 +3,15 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{Daemon, Proc, Testbed, Topology, mesh::TRUST_DOMAIN, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Proc, Testbed,
+    helpers::{echo_servers, two_by_two, two_daemons},
+    mesh::{TRUST_DOMAIN, ca_init, issue_cert},
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/hbone_peer.py");
 const PORT: u16 = 7000;
-
-fn up() -> Testbed {
-    Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1", "b2"]),
-    )
-    .expect("testbed")
-}
-
-fn echo_servers(bed: &Testbed, pods: &[&str]) -> Vec<Proc> {
-    pods.iter()
-        .map(|pod| {
-            bed.pod(pod)
-                .spawn_server(&[APP, "echo", &format!("[::]:{PORT}")])
-                .expect("spawn")
-        })
-        .collect()
-}
 
 fn run_ok(bed: &Testbed, pod: &str, argv: &[&str], timeout: Duration) -> serde_json::Value {
     let out = bed
@@ -109,14 +93,11 @@ fn has_hbone_port(pcap: &[u8]) -> bool {
 
 #[test]
 fn pod_to_pod_traffic_across_nodes_is_encrypted_on_the_wire() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["b1", "b2"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["b1", "b2"], PORT);
     let enrolled = ["a1", "b1"];
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (a, b) = two_daemons(&bed, DUT, &enrolled);
 
     // Mesh: a1 -> b1, IPv4 and IPv6.
     let marker = format!("MARKER-{}", rand_hex());
@@ -176,14 +157,11 @@ fn pod_to_pod_traffic_across_nodes_is_encrypted_on_the_wire() {
 
 #[test]
 fn concurrent_connections_share_pooled_http2_connections_and_large_transfers_arrive_intact() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["b1"], PORT);
     let enrolled = ["a1", "b1"];
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let _b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (a, _b) = two_daemons(&bed, DUT, &enrolled);
     let target = bed.pod("b1").addr(false, PORT).to_string();
 
     // 40 concurrent clients, 1 MiB each way each.
@@ -225,11 +203,9 @@ fn concurrent_connections_share_pooled_http2_connections_and_large_transfers_arr
 
 #[test]
 fn the_same_node_path_skips_tls_and_is_visible() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a2"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2"], PORT);
     let a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "a2"]).expect("daemon");
     for v6 in [false, true] {
         let target = bed.pod("a2").addr(v6, PORT).to_string();
@@ -258,11 +234,9 @@ fn the_same_node_path_skips_tls_and_is_visible() {
 
 #[test]
 fn certificates_rotate_under_a_running_connection() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["b1"], PORT);
     let settings = mesh_tests::mesh::NodeSettings {
         cert_lifetime_seconds: 4,
         ..Default::default()
@@ -299,23 +273,8 @@ fn certificates_rotate_under_a_running_connection() {
 
 /// Issues a certificate for `id` from the CA in `ca_dir` into the testbed's directory.
 fn issue(bed: &Testbed, ca_dir: &Path, id: &str, name: &str, extra: &[&str]) -> (String, String) {
-    let cert = bed.tmp_dir().join(format!("{name}-cert.pem"));
-    let key = bed.tmp_dir().join(format!("{name}-key.pem"));
-    let out = std::process::Command::new(DUT)
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(ca_dir)
-        .args(["--identity", id, "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .args(extra)
-        .output()
-        .expect("ca issue");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key) = issue_cert(bed, Path::new(DUT), ca_dir, id, name, extra)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     (
         cert.to_str().unwrap().to_owned(),
         key.to_str().unwrap().to_owned(),
@@ -324,12 +283,7 @@ fn issue(bed: &Testbed, ca_dir: &Path, id: &str, name: &str, extra: &[&str]) -> 
 
 fn other_ca(bed: &Testbed) -> std::path::PathBuf {
     let dir = bed.tmp_dir().join("other-ca");
-    let out = std::process::Command::new(DUT)
-        .args(["ca", "init", "--dir"])
-        .arg(&dir)
-        .output()
-        .expect("ca init");
-    assert!(out.status.success());
+    ca_init(Path::new(DUT), &dir).expect("ca init");
     dir
 }
 
@@ -344,11 +298,9 @@ fn python_client(bed: &Testbed, pod: &str, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_requests_get_400_or_503() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a2"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2"], PORT);
     let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2"]).expect("daemon");
     let ca = daemon.ca().to_path_buf();
     let ca_cert = ca.join("ca-cert.pem").to_str().unwrap().to_owned();
@@ -439,11 +391,9 @@ fn a_foreign_hbone_client_connects_through_the_daemon_and_bad_requests_get_400_o
 
 #[test]
 fn clients_without_a_valid_mesh_certificate_are_rejected_with_a_reason() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a2"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2"], PORT);
     let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a2"]).expect("daemon");
     let ca = daemon.ca().to_path_buf();
     let ca_cert = ca.join("ca-cert.pem").to_str().unwrap().to_owned();
@@ -522,10 +472,8 @@ fn clients_without_a_valid_mesh_certificate_are_rejected_with_a_reason() {
 
 #[test]
 fn the_daemon_connects_to_a_foreign_hbone_server_and_rejects_wrong_identities() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
     // No daemon on node-b: b1 "is" a Python HBONE server with b1's identity.
     let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1", "b1"]).expect("daemon");
     let ca = daemon.ca().to_path_buf();
@@ -669,11 +617,9 @@ fn tls_handshake_errors(bed: &Testbed) -> u64 {
 /// the first, and a DENY on the second principal bypassed.
 #[test]
 fn a_certificate_with_several_uri_sans_is_refused_at_the_handshake() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a2"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2"], PORT);
     let deny_b1 = "- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata:\n    name: deny-b1\n    namespace: default\n  spec:\n    action: DENY\n    rules:\n    - from:\n      - source:\n          principals: [cluster.local/ns/default/sa/b1]\n";
     let settings = mesh_tests::mesh::NodeSettings {
         policies: deny_b1.to_owned(),

@@ -3,12 +3,14 @@
 //! and histograms with the right labels and values; `promtool` accepts the exposition; the admin
 //! API, readiness and access log tell the same story.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use mesh_tests::{Daemon, Proc, Testbed, Topology, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Proc, Testbed,
+    helpers::{echo_servers, two_daemons, two_nodes},
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const MIB: u64 = 1 << 20;
 const MIB_F: f64 = 1_048_576.0;
 
@@ -19,9 +21,7 @@ fn is(n: f64) -> impl Fn(f64) -> bool {
 
 /// Runs `curl` in node-a (where Prometheus listens on its loopback); returns the body.
 fn curl(bed: &Testbed, node: &str, args: &[&str]) -> String {
-    let mut cmd = vec!["curl", "-sS", "--max-time", "5"];
-    cmd.extend_from_slice(args);
-    let out = bed.node(node).exec(&cmd).expect("curl runs");
+    let out = mesh_tests::helpers::curl(bed, node, Duration::from_secs(5), args);
     assert!(out.status.success(), "curl {args:?}: {}", out.stderr);
     out.stdout
 }
@@ -98,22 +98,11 @@ fn prometheus(bed: &Testbed) -> Proc {
 
 #[test]
 fn prometheus_scrapes_the_mesh_and_sees_the_traffic() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _echo = bed
-        .pod("b1")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_nodes(&["a1", "a2"], &["b1"]);
+    let _echo = echo_servers(&bed, APP, &["b1"], 7000);
     let enrolled = ["a1", "b1"];
-    let _a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (_a, b) = two_daemons(&bed, DUT, &enrolled);
     let _prometheus = prometheus(&bed);
 
     let target = bed.pod("b1").addr(false, 7000).to_string();

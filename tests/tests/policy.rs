@@ -1,42 +1,21 @@
 //! L4 authorization and peer authentication across two nodes, with Istio's own documents,
 //! applied and changed live through the file source.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use mesh_tests::{Daemon, Proc, Testbed, Topology, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Proc, Testbed,
+    helpers::{connects, echo_servers, peer_authentication, two_by_two, two_daemons},
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
-
-fn up() -> Testbed {
-    Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1", "b2"]),
-    )
-    .expect("testbed")
-}
+mesh_tests::binaries!(APP, DUT);
 
 /// Echo servers on ports 7000 and 7001 of `pod`.
 fn servers(bed: &Testbed, pod: &str) -> Vec<Proc> {
     [7000, 7001]
-        .iter()
-        .map(|port| {
-            bed.pod(pod)
-                .spawn_server(&[APP, "echo", &format!("[::]:{port}")])
-                .expect("spawn")
-        })
+        .into_iter()
+        .flat_map(|port| echo_servers(bed, APP, &[pod], port))
         .collect()
-}
-
-/// Whether a connection from `from` to `to`'s `port` gets its echo back.
-fn connects(bed: &Testbed, from: &str, to: &str, port: u16) -> bool {
-    let target = bed.pod(to).addr(false, port).to_string();
-    let out = bed
-        .pod(from)
-        .exec(&[APP, "send", &target, "policy probe"])
-        .expect("client runs");
-    out.status.success()
 }
 
 /// An `AuthorizationPolicy` for `b1` (selector `app: b1`) as a `policies:` list item.
@@ -47,18 +26,14 @@ fn authz(name: &str, body: &str) -> String {
     )
 }
 
+/// A `PeerAuthentication` for `b1` (selector `app: b1`) as a `policies:` list item.
 fn peer_auth(mode: &str) -> String {
-    format!(
-        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: b1-mtls\n    namespace: default\n  spec:\n    selector:\n      matchLabels: {{app: b1}}\n    mtls: {{mode: {mode}}}\n"
-    )
+    peer_authentication("default", "b1-mtls", "{app: b1}", mode)
 }
 
 /// Daemons on both nodes with a1, a2 and b1 enrolled (b2 stays outside: plaintext).
 fn mesh(bed: &Testbed) -> (Daemon, Daemon) {
-    let enrolled = ["a1", "a2", "b1"];
-    let a = Daemon::start(bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
-    (a, b)
+    two_daemons(bed, DUT, &["a1", "a2", "b1"])
 }
 
 /// Applies a policy set on node-b and waits until the daemon reloaded it.
@@ -82,14 +57,12 @@ fn denials(b: &Daemon) -> Vec<String> {
 
 #[test]
 fn principals_namespaces_ports_and_ip_blocks() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
     let _servers = servers(&bed, "b1");
     let (_a, mut b) = mesh(&bed);
     assert!(
-        connects(&bed, "a1", "b1", 7000) && connects(&bed, "a2", "b1", 7000),
+        connects(&bed, APP, "a1", "b1", 7000) && connects(&bed, APP, "a2", "b1", 7000),
         "no policy: all allowed"
     );
 
@@ -102,10 +75,13 @@ fn principals_namespaces_ports_and_ip_blocks() {
             "action: ALLOW\nrules:\n- from:\n  - source:\n      principals: [cluster.local/ns/default/sa/a1]",
         ),
     );
-    assert!(connects(&bed, "a1", "b1", 7000), "a1 allowed");
-    assert!(!connects(&bed, "a2", "b1", 7000), "a2 denied (HBONE 401)");
+    assert!(connects(&bed, APP, "a1", "b1", 7000), "a1 allowed");
     assert!(
-        !connects(&bed, "b2", "b1", 7000),
+        !connects(&bed, APP, "a2", "b1", 7000),
+        "a2 denied (HBONE 401)"
+    );
+    assert!(
+        !connects(&bed, APP, "b2", "b1", 7000),
         "plaintext has no principal"
     );
     assert_eq!(
@@ -132,11 +108,11 @@ fn principals_namespaces_ports_and_ip_blocks() {
         ),
     );
     assert!(
-        !connects(&bed, "a1", "b1", 7000),
+        !connects(&bed, APP, "a1", "b1", 7000),
         "default namespace denied"
     );
     assert!(
-        connects(&bed, "b2", "b1", 7000),
+        connects(&bed, APP, "b2", "b1", 7000),
         "plaintext not in any namespace"
     );
     assert_eq!(
@@ -153,8 +129,8 @@ fn principals_namespaces_ports_and_ip_blocks() {
             "action: ALLOW\nrules:\n- to:\n  - operation:\n      ports: [\"7000\"]",
         ),
     );
-    assert!(connects(&bed, "a1", "b1", 7000));
-    assert!(!connects(&bed, "a1", "b1", 7001), "7001 not allowed");
+    assert!(connects(&bed, APP, "a1", "b1", 7000));
+    assert!(!connects(&bed, APP, "a1", "b1", 7001), "7001 not allowed");
 
     // ipBlocks: a1's address only (the daemon sees the source pod's address over HBONE).
     let a1 = bed.pod("a1").ipv4();
@@ -166,28 +142,26 @@ fn principals_namespaces_ports_and_ip_blocks() {
             &format!("action: ALLOW\nrules:\n- from:\n  - source:\n      ipBlocks: [\"{a1}/32\"]"),
         ),
     );
-    assert!(connects(&bed, "a1", "b1", 7000));
+    assert!(connects(&bed, APP, "a1", "b1", 7000));
     assert!(
-        !connects(&bed, "a2", "b1", 7000),
+        !connects(&bed, APP, "a2", "b1", 7000),
         "a2's address is outside the block"
     );
 }
 
 #[test]
 fn strict_and_permissive_peer_authentication_and_dry_run() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
     let _servers = servers(&bed, "b1");
     let (_a, mut b) = mesh(&bed);
 
     apply(&bed, &mut b, &peer_auth("STRICT"));
     assert!(
-        !connects(&bed, "b2", "b1", 7000),
+        !connects(&bed, APP, "b2", "b1", 7000),
         "STRICT refuses plaintext"
     );
-    assert!(connects(&bed, "a1", "b1", 7000), "STRICT admits mTLS");
+    assert!(connects(&bed, APP, "a1", "b1", 7000), "STRICT admits mTLS");
     assert_eq!(
         b.records("plaintext connection refused: PeerAuthentication is STRICT")
             .len(),
@@ -195,13 +169,16 @@ fn strict_and_permissive_peer_authentication_and_dry_run() {
     );
     apply(&bed, &mut b, &peer_auth("PERMISSIVE"));
     assert!(
-        connects(&bed, "b2", "b1", 7000),
+        connects(&bed, APP, "b2", "b1", 7000),
         "PERMISSIVE admits plaintext"
     );
 
     let dry = "- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata:\n    name: would-deny\n    namespace: default\n    annotations:\n      istio.io/dry-run: \"true\"\n  spec:\n    action: DENY\n    rules: [{}]\n";
     apply(&bed, &mut b, dry);
-    assert!(connects(&bed, "a1", "b1", 7000), "dry-run is not enforced");
+    assert!(
+        connects(&bed, APP, "a1", "b1", 7000),
+        "dry-run is not enforced"
+    );
     let dry_runs = b.records("dry-run policy decision");
     let last = dry_runs.last().expect("dry-run logged");
     assert_eq!(
@@ -216,10 +193,8 @@ fn strict_and_permissive_peer_authentication_and_dry_run() {
 
 #[test]
 fn a_policy_edit_closes_open_connections_it_no_longer_allows_and_a_broken_edit_changes_nothing() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
     let _servers = servers(&bed, "b1");
     let (_a, mut b) = mesh(&bed);
     let target = bed.pod("b1").addr(false, 7000).to_string();
@@ -282,27 +257,17 @@ fn a_policy_edit_closes_open_connections_it_no_longer_allows_and_a_broken_edit_c
         "{error}"
     );
     assert!(
-        !connects(&bed, "a1", "b1", 7000),
+        !connects(&bed, APP, "a1", "b1", 7000),
         "the last good policy is still in force"
     );
-    assert!(connects(&bed, "a2", "b1", 7000), "and still only for a1");
+    assert!(
+        connects(&bed, APP, "a2", "b1", 7000),
+        "and still only for a1"
+    );
     let status = plain_conn
         .wait(Duration::from_secs(15))
         .expect("plaintext connection finishes");
     assert!(status.success(), "{}", plain_conn.stderr());
-}
-
-/// A `PeerAuthentication` (`selector` in YAML flow style, or empty for none) as a `policies:`
-/// list item.
-fn peer_auth_in(namespace: &str, name: &str, selector: &str, mode: &str) -> String {
-    let selector = if selector.is_empty() {
-        String::new()
-    } else {
-        format!("    selector:\n      matchLabels: {selector}\n")
-    };
-    format!(
-        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {name}\n    namespace: {namespace}\n  spec:\n{selector}    mtls: {{mode: {mode}}}\n"
-    )
 }
 
 /// Issue 13, item 6: attributes the node cannot see fail safe, as istiod's ambient translation
@@ -313,16 +278,14 @@ fn peer_auth_in(namespace: &str, name: &str, selector: &str, mode: &str) -> Stri
 /// root-namespace policy with a selector makes the workloads it selects `STRICT`.
 #[test]
 fn what_the_node_cannot_see_fails_safe() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
     let _servers = servers(&bed, "b1");
     let (_a, mut b) = mesh(&bed);
     let a1 = bed.pod("a1").ipv4();
     let a2 = bed.pod("a2").ipv4();
     assert!(
-        connects(&bed, "a1", "b1", 7000) && connects(&bed, "b2", "b1", 7000),
+        connects(&bed, APP, "a1", "b1", 7000) && connects(&bed, APP, "b2", "b1", 7000),
         "no policy: all allowed"
     );
 
@@ -339,7 +302,7 @@ fn what_the_node_cannot_see_fails_safe() {
     );
     for from in ["a1", "a2", "b2"] {
         assert!(
-            !connects(&bed, from, "b1", 7000),
+            !connects(&bed, APP, from, "b1", 7000),
             "{from}: a DENY on remoteIpBlocks denies every source"
         );
     }
@@ -373,7 +336,7 @@ fn what_the_node_cannot_see_fails_safe() {
     );
     for from in ["a1", "a2", "b2"] {
         assert!(
-            !connects(&bed, from, "b1", 7000),
+            !connects(&bed, APP, from, "b1", 7000),
             "{from}: an ALLOW on remoteIpBlocks admits nobody"
         );
     }
@@ -387,20 +350,20 @@ fn what_the_node_cannot_see_fails_safe() {
     );
 
     // A mesh-wide STRICT (root namespace) with DISABLE for the namespace: still STRICT.
-    let mesh_strict = peer_auth_in("istio-system", "mesh", "", "STRICT");
+    let mesh_strict = peer_authentication("istio-system", "mesh", "", "STRICT");
     apply(
         &bed,
         &mut b,
         &format!(
             "{mesh_strict}{}",
-            peer_auth_in("default", "ns", "", "DISABLE")
+            peer_authentication("default", "ns", "", "DISABLE")
         ),
     );
     assert!(
-        !connects(&bed, "b2", "b1", 7000),
+        !connects(&bed, APP, "b2", "b1", 7000),
         "a namespace DISABLE does not open the mesh-wide STRICT"
     );
-    assert!(connects(&bed, "a1", "b1", 7000), "mTLS still admitted");
+    assert!(connects(&bed, APP, "a1", "b1", 7000), "mTLS still admitted");
 
     // A root-namespace policy selecting b1: STRICT for b1 although the namespace is PERMISSIVE.
     apply(
@@ -408,12 +371,12 @@ fn what_the_node_cannot_see_fails_safe() {
         &mut b,
         &format!(
             "{}{}",
-            peer_auth_in("default", "ns", "", "PERMISSIVE"),
-            peer_auth_in("istio-system", "b1-strict", "{app: b1}", "STRICT")
+            peer_authentication("default", "ns", "", "PERMISSIVE"),
+            peer_authentication("istio-system", "b1-strict", "{app: b1}", "STRICT")
         ),
     );
     assert!(
-        !connects(&bed, "b2", "b1", 7000),
+        !connects(&bed, APP, "b2", "b1", 7000),
         "a root-namespace selector makes b1 STRICT"
     );
     assert_eq!(
@@ -424,10 +387,10 @@ fn what_the_node_cannot_see_fails_safe() {
     apply(
         &bed,
         &mut b,
-        &peer_auth_in("default", "ns", "", "PERMISSIVE"),
+        &peer_authentication("default", "ns", "", "PERMISSIVE"),
     );
     assert!(
-        connects(&bed, "b2", "b1", 7000),
+        connects(&bed, APP, "b2", "b1", 7000),
         "PERMISSIVE alone admits plaintext (the checks above were not vacuous)"
     );
 }

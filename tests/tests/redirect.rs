@@ -3,39 +3,13 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use mesh_tests::{Daemon, Testbed, Topology, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Testbed,
+    helpers::{client, echo_servers, two_by_two, two_daemons},
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const PORT: u16 = 7000;
-
-fn topology() -> Topology {
-    Topology::new()
-        .node("node-a", &["a1", "a2"])
-        .node("node-b", &["b1", "b2"])
-}
-
-/// Starts echo servers on `[::]:7000` in the named pods.
-fn echo_servers(bed: &Testbed, pods: &[&str]) -> Vec<mesh_tests::Proc> {
-    pods.iter()
-        .map(|pod| {
-            bed.pod(pod)
-                .spawn_server(&[APP, "echo", &format!("[::]:{PORT}")])
-                .expect("spawn")
-        })
-        .collect()
-}
-
-/// Runs the test client in `from` against `to`; returns its JSON report, panicking on failure.
-fn client(bed: &Testbed, from: &str, to: SocketAddr, bytes: u64) -> serde_json::Value {
-    let out = bed
-        .pod(from)
-        .exec(&[APP, "client", &to.to_string(), &bytes.to_string()])
-        .expect("client runs")
-        .ok()
-        .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
-    serde_json::from_str(out.stdout.trim()).expect("client prints JSON")
-}
 
 fn assert_intact(report: &serde_json::Value, dialled: SocketAddr, bytes: u64) {
     assert_eq!(report["intact"], true, "{report}");
@@ -47,17 +21,11 @@ fn assert_intact(report: &serde_json::Value, dialled: SocketAddr, bytes: u64) {
     );
 }
 
-fn up() -> Testbed {
-    Testbed::up(&topology()).expect("testbed")
-}
-
 #[test]
 fn outbound_connections_of_an_enrolled_pod_pass_through_the_daemon() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a2", "b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2", "b1"], PORT);
     let daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
 
     let targets = [
@@ -67,7 +35,7 @@ fn outbound_connections_of_an_enrolled_pod_pass_through_the_daemon() {
         bed.pod("a2").addr(true, PORT),
     ];
     for target in targets {
-        let report = client(&bed, "a1", target, 200_000);
+        let report = client(&bed, APP, "a1", target, 200_000);
         assert_intact(&report, target, 200_000);
     }
     let captured = daemon.captured("outbound");
@@ -105,15 +73,13 @@ fn outbound_connections_of_an_enrolled_pod_pass_through_the_daemon() {
 
 #[test]
 fn inbound_connections_to_an_enrolled_pod_are_captured_on_15006() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["b1"], PORT);
     let daemon = Daemon::start(&bed, "node-b", Path::new(DUT), &["b1"]).expect("daemon");
     for v6 in [false, true] {
         let target = bed.pod("b1").addr(v6, PORT);
-        let report = client(&bed, "a1", target, 100_000);
+        let report = client(&bed, APP, "a1", target, 100_000);
         assert_intact(&report, target, 100_000);
     }
     let captured = daemon.captured("inbound");
@@ -136,20 +102,17 @@ fn inbound_connections_to_an_enrolled_pod_are_captured_on_15006() {
 
 #[test]
 fn traffic_of_other_pods_and_of_the_node_is_untouched_and_paths_are_chosen_without_loops() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a2", "b1", "b2"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2", "b1", "b2"], PORT);
     // Every node sees the same workload list; each enrolls its own pods.
     let enrolled = ["a1", "a2", "b1"];
-    let a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (a, b) = two_daemons(&bed, DUT, &enrolled);
 
     // A pod that is not enrolled, to a pod that is not enrolled: no daemon sees it.
     let target = bed.pod("b2").addr(false, PORT);
     let b_in = b.records("connection captured").len();
-    assert_intact(&client(&bed, "b2", target, 1000), target, 1000);
+    assert_intact(&client(&bed, APP, "b2", target, 1000), target, 1000);
     assert_eq!(
         b.records("connection captured").len(),
         b_in,
@@ -173,14 +136,14 @@ fn traffic_of_other_pods_and_of_the_node_is_untouched_and_paths_are_chosen_witho
     let a_in = a.captured("inbound").len();
     let b_out = b.captured("outbound").len();
     let target = bed.pod("a2").addr(true, PORT);
-    assert_intact(&client(&bed, "b1", target, 50_000), target, 50_000);
+    assert_intact(&client(&bed, APP, "b1", target, 50_000), target, 50_000);
     // Both enrolled on node-a: a1 -> a2 takes the same-node path (one outbound capture, no
     // TLS, no second capture at a2).
     let target = bed.pod("a2").addr(false, PORT);
-    assert_intact(&client(&bed, "a1", target, 50_000), target, 50_000);
+    assert_intact(&client(&bed, APP, "a1", target, 50_000), target, 50_000);
     // Destination b2 is not in the mesh: passthrough.
     let target = bed.pod("b2").addr(false, PORT);
-    assert_intact(&client(&bed, "a1", target, 50_000), target, 50_000);
+    assert_intact(&client(&bed, APP, "a1", target, 50_000), target, 50_000);
 
     std::thread::sleep(Duration::from_millis(200));
     let b_outbound = b.captured("outbound");
@@ -283,14 +246,12 @@ fn listening_ports(bed: &Testbed, pod: &str) -> String {
 
 #[test]
 fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["b1"], PORT);
     let target = bed.pod("b1").addr(false, PORT);
     let mut daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
-    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_intact(&client(&bed, APP, "a1", target, 1000), target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 1);
     assert!(listening_ports(&bed, "a1").contains(":15001"));
     assert_eq!(netns_links(&bed, "a1"), 1);
@@ -305,7 +266,7 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
     daemon
         .wait_for_records("pod unenrolled", 1, Duration::from_secs(5))
         .expect("unenrolled");
-    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_intact(&client(&bed, APP, "a1", target, 1000), target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 1, "no longer captured");
     let ports = listening_ports(&bed, "a1");
     assert!(
@@ -328,20 +289,18 @@ fn unenrolling_at_run_time_restores_direct_connectivity_and_leaves_nothing() {
     daemon
         .wait_for_records("pod enrolled", 2, Duration::from_secs(5))
         .expect("re-enrolled");
-    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_intact(&client(&bed, APP, "a1", target, 1000), target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 2);
 }
 
 #[test]
 fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["a1", "b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a1", "b1"], PORT);
     let out_target = bed.pod("b1").addr(false, PORT);
     let mut daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
-    assert_intact(&client(&bed, "a1", out_target, 1000), out_target, 1000);
+    assert_intact(&client(&bed, APP, "a1", out_target, 1000), out_target, 1000);
 
     daemon.kill().expect("kill -9");
     // Outbound: refused at once, no hang.
@@ -411,8 +370,8 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
         assert_eq!(n, 1, "{name} attached exactly once: {programs:?}");
     }
     assert_eq!(netns_links(&bed, "a1"), 1, "one sk_lookup link");
-    assert_intact(&client(&bed, "a1", out_target, 1000), out_target, 1000);
-    assert_intact(&client(&bed, "b1", in_target, 1000), in_target, 1000);
+    assert_intact(&client(&bed, APP, "a1", out_target, 1000), out_target, 1000);
+    assert_intact(&client(&bed, APP, "b1", in_target, 1000), in_target, 1000);
     // The probe that found it serving, and the client above.
     assert_eq!(daemon.captured("outbound").len(), 2);
     assert_eq!(daemon.captured("inbound").len(), 1);
@@ -420,11 +379,9 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pinned_programs() {
 
 #[test]
 fn a_broken_config_edit_keeps_the_last_good_state_and_cleanup_uninstalls() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = up();
-    let _servers = echo_servers(&bed, &["b1"]);
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["b1"], PORT);
     let target = bed.pod("b1").addr(true, PORT);
     let mut daemon = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
 
@@ -445,7 +402,7 @@ fn a_broken_config_edit_keeps_the_last_good_state_and_cleanup_uninstalls() {
         error.contains("workloads[0].enrolled") && error.contains("line"),
         "{error}"
     );
-    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_intact(&client(&bed, APP, "a1", target, 1000), target, 1000);
     assert_eq!(daemon.captured("outbound").len(), 1, "a1 is still enrolled");
     assert!(daemon.records("pod unenrolled").is_empty());
 
@@ -468,5 +425,5 @@ fn a_broken_config_edit_keeps_the_last_good_state_and_cleanup_uninstalls() {
         "cgroup programs detached"
     );
     assert_eq!(netns_links(&bed, "a1"), 0, "sk_lookup detached");
-    assert_intact(&client(&bed, "a1", target, 1000), target, 1000);
+    assert_intact(&client(&bed, APP, "a1", target, 1000), target, 1000);
 }

@@ -3,19 +3,16 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{Daemon, Testbed, Topology, namespaced_test_can_run, open_fds, rss_bytes};
+use mesh_tests::{
+    Daemon, Testbed,
+    helpers::{connects, curl, echo_servers, peer_authentication, two_daemons, two_nodes, within},
+    open_fds, rss_bytes,
+};
 
-const BENCH: &str = env!("CARGO_BIN_EXE_mesh-bench");
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT, BENCH);
 
 fn up() -> Testbed {
-    Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed")
+    two_nodes(&["a1"], &["b1"])
 }
 
 /// Replaces `old` by a new daemon with the same configuration: start the new one, wait until
@@ -33,17 +30,14 @@ fn upgrade(bed: &Testbed, old: &mut Daemon) -> Daemon {
 
 #[test]
 fn upgrading_both_daemons_refuses_no_new_connection() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = up();
     let _server = bed
         .pod("b1")
         .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
     let enrolled = ["a1", "b1"];
-    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (mut a, mut b) = two_daemons(&bed, DUT, &enrolled);
 
     // A steady stream of new connections (connect, exchange a byte, close) for 8 s, over HBONE.
     let target = bed.pod("b1").addr(false, 9000).to_string();
@@ -74,14 +68,9 @@ fn upgrading_both_daemons_refuses_no_new_connection() {
 
 #[test]
 fn an_old_daemon_drains_its_open_connections() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = up();
-    let _echo = bed
-        .pod("b1")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let _echo = echo_servers(&bed, APP, &["b1"], 7000);
     let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon a");
     let target = bed.pod("b1").addr(false, 7000).to_string();
     // A connection that lives 4 s, opened before the upgrade.
@@ -113,17 +102,14 @@ fn an_old_daemon_drains_its_open_connections() {
 
 #[test]
 fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = up();
     let _server = bed
         .pod("b1")
         .spawn_server(&[BENCH, "serve", "[::]:9000"])
         .expect("server");
     let enrolled = ["a1", "b1"];
-    let mut a = Daemon::start(&bed, "node-a", Path::new(DUT), &enrolled).expect("daemon a");
-    let mut b = Daemon::start(&bed, "node-b", Path::new(DUT), &enrolled).expect("daemon b");
+    let (mut a, mut b) = two_daemons(&bed, DUT, &enrolled);
     let target = bed.pod("b1").addr(false, 9000).to_string();
     // Warm up (pooled connection, certificates, allocator), then take the baseline.
     let warm = bed
@@ -182,9 +168,7 @@ fn connection_churn_leaves_descriptors_and_memory_at_baseline() {
 
 #[test]
 fn running_out_of_file_descriptors_is_graceful() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = up();
     let _server = bed
         .pod("b1")
@@ -265,52 +249,34 @@ const RESTORED: &str = "kernel state of an enrolled pod was missing; restored";
 
 /// A `PeerAuthentication` STRICT for `pod` (selector `app: <pod>`), as a `policies:` item.
 fn strict_for(pod: &str) -> String {
-    format!(
-        "- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: {pod}-strict\n    namespace: default\n  spec:\n    selector:\n      matchLabels: {{app: {pod}}}\n    mtls: {{mode: STRICT}}\n"
+    peer_authentication(
+        "default",
+        &format!("{pod}-strict"),
+        &format!("{{app: {pod}}}"),
+        "STRICT",
     )
 }
 
 /// Whether plaintext from `from` (outside the mesh) to `to`'s echo on port 7000 gets through.
 fn plaintext_reaches(bed: &Testbed, from: &str, to: &str) -> bool {
-    let target = bed.pod(to).addr(false, 7000).to_string();
-    bed.pod(from)
-        .exec(&[APP, "send", &target, "probe"])
-        .expect("client runs")
-        .status
-        .success()
+    connects(bed, APP, from, to, 7000)
 }
 
 /// The status code and body of `node`'s readiness endpoint (`200 ...` or `503 ...`).
 fn readiness(bed: &Testbed, node: &str) -> String {
-    let out = bed
-        .node(node)
-        .exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "2",
+    curl(
+        bed,
+        node,
+        Duration::from_secs(2),
+        &[
             "-w",
             "%{http_code} ",
             "-o",
             "/dev/stdout",
             "http://127.0.0.1:15021/healthz/ready",
-        ])
-        .expect("curl runs");
-    out.stdout
-}
-
-/// Waits until `check` holds, at most `timeout`; returns whether it did.
-fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if check() {
-            return true;
-        }
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ],
+    )
+    .stdout
 }
 
 /// Issue 13, item 3: changing a workload's `netns` to a path that does not exist removed the
@@ -318,14 +284,9 @@ fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 /// fired in bursts.
 #[test]
 fn a_failed_re_enrollment_keeps_the_pod_captured() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = up();
-    let _echo = bed
-        .pod("a1")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let _echo = echo_servers(&bed, APP, &["a1"], 7000);
     let settings = mesh_tests::mesh::NodeSettings {
         policies: strict_for("a1"),
         ..Default::default()
@@ -344,14 +305,8 @@ fn a_failed_re_enrollment_keeps_the_pod_captured() {
     let netns = netns.to_str().expect("UTF-8");
     assert!(good.contains(netns));
     let bad = good.replace(netns, &format!("{netns}-gone"));
-    let reloads = daemon.records("configuration reloaded").len();
-    mesh_tests::mesh::write_atomically(&config, &bad).expect("write");
     daemon
-        .wait_for_records(
-            "configuration reloaded",
-            reloads + 1,
-            Duration::from_secs(5),
-        )
+        .reload_with(&bad, Duration::from_secs(5))
         .expect("reloaded");
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..3 {
@@ -375,18 +330,13 @@ fn a_failed_re_enrollment_keeps_the_pod_captured() {
     assert!((1..=2).contains(&retries), "{retries} retries in 6 s");
 
     // Back to the real netns: enrolled again, still captured, ready.
-    let reloads = daemon.records("configuration reloaded").len();
-    mesh_tests::mesh::write_atomically(&config, &good).expect("write");
     daemon
-        .wait_for_records(
-            "configuration reloaded",
-            reloads + 1,
-            Duration::from_secs(5),
-        )
+        .reload_with(&good, Duration::from_secs(5))
         .expect("reloaded");
     assert!(
-        eventually(Duration::from_secs(5), || readiness(&bed, "node-a")
-            .starts_with("200")),
+        within(Duration::from_secs(5), || readiness(&bed, "node-a")
+            .starts_with("200"))
+        .is_some(),
         "ready again: {}",
         readiness(&bed, "node-a")
     );
@@ -397,14 +347,9 @@ fn a_failed_re_enrollment_keeps_the_pod_captured() {
 /// rollback), left the survivor's inbound plaintext unreachable while its readiness said 200.
 #[test]
 fn a_rolled_back_upgrade_leaves_the_survivor_serving_inbound_plaintext() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = up();
-    let _echo = bed
-        .pod("a1")
-        .spawn_server(&[APP, "echo", "[::]:7000"])
-        .expect("echo");
+    let _echo = echo_servers(&bed, APP, &["a1"], 7000);
     let survivor = Daemon::start(&bed, "node-a", Path::new(DUT), &["a1"]).expect("daemon");
     assert!(
         plaintext_reaches(&bed, "b1", "a1"),
@@ -424,9 +369,10 @@ fn a_rolled_back_upgrade_leaves_the_survivor_serving_inbound_plaintext() {
     );
     assert!(successor.stop().expect("stop").success());
     assert!(
-        eventually(Duration::from_secs(2), || plaintext_reaches(
+        within(Duration::from_secs(2), || plaintext_reaches(
             &bed, "b1", "a1"
-        )),
+        ))
+        .is_some(),
         "the survivor serves inbound plaintext again within 2 s"
     );
     let ok = (0..8)

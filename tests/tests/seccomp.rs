@@ -11,10 +11,13 @@
 
 use std::path::{Path, PathBuf};
 
-use mesh_tests::{Daemon, Testbed, Topology, mesh::NodeSettings, namespaced_test_can_run};
+use mesh_tests::{
+    Daemon, Testbed, Topology,
+    helpers::{connects, echo_servers, two_nodes},
+    mesh::NodeSettings,
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/runtime_default.py");
 /// Debian's Python, where `python3-seccomp` is installed.
 const PYTHON: &str = "/usr/bin/python3";
@@ -68,32 +71,13 @@ fn status(pid: u32, key: &str) -> String {
         .unwrap_or_default()
 }
 
-fn connects(bed: &Testbed, from: &str, to: &str) -> bool {
-    let target = bed.pod(to).addr(false, 7000).to_string();
-    bed.pod(from)
-        .exec(&[APP, "send", &target, "seccomp probe"])
-        .expect("client runs")
-        .status
-        .success()
-}
-
 #[test]
 fn the_daemon_runs_under_the_runtimes_default_seccomp_profiles() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     for name in ["docker.json", "containers-common.json"] {
         let settings = under(&profile(name), CAPS);
-        let bed = Testbed::up(
-            &Topology::new()
-                .node("node-a", &["a1"])
-                .node("node-b", &["b1", "b2"]),
-        )
-        .expect("testbed");
-        let _server = bed
-            .pod("b1")
-            .spawn_server(&[APP, "echo", "[::]:7000"])
-            .expect("spawn");
+        let bed = two_nodes(&["a1"], &["b1", "b2"]);
+        let _server = echo_servers(&bed, APP, &["b1"], 7000);
         let enrolled = ["a1", "b1"];
         let mut a =
             Daemon::start_with_settings(&bed, "node-a", Path::new(DUT), &enrolled, &settings)
@@ -119,8 +103,14 @@ fn the_daemon_runs_under_the_runtimes_default_seccomp_profiles() {
                 "{name}: the daemon runs filtered, without new privileges, with the four capabilities"
             );
         }
-        assert!(connects(&bed, "a1", "b1"), "{name}: mTLS across nodes");
-        assert!(connects(&bed, "b2", "b1"), "{name}: plaintext into b1");
+        assert!(
+            connects(&bed, APP, "a1", "b1", 7000),
+            "{name}: mTLS across nodes"
+        );
+        assert!(
+            connects(&bed, APP, "b2", "b1", 7000),
+            "{name}: plaintext into b1"
+        );
         assert!(
             b.captured("inbound")
                 .iter()
@@ -168,9 +158,7 @@ fn the_daemon_runs_under_the_runtimes_default_seccomp_profiles() {
 /// `CAP_SYS_ADMIN` that admits the daemon's `bpf`, `setns` and `clone3` in these profiles.
 #[test]
 fn the_profile_is_enforced_a_control() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let settings = under(
         &profile("docker.json"),
         "CAP_BPF,CAP_NET_ADMIN,CAP_SYS_PTRACE",

@@ -6,11 +6,12 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use mesh_tests::{
-    Daemon, Testbed, Topology, mesh::NodeSettings, mesh::write_atomically, namespaced_test_can_run,
+    Daemon, Testbed,
+    helpers::{echo_servers, two_nodes},
+    mesh::{NodeSettings, write_atomically},
 };
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-const DUT: &str = env!("CARGO_BIN_EXE_mesh-node-dut");
+mesh_tests::binaries!(APP, DUT);
 const VIP: &str = "198.19.255.20";
 
 fn services(bed: &Testbed, load_balancing: &str) -> String {
@@ -40,23 +41,9 @@ fn service_records(daemon: &Daemon) -> Vec<(String, String)> {
 
 #[test]
 fn a_service_address_is_load_balanced_across_its_endpoints() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(
-        &Topology::new()
-            .node("node-a", &["a1", "a2"])
-            .node("node-b", &["b1"]),
-    )
-    .expect("testbed");
-    let _servers: Vec<_> = ["a2", "b1"]
-        .iter()
-        .map(|p| {
-            bed.pod(p)
-                .spawn_server(&[APP, "echo", "[::]:7000"])
-                .expect("echo")
-        })
-        .collect();
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_nodes(&["a1", "a2"], &["b1"]);
+    let _servers = echo_servers(&bed, APP, &["a2", "b1"], 7000);
     let enrolled = ["a1", "a2", "b1"];
     let settings = NodeSettings {
         services: services(&bed, "any"),

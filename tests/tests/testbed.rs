@@ -7,45 +7,22 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Testbed, Topology, namespaced_test_can_run};
+use mesh_tests::{
+    Testbed, Topology,
+    helpers::{client, echo_servers, two_by_two},
+};
 
-const APP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
-
-fn two_by_two() -> Topology {
-    Topology::new()
-        .node("node-a", &["a1", "a2"])
-        .node("node-b", &["b1", "b2"])
-}
-
-/// Runs `mesh-testapp client` in `from` against `to` and returns the parsed JSON report.
-fn client(bed: &Testbed, from: &str, to: std::net::SocketAddr, bytes: u64) -> serde_json::Value {
-    let out = bed
-        .pod(from)
-        .exec(&[APP, "client", &to.to_string(), &bytes.to_string()])
-        .expect("client runs")
-        .ok()
-        .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
-    serde_json::from_str(out.stdout.trim()).expect("client prints JSON")
-}
+mesh_tests::binaries!(APP);
 
 #[test]
 fn pods_reach_each_other_within_and_across_nodes_over_ipv4_and_ipv6() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(&two_by_two()).expect("testbed");
-    let mut servers = Vec::new();
-    for pod in ["a2", "b1"] {
-        let server = bed
-            .pod(pod)
-            .spawn_server(&[APP, "echo", "[::]:7000"])
-            .expect("spawn");
-        servers.push(server);
-    }
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
+    let _servers = echo_servers(&bed, APP, &["a2", "b1"], 7000);
     for v6 in [false, true] {
         for to in ["a2", "b1"] {
             let target = bed.pod(to).addr(v6, 7000);
-            let report = client(&bed, "a1", target, 300_000);
+            let report = client(&bed, APP, "a1", target, 300_000);
             assert_eq!(report["intact"], true, "{report}");
             assert_eq!(report["received"], 300_000, "{report}");
             assert_eq!(report["peer"], target.to_string(), "{report}");
@@ -77,9 +54,7 @@ fn pods_reach_each_other_within_and_across_nodes_over_ipv4_and_ipv6() {
 
 #[test]
 fn processes_run_inside_their_pod_netns_and_cgroup() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let bed = Testbed::up(&Topology::new().node("n1", &["p1", "p2"])).expect("testbed");
     let pod = bed.pod("p2");
     let proc = pod.spawn(&["sleep", "30"]).expect("spawn");
@@ -176,10 +151,8 @@ fn assert_gone(f: &Footprint) {
 
 #[test]
 fn drop_removes_namespaces_cgroups_pins_and_processes() {
-    if !namespaced_test_can_run() {
-        return;
-    }
-    let bed = Testbed::up(&two_by_two()).expect("testbed");
+    mesh_tests::skip_unless_namespaced!();
+    let bed = two_by_two();
     let (footprint, procs) = footprint_with_processes(&bed);
     // The testbed goes first while the test still holds process handles: teardown must not
     // depend on them.
@@ -190,12 +163,10 @@ fn drop_removes_namespaces_cgroups_pins_and_processes() {
 
 #[test]
 fn a_panic_mid_test_leaves_nothing_behind() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     let footprint = std::sync::Mutex::new(None);
     let result = std::panic::catch_unwind(|| {
-        let bed = Testbed::up(&two_by_two()).expect("testbed");
+        let bed = two_by_two();
         let (f, _procs) = footprint_with_processes(&bed);
         *footprint.lock().unwrap() = Some(f);
         panic!("deliberate panic in the middle of a namespaced test");
@@ -211,9 +182,7 @@ fn a_panic_mid_test_leaves_nothing_behind() {
 
 #[test]
 fn leftovers_of_a_dead_owner_are_swept() {
-    if !namespaced_test_can_run() {
-        return;
-    }
+    mesh_tests::skip_unless_namespaced!();
     // A pid that is certainly dead: a child we already reaped.
     let mut child = std::process::Command::new("true").spawn().expect("true");
     let dead_pid = child.id();
