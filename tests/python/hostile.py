@@ -5,7 +5,7 @@ garbage  HOST PORT N                 N connections that send random bytes, then 
 stall    HOST PORT N SECONDS         N connections that send half a TLS record and wait.
 streams  HOST PORT AUTHORITY N ...   mTLS + HTTP/2: N CONNECT streams that send data and never
                                      read the echo, held for a while, then the socket is reset.
-bigheader HOST PORT AUTHORITY ...    a CONNECT with a 64 KiB header.
+bigheader HOST PORT AUTHORITY SIZE ... a CONNECT with a header of SIZE bytes.
 idle     HOST PORT N STAGE SECONDS ... N mTLS connections that stop after STAGE (`tls`: the TLS
                                      handshake, no HTTP/2 preface; `h2`: the HTTP/2 handshake,
                                      PINGs answered, no stream); how long each stayed open.
@@ -159,12 +159,12 @@ def streams(host, port, authority, n, ca, cert, key):
     return {"opened": opened, "refused_locally": refused, "accepted": len(ok)}
 
 
-def bigheader(host, port, authority, ca, cert, key):
+def bigheader(host, port, authority, size, ca, cert, key):
     sock, raw = tls(host, port, ca, cert, key)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), ("x-big", "y" * 65536)])
+    conn.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), ("x-big", "y" * size)])
     try:
         sock.sendall(conn.data_to_send())
     except OSError:
@@ -178,6 +178,9 @@ def bigheader(host, port, authority, ca, cert, key):
                 outcome = "closed"
                 break
             for event in conn.receive_data(data):
+                # The first answer counts (h2 resets the stream right after its 431).
+                if outcome != "no answer":
+                    break
                 if isinstance(event, h2.events.ResponseReceived):
                     outcome = "status " + dict(event.headers)[b":status"].decode()
                 elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
@@ -425,7 +428,7 @@ def main():
     elif mode == "streams":
         r = streams(host, port, a[0], int(a[1]), a[2], a[3], a[4])
     elif mode == "bigheader":
-        r = bigheader(host, port, a[0], a[1], a[2], a[3])
+        r = bigheader(host, port, a[0], int(a[1]), a[2], a[3], a[4])
     elif mode == "idle":
         r = idle(host, port, int(a[0]), a[1], float(a[2]), a[3], a[4], a[5])
     elif mode == "hold":

@@ -169,6 +169,7 @@ fn hostile_peers_end_only_their_own_connection_and_leave_nothing_behind() {
             &a2_ip,
             "15008",
             &a2_app,
+            "65536",
             &ca_s,
             &cert_s,
             &key_s,
@@ -614,8 +615,12 @@ fn protocol_abuse_and_refusals_are_counted_by_reason_and_logged() {
         flood["goaway"], "ENHANCE_YOUR_CALM too_many_continuations",
         "{flood}"
     );
-    let big = run(&["bigheader", &a2_ip, "15008", &a2_app]);
+    let big = run(&["bigheader", &a2_ip, "15008", &a2_app, "65536"]);
     assert_ne!(big["outcome"], "status 200", "{big}");
+    // Over the 16 KiB limit but not by far: h2 answers 431 and resets the stream itself (the
+    // daemon never sees the request), and the connection stays up.
+    let over = run(&["bigheader", &a2_ip, "15008", &a2_app, "20000"]);
+    assert_eq!(over["outcome"], "status 431", "{over}");
     let reserved = format!("{a2_ip}:15006");
     for (method, authority, reason) in [
         ("GET", a2_app.as_str(), "bad_request_method"),
@@ -648,6 +653,7 @@ fn protocol_abuse_and_refusals_are_counted_by_reason_and_logged() {
         "http2_rapid_reset",
         "http2_continuation_flood",
         "http2_header_too_large",
+        "http2_headers_refused",
     ] {
         assert_eq!(count("hbone", reason), 1, "{reason}: {text}");
     }
@@ -669,6 +675,10 @@ fn protocol_abuse_and_refusals_are_counted_by_reason_and_logged() {
         assert!(goaways.iter().any(|r| r == reason), "{reason}: {goaways:?}");
     }
     assert_eq!(reasons("HBONE request rejected (400)").len(), 4);
+    assert_eq!(
+        reasons("HBONE request headers over the limit (answered 431)"),
+        ["http2_headers_refused"]
+    );
     assert_eq!(
         a.records("connection to a reserved port refused").len(),
         1,

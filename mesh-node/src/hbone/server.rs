@@ -75,6 +75,10 @@ pub enum ServerError {
     PingTimeout,
     #[error("HBONE connection without a stream closed (idle)")]
     Idle(Duration),
+    #[error("HBONE request headers over the limit (answered 431)")]
+    HeadersRefused,
+    #[error("HBONE stream reset for an HTTP/2 protocol error")]
+    StreamProtocol,
     #[error("HBONE stream refused: too many streams in progress on the connection")]
     StreamLimit,
 }
@@ -94,6 +98,8 @@ impl ServerError {
             ServerError::PingTimeout => "ping_timeout",
             ServerError::Idle(_) => "idle_timeout",
             ServerError::StreamLimit => "stream_limit",
+            ServerError::HeadersRefused => abuse::REFUSED_STREAMS[0],
+            ServerError::StreamProtocol => abuse::REFUSED_STREAMS[1],
         }
     }
 }
@@ -181,7 +187,7 @@ pub async fn serve_connection<H: Handler>(
     let mut gauge = OpenGauge::new(&settings.metrics, "server", "handshake");
     let deadline = Instant::now() + settings.handshake_timeout;
     // Boxed: the handshakes are large and finish long before the connection does.
-    let (mut conn, source, sent) =
+    let (mut conn, source, sent, mut refusals) =
         match Box::pin(setup(acceptor, tcp, &settings.metrics, deadline)).await {
             Ok(ready) => ready,
             Err((identity, error)) => return handler.error(peer, identity.as_ref(), &error),
@@ -198,9 +204,24 @@ pub async fn serve_connection<H: Handler>(
     let source = Arc::new(source);
     let mut draining = settings.draining.clone();
     let mut going_away = false;
+    // Streams h2 refused itself (it answers them; they never reach `accept`), as reported.
+    let mut refused = [0u64; 2];
     let ended = loop {
         let request = tokio::select! {
             request = conn.accept() => request,
+            Ok(()) = refusals.changed() => {
+                let now = *refusals.borrow_and_update();
+                for (error, (seen, told)) in [ServerError::HeadersRefused, ServerError::StreamProtocol]
+                    .iter()
+                    .zip(now.iter().zip(refused.iter_mut()))
+                {
+                    for _ in *told..*seen {
+                        handler.error(peer, Some(&source), error);
+                    }
+                    *told = *seen;
+                }
+                continue;
+            }
             dead = &mut alive => break Some(match dead {
                 Dead::Setup => ServerError::SetupPingTimeout,
                 Dead::Ping => ServerError::PingTimeout,
@@ -264,7 +285,15 @@ async fn setup(
     tcp: TcpStream,
     metrics: &Metrics,
     deadline: Instant,
-) -> Result<(Connection, Identity, abuse::SentGoaway), SetupError> {
+) -> Result<
+    (
+        Connection,
+        Identity,
+        abuse::SentGoaway,
+        abuse::StreamRefusals,
+    ),
+    SetupError,
+> {
     let started = Instant::now();
     let tls = match tokio::time::timeout_at(deadline.into(), acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -281,7 +310,7 @@ async fn setup(
     let Some(source) = tls.get_ref().1.peer_certificates().and_then(peer_identity) else {
         return Err((None, ServerError::NoPeerIdentity));
     };
-    let (tls, sent) = abuse::Watched::new(tls);
+    let (tls, sent, refusals) = abuse::Watched::new(tls);
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -290,7 +319,7 @@ async fn setup(
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .handshake::<_, Bytes>(tls);
     match tokio::time::timeout_at(deadline.into(), handshake).await {
-        Ok(Ok(conn)) => Ok((conn, source, sent)),
+        Ok(Ok(conn)) => Ok((conn, source, sent, refusals)),
         Ok(Err(e)) => Err((Some(source), ServerError::Http2Handshake(e))),
         Err(_) => Err((Some(source), ServerError::Http2HandshakeTimeout)),
     }
