@@ -96,7 +96,14 @@ pub async fn run(
         state: from_file,
     } = document;
     let effective = serde_json::to_string(&config).map_err(AppError::Serialize)?;
-    info!(config = %effective, version = env!("CARGO_PKG_VERSION"), "mesh-node starting");
+    info!(
+        config = %effective,
+        workloads = from_file.workloads.len(),
+        services = from_file.services.len(),
+        policies = from_file.policies.documents().len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "mesh-node starting"
+    );
 
     Descriptors::raise_limit();
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
