@@ -453,6 +453,20 @@ impl fmt::Display for Origin {
     }
 }
 
+/// The text of `file` (the embedded default when `None`) and where it came from.
+pub fn read(file: Option<&Path>) -> Result<(Origin, String), ConfigError> {
+    match file {
+        None => Ok((Origin::Embedded, DEFAULT_YAML.to_owned())),
+        Some(path) => {
+            let origin = Origin::File(path.to_owned());
+            match fs::read_to_string(path) {
+                Ok(text) => Ok((origin, text)),
+                Err(source) => Err(ConfigError::Read { origin, source }),
+            }
+        }
+    }
+}
+
 impl Config {
     /// Reads the configuration from `file` (or the embedded default when `None`), then applies
     /// the environment overrides looked up through `env` and fills computed defaults.
@@ -460,16 +474,7 @@ impl Config {
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let (origin, text) = match file {
-            None => (Origin::Embedded, DEFAULT_YAML.to_owned()),
-            Some(path) => {
-                let origin = Origin::File(path.to_owned());
-                match fs::read_to_string(path) {
-                    Ok(text) => (origin, text),
-                    Err(source) => return Err(ConfigError::Read { origin, source }),
-                }
-            }
-        };
+        let (origin, text) = read(file)?;
         Ok(Self::parse(&text, &origin)?.with_overrides(env))
     }
 

@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{MeshState, Service, validate_services};
 use crate::{
-    config::{Config, ConfigError, DEFAULT_YAML, Origin},
+    config::{Config, ConfigError, Origin},
     metrics::ReloadLabels,
     policy::{PolicyDocument, PolicyStore},
     workload::{Workload, validate_workloads},
@@ -92,16 +92,7 @@ impl Document {
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let (origin, text) = match file {
-            None => (Origin::Embedded, DEFAULT_YAML.to_owned()),
-            Some(path) => {
-                let origin = Origin::File(path.to_owned());
-                match std::fs::read_to_string(path) {
-                    Ok(text) => (origin, text),
-                    Err(source) => return Err(ConfigError::Read { origin, source }),
-                }
-            }
-        };
+        let (origin, text) = crate::config::read(file)?;
         let mut document = Self::parse(&text, &origin)?;
         document.config = document.config.with_overrides(env);
         Ok(document)
