@@ -49,11 +49,14 @@ pub struct Config {
     /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
     /// `istio-system`.
     pub root_namespace: String,
-    /// The file state source's sections: accepted, read elsewhere.
+    /// `policies`, `workloads`, `services`: the file state source's sections, read by
+    /// `state::file::Document`; accepted here so that the file still refuses unknown fields.
     #[serde(skip_serializing)]
     policies: Elsewhere,
+    /// See `policies`.
     #[serde(skip_serializing)]
     workloads: Elsewhere,
+    /// See `policies`.
     #[serde(skip_serializing)]
     services: Elsewhere,
 }
