@@ -317,6 +317,7 @@ async fn start_kube(
         workloads: Vec::new(),
         services: Vec::new(),
         policies: Arc::clone(&from_file.policies),
+        traffic: Arc::clone(&from_file.traffic),
         zone: config.zone.clone(),
         pending: Some("waiting for the initial sync with the Kubernetes API".to_owned()),
     };

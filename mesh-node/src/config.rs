@@ -49,7 +49,7 @@ pub struct Config {
     /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
     /// `istio-system`.
     pub root_namespace: String,
-    /// `policies`, `workloads`, `services`: the file state source's sections, read by
+    /// `policies`, `workloads`, `services`, `traffic`: the file state source's sections, read by
     /// `state::file::Document`; accepted here so that the file still refuses unknown fields.
     #[serde(skip_serializing)]
     policies: Elsewhere,
@@ -59,6 +59,9 @@ pub struct Config {
     /// See `policies`.
     #[serde(skip_serializing)]
     services: Elsewhere,
+    /// See `policies`.
+    #[serde(skip_serializing)]
+    traffic: Elsewhere,
 }
 
 /// A top-level section of the file that another part of the daemon reads (the file state
@@ -173,6 +176,7 @@ impl Default for Config {
             policies: Elsewhere,
             workloads: Elsewhere,
             services: Elsewhere,
+            traffic: Elsewhere,
         }
     }
 }

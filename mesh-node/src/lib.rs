@@ -23,6 +23,7 @@ pub mod redirect;
 pub mod state;
 pub mod throttle;
 pub mod tls;
+pub mod traffic;
 pub mod workload;
 
 /// `error: cause: cause` on one line, for log records.

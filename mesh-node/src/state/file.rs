@@ -1,4 +1,5 @@
-//! The file state source: the configuration file's `workloads`, `services` and `policies`,
+//! The file state source: the configuration file's `workloads`, `services`, `policies` and
+//! `traffic`,
 //! re-read when the file changes. The file's other fields are the daemon's settings
 //! ([`Config`]); a [`Document`] is the two together, as one file holds them.
 //!
@@ -34,6 +35,7 @@ use crate::{
     config::{Config, ConfigError, Origin},
     metrics::ReloadLabels,
     policy::{PolicyDocument, PolicyStore},
+    traffic::{TrafficDocument, TrafficSet},
     workload::{Workload, validate_workloads},
 };
 
@@ -49,6 +51,8 @@ struct Sections {
     workloads: Vec<Workload>,
     /// Services: virtual addresses whose connections are load-balanced across endpoints.
     services: Vec<Service>,
+    /// `TCPRoute`, `VirtualService`, `DestinationRule` and `FaultInjection` documents.
+    traffic: Vec<TrafficDocument>,
 }
 
 /// A configuration file (or the embedded default) as the daemon reads it: its settings, and
@@ -76,10 +80,19 @@ impl Document {
             .map_err(|(field, reason)| ConfigError::invalid(origin, text, field, reason))?;
         let policies = PolicyStore::new(&config.root_namespace, &sections.policies)
             .map_err(|error| ConfigError::policy(origin, text, error))?;
+        let traffic = TrafficSet::new(&sections.traffic).map_err(|e| {
+            ConfigError::invalid(
+                origin,
+                text,
+                format!("traffic[{}].{}", e.index, e.field),
+                format!("{}: {}", e.document, e.reason),
+            )
+        })?;
         let state = MeshState {
             workloads: sections.workloads,
             services: sections.services,
             policies: Arc::new(policies),
+            traffic: Arc::new(traffic),
             zone: config.zone.clone(),
             pending: None,
         };
@@ -104,6 +117,7 @@ impl Document {
             policies: self.state.policies.documents().to_vec(),
             workloads: self.state.workloads.clone(),
             services: self.state.services.clone(),
+            traffic: self.state.traffic.documents().to_vec(),
         };
         let mut text = serde_yaml_ng::to_string(&self.config)?;
         text.push_str(&serde_yaml_ng::to_string(&sections)?);

@@ -1,4 +1,4 @@
-//! What the mesh knows about: workloads, services and policies, and the sources that feed it:
+//! What the mesh knows about: workloads, services, policies and traffic rules, and the sources that feed it:
 //! the configuration file (`file`: the only source without Kubernetes, and how VMs join) and
 //! the Kubernetes API (`kube`), which merges the file's state into the cluster's.
 
@@ -17,6 +17,9 @@ pub struct MeshState {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: std::sync::Arc<crate::policy::PolicyStore>,
+    /// Routes, destination rules and faults (`TCPRoute`, `VirtualService`, `DestinationRule`,
+    /// `FaultInjection`).
+    pub traffic: std::sync::Arc<crate::traffic::TrafficSet>,
     /// This node's zone (for services preferring their zone), when known.
     pub zone: Option<String>,
     /// Why the state is not complete yet (a source has not synced): while set, the daemon

@@ -42,6 +42,9 @@ pub struct Service {
     /// Which endpoints a connection may go to, by locality. Default: `any`.
     #[serde(default)]
     pub load_balancing: Locality,
+    /// New connections per second admitted to the service from each node. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_rate_limit: Option<crate::traffic::RateLimit>,
 }
 
 /// One port of a service.

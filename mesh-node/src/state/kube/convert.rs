@@ -176,6 +176,7 @@ pub fn service(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Service> 
         selector: None,
         endpoints,
         load_balancing: locality(svc),
+        connection_rate_limit: None,
     })
 }
 

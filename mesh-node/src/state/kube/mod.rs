@@ -368,6 +368,7 @@ impl Builder {
             workloads,
             services,
             policies,
+            traffic: Arc::clone(&file.traffic),
             zone: self.zone.clone(),
             pending: None,
         }
