@@ -486,12 +486,12 @@ fn apply(
         return;
     }
     inpod.reconcile(&state.workloads);
-    proxy.set_services(crate::state::ServiceTable::build(
-        &state.services,
-        &state.workloads,
-        inpod.node(),
-        state.zone.as_deref(),
-    ));
+    proxy.set_services(state, inpod.node());
+    for (document, note) in state.traffic.notes() {
+        if warned.insert((document.clone(), note.clone())) {
+            warn!(document = %document, note = %note, "traffic rule is applied at the node as noted");
+        }
+    }
     let enrolled = i64::try_from(inpod.enrolled()).unwrap_or(i64::MAX);
     observers.metrics.enrolled_workloads.set(enrolled);
     let found = inpod.audit();

@@ -296,6 +296,19 @@ fn labels(
     }
 }
 
+/// What traffic management did with a connection, for its access-log line.
+#[derive(Clone, Debug, Default)]
+pub struct TrafficNote {
+    /// The route that split it (`TCPRoute namespace/name`).
+    pub route: Option<Arc<str>>,
+    /// The destination it was sent to (the backend service, with `/subset`).
+    pub backend: Option<Arc<str>>,
+    /// Endpoints tried (more than 1 after a failover).
+    pub attempts: u32,
+    /// The injected fault (`delay 200ms FaultInjection ns/name`).
+    pub fault: Option<String>,
+}
+
 /// Metrics and access log of one connection.
 pub struct ConnRecord {
     metrics: Arc<Metrics>,
@@ -312,6 +325,7 @@ pub struct ConnRecord {
     /// Destination → source bytes.
     pub sent: ByteCount,
     reported_failure: bool,
+    traffic: Option<Box<TrafficNote>>,
 }
 
 /// A byte count that also feeds a Prometheus counter.
@@ -370,7 +384,23 @@ impl ConnRecord {
             destination,
             security,
             reported_failure: false,
+            traffic: None,
         }
+    }
+
+    /// Counts the setup from `started` (the connection was accepted before the record could be
+    /// opened: its endpoint was not known until a connect succeeded).
+    #[must_use]
+    pub fn started_at(mut self, started: Instant) -> Self {
+        self.started = started.min(self.started);
+        self
+    }
+
+    /// Notes what traffic management did, for the access log.
+    #[must_use]
+    pub fn with_traffic(mut self, note: TrafficNote) -> Self {
+        self.traffic = Some(Box::new(note));
+        self
     }
 
     /// The destination is connected (records the setup time).
@@ -420,6 +450,8 @@ impl ConnRecord {
                 .map(ToString::to_string)
                 .unwrap_or_default()
         };
+        let traffic = self.traffic.as_deref();
+        let text = |f: fn(&TrafficNote) -> Option<&str>| traffic.and_then(f).unwrap_or("");
         tracing::info!(
             target: "access",
             direction = self.path.direction,
@@ -437,6 +469,10 @@ impl ConnRecord {
             security = self.security.policy(),
             no_mtls_reason = self.security.no_mtls_reason(),
             response_flags = self.flags,
+            route = text(|t| t.route.as_deref()),
+            backend = text(|t| t.backend.as_deref()),
+            attempts = traffic.map_or(1, |t| t.attempts),
+            fault = text(|t| t.fault.as_deref()),
             reason,
             "connection complete"
         );

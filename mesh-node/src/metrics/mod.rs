@@ -19,7 +19,7 @@ use prometheus_client::{
 };
 
 pub use collect::NodeCollector;
-pub use conn::{ByteCount, ConnRecord, Direction, Endpoint, NoMtls, Path, Security};
+pub use conn::{ByteCount, ConnRecord, Direction, Endpoint, NoMtls, Path, Security, TrafficNote};
 
 /// The `OpenMetrics` exposition in the Prometheus text format (0.0.4), for scrapers and tools
 /// that do not ask for `OpenMetrics`: counters are described under their `_total` sample name,
@@ -115,6 +115,7 @@ pub struct Metrics {
     /// The file descriptor budget (see `proxy::limits`).
     pub descriptors: Family<DescriptorLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub traffic_decisions: Family<TrafficLabels, Counter>,
     /// Istio label sets (and their counters) already built, shared by connections between the
     /// same workloads (`conn.rs`).
     label_sets: conn::LabelSets,
@@ -125,6 +126,18 @@ pub struct Metrics {
 pub struct ReloadLabels {
     /// `applied` or `rejected` (the last good state stays).
     pub result: &'static str,
+}
+
+/// A traffic-management decision: `decision` is `split` (the route sent the connection to
+/// `target`, a backend), `retry` (the connect to the endpoint `target` failed, another was
+/// tried), `ejected` / `returned` (outlier detection took the endpoint `target` out or let it
+/// back), `pool_limit` (the pool of `target` was full), `rate_limit`, `fault_abort` and
+/// `fault_delay` (`target` names the `FaultInjection`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub destination_service: String,
+    pub decision: &'static str,
+    pub target: String,
 }
 
 /// Why a connection was refused or cut short by the daemon.
@@ -179,6 +192,7 @@ impl Metrics {
             open_hbone: Family::default(),
             descriptors: Family::default(),
             config_reloads: Family::default(),
+            traffic_decisions: Family::default(),
             label_sets: conn::LabelSets::default(),
             registry: Registry::default(),
         };
@@ -267,6 +281,12 @@ impl Metrics {
              rejected (empty, cut short, invalid; the last good state stays)",
             metrics.config_reloads.clone(),
         );
+        registry.register(
+            "mesh_traffic_decisions",
+            "Traffic management decisions by service: splits by backend, retries and ejections \
+             by endpoint, pool and rate limits, injected faults",
+            metrics.traffic_decisions.clone(),
+        );
         registry.register_collector(Box::new(collector));
         Arc::new(Self {
             registry,
@@ -282,6 +302,17 @@ impl Metrics {
             .get_or_create(&ErrorLabels { listener, reason })
             .inc();
         crate::throttle::allow(listener, reason)
+    }
+
+    /// Counts a traffic-management decision (see [`TrafficLabels`]).
+    pub fn traffic(&self, service: &str, decision: &'static str, target: &str) {
+        self.traffic_decisions
+            .get_or_create(&TrafficLabels {
+                destination_service: service.to_owned(),
+                decision,
+                target: target.to_owned(),
+            })
+            .inc();
     }
 
     /// The exposition (Prometheus text format).

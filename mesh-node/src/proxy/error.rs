@@ -52,6 +52,15 @@ pub enum Error {
     /// An authorization policy denied it (or no ALLOW matched).
     #[error("denied by policy {policy}")]
     Denied { policy: String },
+    /// An abort injected by a `FaultInjection` (named).
+    #[error("aborted by the injected fault {fault}")]
+    FaultAbort { fault: Arc<str> },
+    /// The service's connection rate limit.
+    #[error("connection rate limit of {service} reached")]
+    RateLimited { service: Arc<str> },
+    /// The destination's `DestinationRule` `maxConnections` are open.
+    #[error("connection pool of {destination} is full (maxConnections)")]
+    PoolFull { destination: Arc<str> },
     /// A service address without a ready endpoint.
     #[error("no ready endpoint for the service {service}")]
     NoEndpoint { service: Arc<str> },
@@ -99,6 +108,9 @@ impl Error {
             Error::Strict => "strict_mtls",
             Error::Denied { .. } => "policy_denied",
             Error::NoEndpoint { .. } => "no_endpoint",
+            Error::FaultAbort { .. } => "fault_abort",
+            Error::RateLimited { .. } => "rate_limit",
+            Error::PoolFull { .. } => "pool_limit",
             Error::NoOriginalDst => "no_original_destination",
             Error::ReservedPort(_) => "reserved_port",
             Error::BadRequest(bad) => bad.reason(),
@@ -129,7 +141,9 @@ impl Error {
     pub fn flag(&self) -> &'static str {
         match self {
             Error::Strict | Error::Denied { .. } => "DENY",
-            Error::Limit(_) => "UO",
+            Error::Limit(_) | Error::PoolFull { .. } => "UO",
+            Error::FaultAbort { .. } => "FI",
+            Error::RateLimited { .. } => "RL",
             Error::NoEndpoint { .. } => "UH",
             Error::NoOriginalDst => "NR",
             Error::ReservedPort(_) | Error::BadRequest(_) => "DPE",
@@ -148,6 +162,13 @@ impl Error {
             Error::Strict => "plaintext connection refused: PeerAuthentication is STRICT",
             Error::Denied { .. } => "connection denied by policy",
             Error::NoEndpoint { .. } => "no ready endpoint for the service; closing the connection",
+            Error::FaultAbort { .. } => "connection aborted by an injected fault",
+            Error::RateLimited { .. } => {
+                "connection rate limit of the service reached; refusing the connection"
+            }
+            Error::PoolFull { .. } => {
+                "connection pool of the destination is full (maxConnections); refusing the connection"
+            }
             Error::NoOriginalDst => {
                 "no original destination recorded for a captured connection; closing it"
             }
@@ -163,6 +184,24 @@ impl Error {
             Error::TlsConfig(_) => "TLS client configuration",
             Error::Hbone(_) => "HBONE connection failed",
             Error::PeerGone(_) => "client went away before the 200",
+        }
+    }
+
+    /// Whether the endpoint failed (refused, timed out, answered the HBONE `CONNECT` with 503,
+    /// broke the tunnel): outlier detection counts it, and another endpoint may be tried.
+    /// Refusals by policy, peer authentication or a limit, and certificate problems are not.
+    #[must_use]
+    pub fn endpoint_failed(&self) -> bool {
+        match self {
+            Error::Upstream { .. } => true,
+            Error::Hbone(e) => match e {
+                HboneError::Connect { .. }
+                | HboneError::TlsTimeout { .. }
+                | HboneError::H2 { .. } => true,
+                HboneError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+                HboneError::Tls { .. } => false,
+            },
+            _ => false,
         }
     }
 

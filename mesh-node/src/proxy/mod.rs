@@ -49,8 +49,9 @@ use crate::{
     identity::{CertManager, Identity},
     metrics::{Endpoint, Metrics},
     policy::PolicyStore,
-    state::ServiceTable,
+    state::{MeshState, ServiceTable},
     tls,
+    traffic::runtime::Registry,
     workload::Workload,
 };
 
@@ -118,6 +119,8 @@ pub struct Proxy {
     pool: Pool,
     directory: RwLock<Directory>,
     services: RwLock<Arc<ServiceTable>>,
+    /// Endpoint health, pools and rate-limit buckets, across service tables.
+    traffic: Registry,
     policies: RwLock<Arc<PolicyStore>>,
     admissions: Arc<Admissions>,
     metrics: Arc<Metrics>,
@@ -170,6 +173,7 @@ impl Proxy {
             pool: Pool::new(Arc::clone(&options.metrics), options.liveness),
             directory: RwLock::new(Directory::default()),
             services: RwLock::new(Arc::new(ServiceTable::default())),
+            traffic: Registry::default(),
             policies: RwLock::new(Arc::new(PolicyStore::default())),
             admissions: Arc::new(Admissions::default()),
             limits: Arc::new(Limits::new(
@@ -286,12 +290,21 @@ impl Proxy {
         &self.admissions
     }
 
-    /// Replaces the service table.
-    pub fn set_services(&self, services: ServiceTable) {
+    /// Compiles the services and traffic rules of `state` for this proxy on `node` and puts
+    /// them in force (endpoint health, pools and buckets carry over).
+    pub fn set_services(&self, state: &MeshState, node: &str) {
+        let table = ServiceTable::build(
+            &state.services,
+            &state.workloads,
+            &state.traffic,
+            &self.traffic,
+            node,
+            state.zone.as_deref(),
+        );
         *self
             .services
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(services);
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
     }
 
     /// The endpoints behind `dst`, if it is a service address.

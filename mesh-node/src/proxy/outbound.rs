@@ -3,17 +3,42 @@
 //!
 //! [`OriginalDst`]: super::OriginalDst
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::{Active, Error, PodContext, Proxy, SocketFactory, error::Context, forward};
 use crate::{
     hbone::{self, BoxFuture, Dialer, PoolKey},
-    metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security},
+    metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security, TrafficNote},
+    state::service::{Refusal, Source},
+    traffic::runtime::{Cluster, HealthEvent, Lease, PoolSlot},
     workload::Workload,
 };
+
+/// Endpoints tried for one connection, at most.
+const MAX_ATTEMPTS: usize = 3;
+
+/// What a connection holds of a destination while it is open: its endpoint's count and its
+/// place in the pool.
+type Held = (Lease, PoolSlot);
+
+/// What traffic management adds to a connection to a service address.
+#[derive(Default)]
+struct Managed {
+    service: Option<Arc<str>>,
+    note: Option<TrafficNote>,
+    hold: Option<Held>,
+    started: Option<Instant>,
+}
+
+/// A connection to the destination, ready to carry bytes.
+enum Established {
+    Hbone(hbone::Stream),
+    /// A TCP connection (same node: with its admission, re-decided on a policy change).
+    Tcp(TcpStream, Option<super::Admission>),
+}
 
 /// Where a captured connection goes, and how.
 enum Route {
@@ -85,21 +110,223 @@ impl Proxy {
             return forward::reset(client);
         };
         context.dst = Some(dst);
-        // A service address: one endpoint per connection.
-        let (dst, service) = match self.service_at(dst) {
-            None => (dst, None),
-            Some(backends) => {
-                let service = Arc::clone(&backends.service.hostname);
-                let Some(endpoint) = backends.pick() else {
-                    self.report("outbound", &Error::NoEndpoint { service }, None, &context);
-                    return forward::reset(client);
-                };
-                debug!(service = %service, vip = %dst, endpoint = %endpoint, "service endpoint chosen");
-                (endpoint, Some(service))
+        let accepted = Instant::now();
+        let Some(backends) = self.service_at(dst) else {
+            // Not a service address: straight to where the application was going.
+            let route = self.route(dst);
+            let result = self.establish(ctx, &route, dst).await;
+            return self
+                .carry(
+                    ctx,
+                    client,
+                    peer,
+                    (dst, route),
+                    result,
+                    Managed::default(),
+                    active,
+                    &context,
+                )
+                .await;
+        };
+        let service = Arc::clone(&backends.service.hostname);
+        let source = Source {
+            workload: &ctx.workload,
+            identity: &ctx.identity,
+            ip: source_ip(&ctx.workload, dst),
+        };
+        let plan = match backends.plan(&source, dst, accepted) {
+            Ok(plan) => plan,
+            Err(refusal) => {
+                let error = self.refused(&service, refusal);
+                self.report("outbound", &error, None, &context);
+                return forward::reset(client);
             }
         };
-        context.dst = Some(dst);
-        let route = self.route(dst);
+        let mut note = TrafficNote {
+            route: plan.route.clone(),
+            backend: plan.route.as_ref().map(|_| Arc::clone(&plan.cluster.name)),
+            attempts: 0,
+            fault: None,
+        };
+        if plan.route.is_some() {
+            self.metrics.traffic(&service, "split", &plan.cluster.name);
+        }
+        if let Some((delay, fault)) = &plan.delay {
+            self.metrics.traffic(&service, "fault_delay", fault);
+            note.fault = Some(format!("delay {}ms {fault}", delay.as_millis()));
+            tokio::time::sleep(*delay).await;
+        }
+        let outcome = self
+            .connect_with_failover(ctx, &plan.cluster, &service, &mut note, &mut context)
+            .await;
+        let Some((target, result, lease)) = outcome else {
+            self.report("outbound", &Error::NoEndpoint { service }, None, &context);
+            return forward::reset(client);
+        };
+        let managed = Managed {
+            service: Some(service),
+            note: backends.managed().then_some(note),
+            hold: Some((lease, plan.slot)),
+            started: Some(accepted),
+        };
+        self.carry(ctx, client, peer, target, result, managed, active, &context)
+            .await;
+    }
+
+    /// Connects to an endpoint of `cluster`. Failover: an endpoint that fails before any byte
+    /// reached the application is counted against it (outlier detection) and another is
+    /// tried, up to [`MAX_ATTEMPTS`], each attempt within the connect timeout. `None`: no
+    /// endpoint to try.
+    async fn connect_with_failover(
+        &self,
+        ctx: &PodContext,
+        cluster: &Cluster,
+        service: &Arc<str>,
+        note: &mut TrafficNote,
+        context: &mut Context<'_>,
+    ) -> Option<((SocketAddr, Route), Result<Established, Error>, Lease)> {
+        let timeout = cluster
+            .policy
+            .connect_timeout
+            .unwrap_or(self.connect_timeout);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut events = Vec::new();
+        loop {
+            let lease = cluster.pick(&tried, Instant::now(), &mut events);
+            self.health_events(service, &mut events);
+            let lease = lease?;
+            let endpoint = lease.addr;
+            context.dst = Some(endpoint);
+            note.attempts += 1;
+            let route = self.route(endpoint);
+            debug!(service = %service, endpoint = %endpoint, attempt = note.attempts, "service endpoint chosen");
+            let result =
+                match tokio::time::timeout(timeout, self.establish(ctx, &route, endpoint)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::Upstream {
+                        dst: endpoint,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connect to {endpoint} timed out after {timeout:?}"),
+                        ),
+                    }),
+                };
+            match result {
+                Ok(established) => {
+                    cluster.succeeded(&lease, Instant::now());
+                    return Some(((endpoint, route), Ok(established), lease));
+                }
+                Err(error) if error.endpoint_failed() => {
+                    if let Some(event) = cluster.failed(&lease, Instant::now()) {
+                        events.push(event);
+                        self.health_events(service, &mut events);
+                    }
+                    tried.push(endpoint);
+                    let more = tried.len() < MAX_ATTEMPTS.min(cluster.len());
+                    if more {
+                        self.metrics
+                            .traffic(service, "retry", &endpoint.to_string());
+                        debug!(service = %service, endpoint = %endpoint, error = %crate::error_chain(&error), "retrying the connection on another endpoint");
+                        continue;
+                    }
+                    return Some(((endpoint, route), Err(error), lease));
+                }
+                Err(error) => return Some(((endpoint, route), Err(error), lease)),
+            }
+        }
+    }
+
+    /// Why the traffic rules refused a connection to `service`, counted.
+    fn refused(&self, service: &Arc<str>, refusal: Refusal) -> Error {
+        match refusal {
+            Refusal::Fault(fault) => {
+                self.metrics.traffic(service, "fault_abort", &fault);
+                Error::FaultAbort { fault }
+            }
+            Refusal::RateLimited => {
+                self.metrics.traffic(service, "rate_limit", "");
+                Error::RateLimited {
+                    service: Arc::clone(service),
+                }
+            }
+            Refusal::PoolFull(destination) => {
+                self.metrics.traffic(service, "pool_limit", &destination);
+                Error::PoolFull { destination }
+            }
+            Refusal::NoBackend => Error::NoEndpoint {
+                service: Arc::clone(service),
+            },
+        }
+    }
+
+    /// Counts and logs what outlier detection did.
+    fn health_events(&self, service: &str, events: &mut Vec<HealthEvent>) {
+        for event in events.drain(..) {
+            match event {
+                HealthEvent::Ejected {
+                    addr,
+                    failures,
+                    duration,
+                } => {
+                    self.metrics.traffic(service, "ejected", &addr.to_string());
+                    warn!(service, endpoint = %addr, consecutive_failures = failures, ejected_ms = duration.as_millis(), "endpoint ejected (outlier detection)");
+                }
+                HealthEvent::Returned { addr } => {
+                    self.metrics.traffic(service, "returned", &addr.to_string());
+                    info!(service, endpoint = %addr, "endpoint back from ejection");
+                }
+            }
+        }
+    }
+
+    /// Connects to `dst` the way `route` says.
+    async fn establish(
+        &self,
+        ctx: &PodContext,
+        route: &Route,
+        dst: SocketAddr,
+    ) -> Result<Established, Error> {
+        match route {
+            Route::Hbone(target) => Box::pin(self.open_stream(ctx, dst, target))
+                .await
+                .map(Established::Hbone),
+            // The same admission and connect as inbound, in process: both identities are known
+            // here.
+            Route::SameNode(pod) => self
+                .admit_and_connect(
+                    pod,
+                    SocketAddr::new(source_ip(&ctx.workload, dst), 0),
+                    Some(&ctx.identity),
+                    dst,
+                    Path::SameNode,
+                )
+                .await
+                .map(|(admission, upstream)| Established::Tcp(upstream, Some(admission))),
+            Route::Passthrough(_) => Box::pin(self.connect_upstream(&*ctx.sockets, dst))
+                .await
+                .map(|upstream| Established::Tcp(upstream, None))
+                .map_err(|source| Error::Upstream { dst, source }),
+        }
+    }
+
+    /// Records the connection to `dst` (carried by `route`) and carries it, or reports how
+    /// connecting failed.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one connection's parts, handed over once"
+    )]
+    async fn carry(
+        &self,
+        ctx: &PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        (dst, route): (SocketAddr, Route),
+        result: Result<Established, Error>,
+        managed: Managed,
+        active: Active,
+        context: &Context<'_>,
+    ) {
+        let uid = ctx.workload.uid();
         let target = route.workload();
         debug!(
             direction = "outbound",
@@ -112,7 +339,7 @@ impl Proxy {
             "connection captured"
         );
         let src_ip = source_ip(&ctx.workload, dst);
-        let record = ConnRecord::open(
+        let mut record = ConnRecord::open(
             &self.metrics,
             (Direction::Outbound, route.path()),
             Self::local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
@@ -120,42 +347,30 @@ impl Proxy {
                 identity: target.as_ref().map(|w| self.mesh.identity(w)),
                 workload: target,
                 addr: Some(dst),
-                service,
+                service: managed.service,
             },
             route.security(),
         );
-        let result = match route {
-            Route::Hbone(target) => {
-                return self
-                    .via_hbone(ctx, client, dst, &target, record, active, &context)
-                    .await;
-            }
-            Route::SameNode(pod) => {
-                // The same admission and connect as inbound, in process: both identities
-                // are known here.
-                self.admit_and_connect(
-                    &pod,
-                    SocketAddr::new(src_ip, 0),
-                    Some(&ctx.identity),
-                    dst,
-                    Path::SameNode,
-                )
-                .await
-                .map(|(admission, upstream)| (Some(admission), upstream))
-            }
-            Route::Passthrough(_) => Box::pin(self.connect_upstream(&*ctx.sockets, dst))
-                .await
-                .map(|upstream| (None, upstream))
-                .map_err(|source| Error::Upstream { dst, source }),
-        };
+        if let Some(started) = managed.started {
+            record = record.started_at(started);
+        }
+        if let Some(note) = managed.note {
+            record = record.with_traffic(note);
+        }
+        let hold = managed.hold;
         match result {
-            Ok((admission, upstream)) => {
+            Ok(Established::Hbone(stream)) => {
+                record.connected();
+                via_hbone(client, stream, record, (active, hold));
+            }
+            Ok(Established::Tcp(upstream, admission)) => {
                 record.connected();
                 forward::copy_recorded(client, upstream, record, admission.as_ref(), self.limits())
                     .await;
+                drop(hold);
             }
             Err(error) => {
-                self.report("outbound", &error, Some(record), &context);
+                self.report("outbound", &error, Some(record), context);
                 forward::reset(client);
             }
         }
@@ -172,49 +387,6 @@ impl Proxy {
             Some(w) => Route::Hbone(w),
             None => Route::Passthrough(None),
         }
-    }
-
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one connection's parts, handed over once"
-    )]
-    async fn via_hbone(
-        &self,
-        ctx: &PodContext,
-        client: TcpStream,
-        dst: SocketAddr,
-        target: &Arc<Workload>,
-        record: ConnRecord,
-        active: Active,
-        context: &Context<'_>,
-    ) {
-        // Boxed: it finishes before the long copy phase, so that the task of an open
-        // connection does not carry its state (memory per idle connection).
-        let stream = match Box::pin(self.open_stream(ctx, dst, target)).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                self.report("outbound", &error, Some(record), context);
-                return forward::reset(client);
-            }
-        };
-        record.connected();
-        let hbone::Stream {
-            send, recv, guard, ..
-        } = stream;
-        // The copy phase runs in a task of its own that holds only what it needs, so the setup
-        // state (pool, handshake futures) is freed: an open connection costs less memory.
-        tokio::spawn(async move {
-            // Application → stream is "received" (request direction), stream → application
-            // "sent".
-            let result =
-                hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
-            drop(guard);
-            match result {
-                Ok(_) => record.close("completed"),
-                Err(e) => record.close(&e.to_string()),
-            }
-            drop(active);
-        });
     }
 
     /// A `CONNECT` stream to `dst` (a pod of `target`) on a pooled HBONE connection from `ctx`.
@@ -263,4 +435,29 @@ fn source_ip(source: &Workload, dst: SocketAddr) -> std::net::IpAddr {
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .or_else(|| source.ips.first().copied())
         .unwrap_or(dst.ip())
+}
+
+/// Carries a connection over its HBONE stream, in a task of its own that holds only what
+/// it needs, so the setup state (pool, handshake futures) is freed: an open connection
+/// costs less memory. `held` is released when it ends.
+fn via_hbone(
+    client: TcpStream,
+    stream: hbone::Stream,
+    record: ConnRecord,
+    held: (Active, Option<Held>),
+) {
+    let hbone::Stream {
+        send, recv, guard, ..
+    } = stream;
+    tokio::spawn(async move {
+        // Application → stream is "received" (request direction), stream → application
+        // "sent".
+        let result = hbone::pipe(client, send, recv, None, (&record.received, &record.sent)).await;
+        drop(guard);
+        match result {
+            Ok(_) => record.close("completed"),
+            Err(e) => record.close(&e.to_string()),
+        }
+        drop(held);
+    });
 }

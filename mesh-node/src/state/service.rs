@@ -9,15 +9,20 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
 
-use crate::workload::Workload;
+use crate::{
+    identity::Identity,
+    traffic::{
+        Fault, L4Policy, Match, Route, TrafficSet, WeightedBackend,
+        runtime::{Cluster, Limiter, PoolSlot, Registry},
+    },
+    workload::Workload,
+};
 
 /// A service: virtual addresses and ports in front of a set of endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,64 +152,242 @@ pub struct ServiceRef {
     pub hostname: Arc<str>,
 }
 
-/// The endpoints one service address and port leads to, for this node.
+/// Where connections to one service address and port go, for this node: the service's own
+/// endpoints, or the backends of the route that splits it, with the rate limit and the faults
+/// of the service.
 #[derive(Debug)]
 pub struct Backends {
     pub service: Arc<ServiceRef>,
-    /// The endpoints a connection may go to (after the locality preference), in a stable order.
-    candidates: Vec<SocketAddr>,
-    next: AtomicUsize,
+    /// The service's own endpoints (after the locality preference) with its
+    /// `DestinationRule` policy: where connections go without a route.
+    pub default: Arc<Cluster>,
+    route: Option<CompiledRoute>,
+    limiter: Option<Arc<Limiter>>,
+    faults: Vec<Arc<Fault>>,
+}
+
+/// A route compiled against the services: each rule's backends are clusters.
+#[derive(Debug)]
+struct CompiledRoute {
+    origin: Arc<str>,
+    rules: Vec<CompiledRule>,
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    matches: Vec<Match>,
+    /// `(cumulative weight, backend)`; the last weight is the total.
+    splits: Vec<(u64, Arc<Cluster>)>,
+}
+
+/// The connection a plan is made for.
+#[derive(Clone, Copy, Debug)]
+pub struct Source<'a> {
+    pub workload: &'a Workload,
+    /// The source's SPIFFE identity (per-source rate limits).
+    pub identity: &'a Identity,
+    pub ip: IpAddr,
+}
+
+/// What the traffic rules decided for one new connection.
+#[derive(Debug)]
+pub struct Plan {
+    /// The destination to pick endpoints from.
+    pub cluster: Arc<Cluster>,
+    /// The route that chose it (`TCPRoute ns/name`), when one did.
+    pub route: Option<Arc<str>>,
+    /// Hold the connection this long first (an injected delay), and the fault's name.
+    pub delay: Option<(Duration, Arc<str>)>,
+    /// The connection's place in the destination's pool.
+    pub slot: PoolSlot,
+}
+
+/// Why the traffic rules refused a new connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// An injected abort (the `FaultInjection`).
+    Fault(Arc<str>),
+    /// The service's connection rate limit.
+    RateLimited,
+    /// The destination's `maxConnections` are open (the destination).
+    PoolFull(Arc<str>),
+    /// The route's rule sends nothing anywhere (every weight is 0).
+    NoBackend,
 }
 
 impl Backends {
-    /// The endpoint for the next connection (round robin), or `None` when no endpoint is ready.
+    /// The endpoint for the next connection without any traffic rule (round robin over the
+    /// service's own endpoints), or `None` when no endpoint is ready.
+    #[must_use]
     pub fn pick(&self) -> Option<SocketAddr> {
-        if self.candidates.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.candidates.len();
-        Some(self.candidates[i])
+        self.default
+            .pick(&[], Instant::now(), &mut Vec::new())
+            .map(|lease| lease.addr)
     }
 
-    /// How many endpoints connections are spread across.
+    /// How many endpoints connections are spread across without a route.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.candidates.len()
+        self.default.len()
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.candidates.is_empty()
+        self.default.is_empty()
+    }
+
+    /// Decides a new connection from `source` to `dst` (this service address): injected
+    /// faults, the rate limit, the route's split, the pool limit, in this order.
+    pub fn plan(
+        &self,
+        source: &Source<'_>,
+        dst: SocketAddr,
+        now: Instant,
+    ) -> Result<Plan, Refusal> {
+        let mut delay = None;
+        for fault in &self.faults {
+            if fault.port.is_some_and(|p| p != dst.port()) || !fault_applies(fault, source) {
+                continue;
+            }
+            if fault.abort > 0.0 && fastrand::f64() < fault.abort {
+                return Err(Refusal::Fault(Arc::clone(&fault.origin)));
+            }
+            if let Some((share, duration)) = fault.delay
+                && delay.is_none()
+                && fastrand::f64() < share
+            {
+                delay = Some((duration, Arc::clone(&fault.origin)));
+            }
+        }
+        if let Some(limiter) = &self.limiter
+            && !limiter.admit(|| source.identity.to_string(), now)
+        {
+            return Err(Refusal::RateLimited);
+        }
+        let (cluster, route) = match &self.route {
+            None => (&self.default, None),
+            Some(route) => {
+                let rule = route.rules.iter().find(|r| {
+                    r.matches.is_empty() || r.matches.iter().any(|m| matches(m, source, dst))
+                });
+                match rule {
+                    // No rule matches: the service's own endpoints (as Istio's default route).
+                    None => (&self.default, None),
+                    Some(rule) => {
+                        let total = rule.splits.last().map_or(0, |(w, _)| *w);
+                        if total == 0 {
+                            return Err(Refusal::NoBackend);
+                        }
+                        let roll = fastrand::u64(..total);
+                        let (_, cluster) = rule
+                            .splits
+                            .iter()
+                            .find(|(w, _)| roll < *w)
+                            .ok_or(Refusal::NoBackend)?;
+                        (cluster, Some(Arc::clone(&route.origin)))
+                    }
+                }
+            }
+        };
+        let slot = cluster
+            .reserve()
+            .ok_or_else(|| Refusal::PoolFull(Arc::clone(&cluster.name)))?;
+        Ok(Plan {
+            cluster: Arc::clone(cluster),
+            route,
+            delay,
+            slot,
+        })
+    }
+
+    /// Whether any traffic rule applies (a route, a limit, a fault or a `DestinationRule`).
+    #[must_use]
+    pub fn managed(&self) -> bool {
+        self.route.is_some()
+            || self.limiter.is_some()
+            || !self.faults.is_empty()
+            || self.default.policy != L4Policy::default()
     }
 }
 
-/// Service address and port → endpoints, compiled for one node's locality.
+fn fault_applies(fault: &Fault, source: &Source<'_>) -> bool {
+    fault.sources.is_empty()
+        || fault.sources.iter().any(|s| {
+            s.namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == source.workload.namespace)
+                && s.service_account
+                    .as_ref()
+                    .is_none_or(|sa| *sa == source.workload.service_account)
+                && s.labels
+                    .iter()
+                    .all(|(k, v)| source.workload.labels.get(k) == Some(v))
+        })
+}
+
+fn matches(m: &Match, source: &Source<'_>, dst: SocketAddr) -> bool {
+    (m.destination_subnets.is_empty()
+        || m.destination_subnets.iter().any(|n| n.contains(&dst.ip())))
+        && m.source_subnet.is_none_or(|n| n.contains(&source.ip))
+        && m.source_namespace
+            .as_ref()
+            .is_none_or(|ns| *ns == source.workload.namespace)
+        && m.source_labels
+            .iter()
+            .all(|(k, v)| source.workload.labels.get(k) == Some(v))
+}
+
+/// Service address and port → where its connections go, compiled for one node's locality.
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_addr: HashMap<SocketAddr, Arc<Backends>>,
 }
 
 /// A ready endpoint before the locality choice.
-struct Candidate {
+struct Candidate<'a> {
     addr: SocketAddr,
     node: Option<String>,
     zone: Option<String>,
+    /// The workload's labels, when the endpoint is a known workload (for subsets).
+    labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// What compiling a table needs at hand.
+struct Builder<'a> {
+    services: &'a [Service],
+    workloads: &'a [Workload],
+    by_ip: HashMap<IpAddr, &'a Workload>,
+    traffic: &'a TrafficSet,
+    registry: &'a Registry,
+    node: &'a str,
+    zone: Option<&'a str>,
 }
 
 impl ServiceTable {
-    /// Compiles `services` for a proxy on `node` in `zone`; `workloads` resolve selectors and
-    /// the placement of endpoints.
+    /// Compiles `services` for a proxy on `node` in `zone`; `workloads` resolve selectors,
+    /// subsets and the placement of endpoints, `traffic` adds routes, destination rules and
+    /// faults, and `registry` keeps endpoint health, pools and buckets across tables.
     #[must_use]
     pub fn build(
         services: &[Service],
         workloads: &[Workload],
+        traffic: &TrafficSet,
+        registry: &Registry,
         node: &str,
         zone: Option<&str>,
     ) -> Self {
-        let by_ip: HashMap<IpAddr, &Workload> = workloads
-            .iter()
-            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w)))
-            .collect();
+        let builder = Builder {
+            services,
+            workloads,
+            by_ip: workloads
+                .iter()
+                .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w)))
+                .collect(),
+            traffic,
+            registry,
+            node,
+            zone,
+        };
         let mut by_addr = HashMap::new();
         for service in services {
             let reference = Arc::new(ServiceRef {
@@ -212,56 +395,37 @@ impl ServiceTable {
                 name: service.name.clone(),
                 hostname: service.hostname().into(),
             });
+            let host = &reference.hostname;
+            let limiter = service
+                .connection_rate_limit
+                .as_ref()
+                .map(|limit| registry.limiter(host, limit));
             for port in &service.ports {
-                let target = port.target_port.unwrap_or(port.port);
-                let mut ready: Vec<Candidate> = Vec::new();
-                if let Some(selector) = &service.selector {
-                    let selected = workloads.iter().filter(|w| {
-                        w.namespace == service.namespace
-                            && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                    });
-                    for w in selected {
-                        ready.extend(w.ips.iter().map(|ip| Candidate {
-                            addr: SocketAddr::new(*ip, target),
-                            node: Some(w.node.clone()),
-                            zone: None,
-                        }));
-                    }
-                }
-                for e in service.endpoints.iter().filter(|e| e.ready) {
-                    let port = e.ports.get(&port.port).copied().unwrap_or(target);
-                    let addr = SocketAddr::new(e.address, port);
-                    if ready.iter().any(|c| c.addr == addr) {
-                        continue;
-                    }
-                    ready.push(Candidate {
-                        addr,
-                        node: e
-                            .node
-                            .clone()
-                            .or_else(|| by_ip.get(&e.address).map(|w| w.node.clone())),
-                        zone: e.zone.clone(),
-                    });
-                }
+                let faults: Vec<Arc<Fault>> = traffic
+                    .faults(host)
+                    .iter()
+                    .filter(|f| f.port.is_none_or(|p| p == port.port))
+                    .cloned()
+                    .collect();
                 for vip in &service.addresses {
-                    let family: Vec<&Candidate> = ready
-                        .iter()
-                        .filter(|c| c.addr.is_ipv4() == vip.is_ipv4())
-                        .collect();
-                    let mut candidates =
-                        choose_locality(&family, service.load_balancing, node, zone);
-                    candidates.sort_unstable();
+                    let default = builder.cluster(service, port, None, vip.is_ipv4());
+                    let route = traffic
+                        .route(host)
+                        .and_then(|route| builder.route(route, port.port, vip.is_ipv4()));
                     by_addr.insert(
                         SocketAddr::new(*vip, port.port),
                         Arc::new(Backends {
                             service: Arc::clone(&reference),
-                            candidates,
-                            next: AtomicUsize::new(0),
+                            default: Arc::new(default),
+                            route,
+                            limiter: limiter.clone(),
+                            faults: faults.clone(),
                         }),
                     );
                 }
             }
         }
+        registry.sweep();
         Self { by_addr }
     }
 
@@ -278,9 +442,143 @@ impl ServiceTable {
     }
 }
 
+impl Builder<'_> {
+    /// The route's rules for the service port `port`, with their backends as clusters of
+    /// the address family of the service address.
+    fn route(&self, route: &Route, port: u16, ipv4: bool) -> Option<CompiledRoute> {
+        let rules: Vec<CompiledRule> = route
+            .rules
+            .iter()
+            .filter(|r| r.port.is_none_or(|p| p == port))
+            .map(|r| {
+                let mut total = 0;
+                let splits = r
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let cluster = self.backend(b, port, ipv4);
+                        total += u64::from(b.weight);
+                        (total, Arc::new(cluster))
+                    })
+                    .collect();
+                CompiledRule {
+                    matches: r.matches.clone(),
+                    splits,
+                }
+            })
+            .collect();
+        (!rules.is_empty()).then(|| CompiledRoute {
+            origin: Arc::clone(&route.origin),
+            rules,
+        })
+    }
+
+    /// One backend of a split as a cluster. A backend that is not a known service (or not
+    /// its port) is a cluster without endpoints: its share of connections is refused, as a
+    /// route to a missing backend is in the Gateway API.
+    fn backend(&self, b: &WeightedBackend, port: u16, ipv4: bool) -> Cluster {
+        let port = b.port.unwrap_or(port);
+        let service = self.services.iter().find(|s| s.hostname() == b.host);
+        if let Some(service) = service
+            && let Some(service_port) = service.ports.iter().find(|p| p.port == port)
+        {
+            return self.cluster(service, service_port, b.subset.as_deref(), ipv4);
+        }
+        let name: Arc<str> = match &b.subset {
+            Some(subset) => format!("{}/{subset}", b.host).into(),
+            None => b.host.as_str().into(),
+        };
+        Cluster::new(
+            name,
+            b.host.as_str().into(),
+            L4Policy::default(),
+            &[],
+            self.registry,
+        )
+    }
+
+    /// The endpoints of `service` on `port` (of the family), narrowed to `subset`'s labels,
+    /// with the `DestinationRule` policy.
+    fn cluster(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        subset: Option<&str>,
+        ipv4: bool,
+    ) -> Cluster {
+        let host: Arc<str> = service.hostname().into();
+        let rule = self.traffic.rule(&host);
+        // `None`: no subset asked for; `Some(None)`: a subset the rule does not define (it
+        // selects nothing, as Istio's "no healthy upstream").
+        let subset_rule =
+            subset.map(|name| rule.and_then(|r| r.subsets.iter().find(|s| s.name == name)));
+        let policy = match (subset_rule, rule) {
+            (Some(Some(s)), _) => s.policy,
+            (_, Some(r)) => r.policy,
+            _ => L4Policy::default(),
+        };
+        let unknown_subset = matches!(subset_rule, Some(None));
+        let labels = subset_rule.flatten().map(|s| &s.labels);
+        let name: Arc<str> = match subset {
+            Some(subset) => format!("{host}/{subset}").into(),
+            None => Arc::clone(&host),
+        };
+        let ready = self.candidates(service, port);
+        let family: Vec<&Candidate<'_>> = ready
+            .iter()
+            .filter(|c| c.addr.is_ipv4() == ipv4)
+            .filter(|c| {
+                !unknown_subset
+                    && labels.is_none_or(|want| {
+                        c.labels
+                            .is_some_and(|have| want.iter().all(|(k, v)| have.get(k) == Some(v)))
+                    })
+            })
+            .collect();
+        let mut endpoints = choose_locality(&family, service.load_balancing, self.node, self.zone);
+        endpoints.sort_unstable();
+        Cluster::new(name, host, policy, &endpoints, self.registry)
+    }
+
+    /// The ready endpoints of `service` on `port`: selected workloads, then the listed ones.
+    fn candidates(&self, service: &Service, port: &ServicePort) -> Vec<Candidate<'_>> {
+        let target = port.target_port.unwrap_or(port.port);
+        let mut ready: Vec<Candidate<'_>> = Vec::new();
+        if let Some(selector) = &service.selector {
+            let selected = self.workloads.iter().filter(|w| {
+                w.namespace == service.namespace
+                    && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            });
+            for w in selected {
+                ready.extend(w.ips.iter().map(|ip| Candidate {
+                    addr: SocketAddr::new(*ip, target),
+                    node: Some(w.node.clone()),
+                    zone: None,
+                    labels: Some(&w.labels),
+                }));
+            }
+        }
+        for e in service.endpoints.iter().filter(|e| e.ready) {
+            let port = e.ports.get(&port.port).copied().unwrap_or(target);
+            let addr = SocketAddr::new(e.address, port);
+            if ready.iter().any(|c| c.addr == addr) {
+                continue;
+            }
+            let workload = self.by_ip.get(&e.address);
+            ready.push(Candidate {
+                addr,
+                node: e.node.clone().or_else(|| workload.map(|w| w.node.clone())),
+                zone: e.zone.clone(),
+                labels: workload.map(|w| &w.labels),
+            });
+        }
+        ready
+    }
+}
+
 /// The endpoints a connection may go to under `locality`.
 fn choose_locality(
-    ready: &[&Candidate],
+    ready: &[&Candidate<'_>],
     locality: Locality,
     node: &str,
     zone: Option<&str>,
@@ -335,6 +633,22 @@ mod tests {
         }
     }
 
+    fn plain(
+        services: &[Service],
+        workloads: &[Workload],
+        node: &str,
+        zone: Option<&str>,
+    ) -> ServiceTable {
+        ServiceTable::build(
+            services,
+            workloads,
+            &TrafficSet::default(),
+            &Registry::default(),
+            node,
+            zone,
+        )
+    }
+
     fn service(yaml: &str) -> Service {
         serde_yaml_ng::from_str(yaml).expect("service")
     }
@@ -349,7 +663,7 @@ mod tests {
         let s = service(
             "{name: web, namespace: shop, addresses: [198.19.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}",
         );
-        let table = ServiceTable::build(&[s], &workloads, "a", None);
+        let table = plain(&[s], &workloads, "a", None);
         let b = table
             .lookup("198.19.0.10:80".parse().unwrap())
             .expect("vip");
@@ -372,7 +686,7 @@ mod tests {
         let s = service(
             "name: api\naddresses: [198.19.0.11, 'fd6d:ffff::11']\nports: [{port: 443, targetPort: 8443}]\nendpoints:\n- {address: 198.18.1.5}\n- {address: 198.18.1.6, ready: false}\n- {address: 198.18.1.7, ports: {443: 9443}}\n- {address: 'fd6d::5'}\n",
         );
-        let table = ServiceTable::build(&[s], &[], "a", None);
+        let table = plain(&[s], &[], "a", None);
         let v4 = table.lookup("198.19.0.11:443".parse().unwrap()).unwrap();
         let mut seen: Vec<_> = (0..2).map(|_| v4.pick().unwrap().to_string()).collect();
         seen.sort();
@@ -391,7 +705,7 @@ mod tests {
             let s = service(&format!(
                 "name: s\naddresses: [198.19.0.12]\nports: [{{port: 80}}]\nloadBalancing: {mode}\n{endpoints}"
             ));
-            let table = ServiceTable::build(&[s], &[], node, zone);
+            let table = plain(&[s], &[], node, zone);
             let b = table.lookup("198.19.0.12:80".parse().unwrap()).unwrap();
             let mut all: Vec<String> = (0..b.len())
                 .map(|_| b.pick().unwrap().ip().to_string())
@@ -417,7 +731,7 @@ mod tests {
         let s = service(
             "{name: s, addresses: [198.19.0.13], ports: [{port: 80}], selector: {app: none}}",
         );
-        let table = ServiceTable::build(&[s], &[], "a", None);
+        let table = plain(&[s], &[], "a", None);
         let b = table.lookup("198.19.0.13:80".parse().unwrap()).unwrap();
         assert!(b.pick().is_none());
     }

@@ -401,16 +401,18 @@ impl Limiter {
         }
     }
 
-    /// Whether a new connection from `source` (its identity) may go ahead at `now`.
-    pub fn admit(&self, source: &str, now: Instant) -> bool {
+    /// Whether a new connection from `source` (its identity, asked for only with per-source
+    /// buckets) may go ahead at `now`.
+    pub fn admit(&self, source: impl FnOnce() -> String, now: Instant) -> bool {
         if !self.limit.per_source {
             return self.shared.take(now);
         }
+        let source = source();
         let mut map = self
             .per_source
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(bucket) = map.get(source) {
+        if let Some(bucket) = map.get(&source) {
             return bucket.take(now);
         }
         if map.len() >= MAX_SOURCES {
@@ -425,7 +427,7 @@ impl Limiter {
             self.limit.capacity(),
         );
         let admitted = bucket.take(now);
-        map.insert(source.to_owned(), bucket);
+        map.insert(source, bucket);
         admitted
     }
 
@@ -556,8 +558,8 @@ mod tests {
             burst: Some(1),
             per_source: true,
         });
-        assert!(limiter.admit("a", now));
-        assert!(!limiter.admit("a", now));
-        assert!(limiter.admit("b", now));
+        assert!(limiter.admit(|| "a".into(), now));
+        assert!(!limiter.admit(|| "a".into(), now));
+        assert!(limiter.admit(|| "b".into(), now));
     }
 }

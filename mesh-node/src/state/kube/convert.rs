@@ -421,7 +421,14 @@ mod tests {
         assert_eq!(svc.endpoints[0].zone.as_deref(), Some("z1"));
         assert!(!svc.endpoints[1].ready);
         assert_eq!(svc.load_balancing, Locality::Any);
-        let table = crate::state::ServiceTable::build(&[svc], &[], "node-x", None);
+        let table = crate::state::ServiceTable::build(
+            &[svc],
+            &[],
+            &crate::traffic::TrafficSet::default(),
+            &crate::traffic::runtime::Registry::default(),
+            "node-x",
+            None,
+        );
         let b = table.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
         assert_eq!(b.pick().unwrap().to_string(), "10.0.0.5:8080");
         assert_eq!(b.len(), 1, "the unready endpoint takes no connection");
