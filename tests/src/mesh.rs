@@ -93,6 +93,8 @@ pub struct NodeSettings {
     pub max_connections_per_workload: usize,
     /// The `services:` list (YAML items), empty for none.
     pub services: String,
+    /// The `traffic:` list (YAML items of traffic documents), empty for none.
+    pub traffic: String,
     /// A command the daemon runs under (`[wrapper..., exe, "run", ...]`), empty for none: a
     /// seccomp profile, `strace`.
     pub wrapper: Vec<String>,
@@ -109,6 +111,7 @@ impl Default for NodeSettings {
             handshake_timeout_ms: 10_000,
             max_connections_per_workload: 20_000,
             services: String::new(),
+            traffic: String::new(),
             wrapper: Vec::new(),
             proxy: String::new(),
         }
@@ -130,7 +133,7 @@ pub fn config_yaml(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
          redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n{}\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
-         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}services:\n{}workloads:\n",
+         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}services:\n{}traffic:\n{}workloads:\n",
         n.cgroup().display(),
         bpffs.display(),
         settings.handshake_timeout_ms,
@@ -149,6 +152,11 @@ pub fn config_yaml(
             "  []\n"
         } else {
             settings.services.as_str()
+        },
+        if settings.traffic.trim().is_empty() {
+            "  []\n"
+        } else {
+            settings.traffic.as_str()
         },
         ca = ca.display(),
     );

@@ -11,6 +11,13 @@
 //! - `mesh-testapp send ADDR TEXT`: sends TEXT once, half-closes, checks the echo.
 //! - `mesh-testapp trickle ADDR SECONDS`: sends a small chunk ten times a second for SECONDS,
 //!   then half-closes and checks the echo (a long-lived connection).
+//! - `mesh-testapp many ADDR COUNT`: COUNT connections one after another, each sending a short
+//!   text and checking its echo; prints one JSON line with how many succeeded and failed and
+//!   each connection's time in milliseconds (`ms`, in order). Exits 0 whatever the outcome.
+//! - `mesh-testapp hold ADDR COUNT SECONDS`: opens COUNT connections one after another, each
+//!   checked with an echoed byte (3 s), and keeps those that answered; prints
+//!   `{"ok":N,"failed":M}`, holds them for SECONDS, checks each still echoes, and prints
+//!   `{"still_ok":K}`. Exits 0 whatever the outcome.
 
 use std::{
     io::{Read, Write},
@@ -20,7 +27,7 @@ use std::{
 };
 
 const USAGE: &str = "usage: mesh-testapp echo ADDR | client ADDR [BYTES] | send ADDR TEXT | \
-                     trickle ADDR SECONDS";
+                     trickle ADDR SECONDS | many ADDR COUNT | hold ADDR COUNT SECONDS";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +48,14 @@ fn main() -> ExitCode {
                 s * 10,
             ),
             Err(e) => Err(format!("SECONDS: {e}")),
+        },
+        ["many", addr, count] => match count.parse() {
+            Ok(n) => many(addr, n),
+            Err(e) => Err(format!("COUNT: {e}")),
+        },
+        ["hold", addr, count, seconds] => match (count.parse(), seconds.parse()) {
+            (Ok(n), Ok(s)) => hold(addr, n, Duration::from_secs(s)),
+            _ => Err("COUNT and SECONDS are numbers".to_owned()),
         },
         _ => Err(USAGE.to_owned()),
     };
@@ -194,4 +209,78 @@ fn client(addr: &str, bytes: u64) -> Result<(), String> {
     } else {
         Err(format!("echo mismatch: sent {bytes}, received {received}"))
     }
+}
+
+/// One short exchange on a new connection: `text` sent, half-closed, the echo checked.
+fn exchange(target: SocketAddr, text: &[u8]) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream.write_all(text).map_err(|e| format!("write: {e}"))?;
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut echo = Vec::new();
+    stream
+        .read_to_end(&mut echo)
+        .map_err(|e| format!("read: {e}"))?;
+    if echo == text {
+        Ok(())
+    } else {
+        Err(format!(
+            "echo mismatch: {} of {} bytes",
+            echo.len(),
+            text.len()
+        ))
+    }
+}
+
+fn many(addr: &str, count: u32) -> Result<(), String> {
+    let target = parse(addr)?;
+    let (mut ok, mut failed) = (0u32, 0u32);
+    let mut times = Vec::new();
+    for i in 0..count {
+        let start = Instant::now();
+        match exchange(target, format!("connection {i}").as_bytes()) {
+            Ok(()) => ok += 1,
+            Err(_) => failed += 1,
+        }
+        times.push(format!("{:.1}", start.elapsed().as_secs_f64() * 1000.0));
+    }
+    println!(
+        "{{\"ok\":{ok},\"failed\":{failed},\"ms\":[{}]}}",
+        times.join(",")
+    );
+    Ok(())
+}
+
+/// One byte out and back on `stream`, within 3 s.
+fn ping(mut stream: &TcpStream, byte: u8) -> bool {
+    let mut buf = [0u8; 1];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .is_ok()
+        && stream.write_all(&[byte]).is_ok()
+        && stream.read_exact(&mut buf).is_ok()
+        && buf[0] == byte
+}
+
+fn hold(addr: &str, count: u32, seconds: Duration) -> Result<(), String> {
+    let target = parse(addr)?;
+    let mut open = Vec::new();
+    let mut failed = 0u32;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+            Ok(stream) if ping(&stream, b'x') => open.push(stream),
+            _ => failed += 1,
+        }
+    }
+    println!("{{\"ok\":{},\"failed\":{failed}}}", open.len());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    std::thread::sleep(seconds);
+    let still = open.iter().filter(|s| ping(s, b'y')).count();
+    println!("{{\"still_ok\":{still}}}");
+    Ok(())
 }
