@@ -1,5 +1,7 @@
 //! Kubernetes objects → the mesh's state: pods → workloads, services with their
-//! `EndpointSlice`s → services, Istio policy objects → policy documents.
+//! `EndpointSlice`s (and rate-limit annotations) → services, Istio policy objects → policy
+//! documents, traffic objects (`TCPRoute`, `VirtualService`, `DestinationRule`,
+//! `FaultInjection`) → traffic documents.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -13,6 +15,7 @@ use crate::{
     config::KubernetesConfig,
     policy::{Kind, PolicyDocument},
     state::service::{Locality, Service, ServiceEndpoint, ServicePort},
+    traffic::{RateLimit, TrafficDocument, TrafficError, TrafficKind, TrafficSet},
     workload::Workload,
 };
 
@@ -20,6 +23,14 @@ use crate::{
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Istio's annotation for a service's traffic distribution.
 const ISTIO_TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
+/// Annotation of a Service: new connections per second admitted to it from each node (a whole
+/// number, at least 1). Without it the service has no connection rate limit.
+pub const RATE_LIMIT_ANNOTATION: &str = "mesh.io/connection-rate-limit";
+/// Annotation of a Service: the bucket size of its rate limit (connections admitted at once
+/// after a quiet time). Default: the rate.
+pub const RATE_BURST_ANNOTATION: &str = "mesh.io/connection-rate-burst";
+/// Annotation of a Service: `"true"` for one bucket per source identity. Default: `"false"`.
+pub const RATE_PER_SOURCE_ANNOTATION: &str = "mesh.io/connection-rate-per-source";
 
 /// Which namespaces are in the mesh.
 #[must_use]
@@ -176,8 +187,85 @@ pub fn service(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Service> 
         selector: None,
         endpoints,
         load_balancing: locality(svc),
-        connection_rate_limit: None,
+        connection_rate_limit: rate_limit(svc).0,
     })
+}
+
+/// A rate-limit annotation that was ignored, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadAnnotation {
+    pub annotation: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+/// A service's connection rate limit from its annotations, and the annotations ignored. A
+/// rate limit is not a security control, so a malformed annotation is ignored (with a
+/// warning by the caller) rather than failing the service: a bad rate leaves the service
+/// without a limit, a bad burst or per-source flag leaves that setting at its default.
+#[must_use]
+pub fn rate_limit(svc: &KubeService) -> (Option<RateLimit>, Vec<BadAnnotation>) {
+    let annotations = svc.annotations();
+    let mut bad = Vec::new();
+    let mut ignore = |annotation: &'static str, value: &str, reason: &'static str| {
+        bad.push(BadAnnotation {
+            annotation,
+            value: value.to_owned(),
+            reason,
+        });
+    };
+    let positive = |value: &str| value.trim().parse::<u32>().ok().filter(|n| *n > 0);
+    let rate = annotations.get(RATE_LIMIT_ANNOTATION);
+    let burst = annotations.get(RATE_BURST_ANNOTATION);
+    let per_source = annotations.get(RATE_PER_SOURCE_ANNOTATION);
+    let Some(rate) = rate else {
+        for (annotation, value) in [
+            (RATE_BURST_ANNOTATION, burst),
+            (RATE_PER_SOURCE_ANNOTATION, per_source),
+        ] {
+            if let Some(value) = value {
+                ignore(annotation, value, "needs mesh.io/connection-rate-limit");
+            }
+        }
+        return (None, bad);
+    };
+    let Some(connections_per_second) = positive(rate) else {
+        ignore(
+            RATE_LIMIT_ANNOTATION,
+            rate,
+            "not a whole number of connections per second, at least 1; the service has no limit",
+        );
+        return (None, bad);
+    };
+    let burst = burst.and_then(|value| {
+        let n = positive(value);
+        if n.is_none() {
+            ignore(
+                RATE_BURST_ANNOTATION,
+                value,
+                "not a whole number, at least 1; the burst is the rate",
+            );
+        }
+        n
+    });
+    let per_source = match per_source.map(|v| v.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(value) => {
+            ignore(
+                RATE_PER_SOURCE_ANNOTATION,
+                value,
+                "neither \"true\" nor \"false\"; one bucket for all sources",
+            );
+            false
+        }
+    };
+    let limit = RateLimit {
+        connections_per_second,
+        burst,
+        per_source,
+    };
+    (Some(limit), bad)
 }
 
 /// A service's locality preference: `internalTrafficPolicy: Local` keeps connections on the
@@ -222,6 +310,59 @@ pub fn policy(obj: &DynamicObject, kind: &str) -> Result<PolicyDocument, String>
     });
     // serde_json names the field in its message ("unknown field `x`, expected one of …").
     serde_json::from_value::<PolicyDocument>(value).map_err(|e| e.to_string())
+}
+
+/// A traffic object as a traffic document, checked on its own ([`TrafficSet::validate`]).
+/// A spec that does not parse is reported at the first top-level spec field that does not
+/// parse on its own (serde's message names the inner field).
+pub fn traffic_document(
+    obj: &DynamicObject,
+    kind: TrafficKind,
+) -> Result<TrafficDocument, TrafficError> {
+    let api_version = obj.types.as_ref().map_or_else(
+        || kind.api_versions()[0].to_owned(),
+        |t| t.api_version.clone(),
+    );
+    let spec = obj
+        .data
+        .get("spec")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let value = serde_json::json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": obj.name_any(),
+            "namespace": obj.namespace().unwrap_or_else(|| "default".to_owned()),
+        },
+        "spec": spec,
+    });
+    let rejected = |field: String, reason: String| TrafficError {
+        index: 0,
+        document: format!(
+            "{kind} {}/{}",
+            obj.namespace().unwrap_or_default(),
+            obj.name_any()
+        ),
+        field,
+        reason,
+    };
+    let doc = serde_json::from_value::<TrafficDocument>(value).map_err(|e| {
+        let field = spec
+            .as_object()
+            .and_then(|fields| {
+                fields.iter().find_map(|(key, v)| {
+                    let alone = serde_json::json!({ key: v });
+                    serde_json::from_value::<crate::traffic::model::TrafficSpec>(alone)
+                        .is_err()
+                        .then(|| format!("spec.{key}"))
+                })
+            })
+            .unwrap_or_else(|| "spec".to_owned());
+        rejected(field, e.to_string())
+    })?;
+    TrafficSet::validate(&doc).map_err(|e| rejected(e.field, e.reason))?;
+    Ok(doc)
 }
 
 /// What stands in for a policy object that cannot be read and has no earlier good version:
@@ -466,6 +607,167 @@ mod tests {
             service(&node, &[]).unwrap().load_balancing,
             Locality::PreferNode
         );
+    }
+
+    #[test]
+    fn rate_limit_from_annotations() {
+        let annotated = |annotations: serde_json::Value| {
+            let svc = kube_service(&serde_json::json!({"metadata": {"annotations": annotations}}));
+            let (limit, bad) = rate_limit(&svc);
+            assert_eq!(service(&svc, &[]).unwrap().connection_rate_limit, limit);
+            let bad: Vec<&str> = bad.iter().map(|b| b.annotation).collect();
+            (limit, bad)
+        };
+        assert_eq!(annotated(serde_json::json!({})), (None, vec![]));
+        let limit = |connections_per_second, burst, per_source| {
+            Some(RateLimit {
+                connections_per_second,
+                burst,
+                per_source,
+            })
+        };
+        assert_eq!(
+            annotated(serde_json::json!({RATE_LIMIT_ANNOTATION: "20"})),
+            (limit(20, None, false), vec![])
+        );
+        assert_eq!(
+            annotated(serde_json::json!({RATE_LIMIT_ANNOTATION: "20",
+                RATE_BURST_ANNOTATION: "5", RATE_PER_SOURCE_ANNOTATION: "true"})),
+            (limit(20, Some(5), true), vec![])
+        );
+        // A malformed annotation is ignored (a rate limit is no security control): a bad rate
+        // leaves no limit, a bad burst or flag its default.
+        for rate in ["0", "-3", "ten", "1.5", ""] {
+            assert_eq!(
+                annotated(
+                    serde_json::json!({RATE_LIMIT_ANNOTATION: rate, RATE_BURST_ANNOTATION: "5"})
+                ),
+                (None, vec![RATE_LIMIT_ANNOTATION]),
+                "{rate:?}"
+            );
+        }
+        assert_eq!(
+            annotated(serde_json::json!({RATE_LIMIT_ANNOTATION: "20",
+                RATE_BURST_ANNOTATION: "0", RATE_PER_SOURCE_ANNOTATION: "yes"})),
+            (
+                limit(20, None, false),
+                vec![RATE_BURST_ANNOTATION, RATE_PER_SOURCE_ANNOTATION]
+            )
+        );
+        assert_eq!(
+            annotated(serde_json::json!({RATE_PER_SOURCE_ANNOTATION: "true"})),
+            (None, vec![RATE_PER_SOURCE_ANNOTATION]),
+            "a flag without a rate"
+        );
+    }
+
+    fn traffic_object(api_version: &str, kind: &str, spec: &serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": api_version, "kind": kind,
+            "metadata": {"name": "split", "namespace": "shop", "uid": "u", "resourceVersion": "3",
+                         "managedFields": [], "labels": {"app": "echo"}},
+            "spec": spec,
+            "status": {"parents": []}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn traffic_objects_become_documents() {
+        let route = traffic_object(
+            "gateway.networking.k8s.io/v1alpha2",
+            "TCPRoute",
+            &serde_json::json!({
+                "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "echo-v1", "port": 80, "weight": 90},
+                                           {"name": "echo-v2", "port": 80, "weight": 10}]}]
+            }),
+        );
+        let doc = traffic_document(&route, TrafficKind::TcpRoute).expect("document");
+        assert_eq!(doc.describe(), "TCPRoute shop/split");
+        assert_eq!(doc.api_version, "gateway.networking.k8s.io/v1alpha2");
+        assert_eq!(doc.spec.rules.as_ref().unwrap()[0].backend_refs.len(), 2);
+        let set = TrafficSet::new(&[doc]).unwrap();
+        assert!(set.route("echo.shop.svc.cluster.local").is_some());
+
+        let vs = traffic_object(
+            "networking.istio.io/v1",
+            "VirtualService",
+            &serde_json::json!({"hosts": ["echo"], "tcp": [{"route": [
+                {"destination": {"host": "echo", "subset": "v1"}, "weight": 100}]}]}),
+        );
+        let rule = traffic_object(
+            "networking.istio.io/v1",
+            "DestinationRule",
+            &serde_json::json!({"host": "echo", "subsets": [{"name": "v1", "labels": {"v": "1"}}],
+                "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "250ms"}}}}),
+        );
+        let fault = traffic_object(
+            "mesh.io/v1alpha1",
+            "FaultInjection",
+            &serde_json::json!({"targetRefs": [{"kind": "Service", "name": "echo", "port": 80}],
+                "sources": [{"namespace": "shop"}], "abort": {"percentage": 5.0},
+                "delay": {"percentage": 10, "fixedDelay": "1s"}}),
+        );
+        let docs: Vec<TrafficDocument> = [
+            (vs, TrafficKind::VirtualService),
+            (rule, TrafficKind::DestinationRule),
+            (fault, TrafficKind::FaultInjection),
+        ]
+        .iter()
+        .map(|(o, kind)| traffic_document(o, *kind).expect("document"))
+        .collect();
+        let set = TrafficSet::new(&docs).unwrap();
+        let host = "echo.shop.svc.cluster.local";
+        assert!(set.route(host).is_some() && set.rule(host).is_some());
+        assert_eq!(set.faults(host).len(), 1);
+    }
+
+    #[test]
+    fn a_bad_traffic_object_is_reported_with_its_field() {
+        let reject = |kind: TrafficKind, api_version: &str, spec: serde_json::Value| {
+            let obj = traffic_object(api_version, &kind.to_string(), &spec);
+            let e = traffic_document(&obj, kind).unwrap_err();
+            assert_eq!(e.document, format!("{kind} shop/split"));
+            (e.field, e.reason)
+        };
+        // Does not parse: the top-level field, and serde's message naming the inner one.
+        let (field, reason) = reject(
+            TrafficKind::TcpRoute,
+            "gateway.networking.k8s.io/v1alpha2",
+            serde_json::json!({"parentRefs": [{"kind": "Service", "name": "echo"}],
+                "rules": [{"backendRefz": []}]}),
+        );
+        assert_eq!(field, "spec.rules");
+        assert!(reason.contains("backendRefz"), "{reason}");
+        let (field, reason) = reject(
+            TrafficKind::FaultInjection,
+            "mesh.io/v1alpha1",
+            serde_json::json!({"targetRefs": [{"kind": "Service", "name": "echo"}],
+                "delay": {"percentage": 10, "fixedDelay": "1 fortnight"}}),
+        );
+        assert_eq!(field, "spec.delay");
+        assert!(reason.contains("fortnight"), "{reason}");
+        // Parses, fails validation: the exact field.
+        let (field, _) = reject(
+            TrafficKind::TcpRoute,
+            "gateway.networking.k8s.io/v1alpha2",
+            serde_json::json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+                "rules": [{"backendRefs": [{"name": "echo-v1"}]}]}),
+        );
+        assert_eq!(field, "spec.rules[0].backendRefs[0].port");
+        let (field, _) = reject(
+            TrafficKind::DestinationRule,
+            "networking.istio.io/v1",
+            serde_json::json!({"hosts": ["echo"]}),
+        );
+        assert_eq!(field, "spec.hosts");
+        let (field, _) = reject(
+            TrafficKind::VirtualService,
+            "networking.istio.io/v2",
+            serde_json::json!({"hosts": ["echo"]}),
+        );
+        assert_eq!(field, "apiVersion");
     }
 
     #[test]

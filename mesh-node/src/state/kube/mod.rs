@@ -1,20 +1,23 @@
 //! The Kubernetes state source: namespaces (opt-in label), pods (all nodes: identities and
 //! addresses; this node's: enrollment, with their network namespaces found in `/proc`),
-//! services with their `EndpointSlice`s, and Istio's `AuthorizationPolicy` and
-//! `PeerAuthentication`, from the API server.
+//! services with their `EndpointSlice`s, Istio's `AuthorizationPolicy` and
+//! `PeerAuthentication`, and the traffic kinds (`TCPRoute`, `VirtualService`,
+//! `DestinationRule`, `FaultInjection`: see [`traffic`]), from the API server.
 //!
 //! Each kind is mirrored by a kube-runtime reflector (list, then watch with bookmarks; on
 //! `410 Gone` a relist whose result replaces the mirror at once; on any error a retry with
 //! backoff). A mirror keeps what it knows while the API server is away, so a restart or a
 //! partition changes nothing until the server answers again. The state is rebuilt from the
 //! mirrors (batched, at most every [`BATCH`]) and published only after every kind was listed
-//! once: until then the daemon neither enrolls nor unenrolls and reports not ready.
+//! once: until then the daemon neither enrolls nor unenrolls and reports not ready. A kind
+//! the API server does not serve (its CRD not installed) counts as listed, and empty.
 //!
-//! A policy object that does not parse is reported with its name and the field, and its last
-//! good version (if any) stays in force; the other objects are unaffected.
+//! A policy or traffic object that does not parse is reported with its name and the field,
+//! and its last good version (if any) stays in force; the other objects are unaffected.
 
 mod convert;
 pub mod netns;
+mod traffic;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -46,6 +49,7 @@ use super::{MeshState, Service};
 use crate::{
     config::KubernetesConfig,
     policy::{Kind, PolicyDocument, PolicyStore},
+    traffic::TrafficKind,
     workload::Workload,
 };
 
@@ -104,6 +108,8 @@ struct Mirrors {
     peer_authentication: Store<DynamicObject>,
     /// Set when the API server does not know a policy kind (no Istio CRDs installed).
     absent: [Arc<AtomicBool>; 2],
+    /// The traffic kinds, each with its flag set while the API server does not know it.
+    traffic: Vec<(TrafficKind, Store<DynamicObject>, Arc<AtomicBool>)>,
 }
 
 /// What turns the mirrors into a state.
@@ -119,6 +125,9 @@ struct Builder {
     /// Policy uid → last good document.
     last_good: HashMap<String, PolicyDocument>,
     last_policies: Option<Arc<PolicyStore>>,
+    traffic: traffic::TrafficBuilder,
+    /// (uid, resourceVersion) of Services whose rate-limit annotations were checked.
+    annotations_checked: HashSet<(String, String)>,
 }
 
 /// Starts the source: publishes on `tx` the file's state (`file`, re-read by the file
@@ -157,6 +166,8 @@ pub fn spawn(
             checked: HashMap::new(),
             last_good: HashMap::new(),
             last_policies: None,
+            traffic: traffic::TrafficBuilder::default(),
+            annotations_checked: HashSet::new(),
         };
         let mut rescan =
             tokio::time::interval(Duration::from_millis(builder.config.rescan_interval_ms));
@@ -167,7 +178,8 @@ pub fn spawn(
             let publish = tx.borrow().workloads != state.workloads
                 || tx.borrow().services != state.services
                 || tx.borrow().pending.is_some()
-                || !Arc::ptr_eq(&tx.borrow().policies, &state.policies);
+                || !Arc::ptr_eq(&tx.borrow().policies, &state.policies)
+                || !Arc::ptr_eq(&tx.borrow().traffic, &state.traffic);
             if publish {
                 tx.send_replace(Arc::new(state));
             }
@@ -208,6 +220,16 @@ fn start_mirrors(client: &Client, changed: &Arc<Notify>) -> Mirrors {
     let authorization = mirror(api, &resource, changed, Some(Arc::clone(&absent[0])));
     let (api, resource) = policy_api("PeerAuthentication", "peerauthentications");
     let peer_authentication = mirror(api, &resource, changed, Some(Arc::clone(&absent[1])));
+    let traffic = traffic::KINDS
+        .iter()
+        .map(|&(kind, group, version, plural)| {
+            let resource = traffic::resource(group, version, kind, plural);
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            let absent = Arc::new(AtomicBool::new(false));
+            let store = mirror(api, &resource, changed, Some(Arc::clone(&absent)));
+            (kind, store, absent)
+        })
+        .collect();
     Mirrors {
         namespaces,
         pods,
@@ -216,6 +238,7 @@ fn start_mirrors(client: &Client, changed: &Arc<Notify>) -> Mirrors {
         authorization,
         peer_authentication,
         absent,
+        traffic,
     }
 }
 
@@ -285,17 +308,25 @@ where
     reader
 }
 
-/// Returns once every kind was listed (policy kinds the API server does not serve count as
-/// listed).
+/// Returns once every kind was listed (policy and traffic kinds the API server does not
+/// serve count as listed).
 async fn wait_for_sync(mirrors: &Mirrors, changed: &Notify) {
     let _ = mirrors.namespaces.wait_until_ready().await;
     let _ = mirrors.pods.wait_until_ready().await;
     let _ = mirrors.services.wait_until_ready().await;
     let _ = mirrors.slices.wait_until_ready().await;
-    for (store, absent) in [
+    let optional = [
         (&mirrors.authorization, &mirrors.absent[0]),
         (&mirrors.peer_authentication, &mirrors.absent[1]),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        mirrors
+            .traffic
+            .iter()
+            .map(|(_, store, absent)| (store, absent)),
+    );
+    for (store, absent) in optional {
         loop {
             if absent.load(Ordering::Relaxed) {
                 break;
@@ -349,9 +380,9 @@ impl Builder {
                     .push(slice);
             }
         }
-        let mut services: Vec<Service> = mirrors
-            .services
-            .state()
+        let kube_services = mirrors.services.state();
+        self.check_annotations(&kube_services);
+        let mut services: Vec<Service> = kube_services
             .iter()
             .filter_map(|svc| {
                 let key = (svc.namespace().unwrap_or_default(), svc.name_any());
@@ -364,14 +395,47 @@ impl Builder {
         services.sort_by_key(|s| format!("{}/{}", s.namespace, s.name));
 
         let policies = self.policies(mirrors, file);
+        let traffic_stores: Vec<(TrafficKind, Store<DynamicObject>)> = mirrors
+            .traffic
+            .iter()
+            .map(|(kind, store, _)| (*kind, store.clone()))
+            .collect();
+        let traffic = self.traffic.build(&traffic_stores, &file.traffic);
         MeshState {
             workloads,
             services,
             policies,
-            traffic: Arc::clone(&file.traffic),
+            traffic,
             zone: self.zone.clone(),
             pending: None,
         }
+    }
+
+    /// Warns once per Service version about rate-limit annotations it ignores.
+    fn check_annotations(&mut self, services: &[Arc<KubeService>]) {
+        let mut live = HashSet::new();
+        for svc in services {
+            let key = (
+                svc.uid().unwrap_or_else(|| {
+                    format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+                }),
+                svc.resource_version().unwrap_or_default(),
+            );
+            live.insert(key.clone());
+            if self.annotations_checked.insert(key) {
+                for bad in convert::rate_limit(svc).1 {
+                    warn!(
+                        namespace = %svc.namespace().unwrap_or_default(),
+                        service = %svc.name_any(),
+                        annotation = bad.annotation,
+                        value = %bad.value,
+                        reason = bad.reason,
+                        "ignored a connection rate-limit annotation"
+                    );
+                }
+            }
+        }
+        self.annotations_checked.retain(|key| live.contains(key));
     }
 
     /// Finds the network namespaces of this node's enrolled pods; a pod whose namespace is not
