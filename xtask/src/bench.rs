@@ -61,6 +61,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
 
     let (mut figures, profiles) = scenarios::run_all(quick, &bin, profile.then_some(&dir))?;
     figures.extend(policy(quick)?);
+    figures.extend(traffic(quick)?);
     report::write(&dir, quick, &figures, previous.as_deref(), &profiles)?;
     Ok(())
 }
@@ -96,4 +97,81 @@ fn policy(quick: bool) -> anyhow::Result<Vec<Figure>> {
         met: Some(get("median_ns") <= 2000.0),
         higher_is_better: false,
     }])
+}
+
+/// The traffic-management micro-benchmark (`mesh-node/benches/traffic.rs`): a connection to a
+/// service split 90/10 behind a rate limit against the same service without traffic rules,
+/// interleaved in one run. The added cost is judged on the whole of its spread: under the
+/// target (met), all of it over (not met), or straddling it (inconclusive, `met: None`).
+fn traffic(quick: bool) -> anyhow::Result<Vec<Figure>> {
+    let step = Step::start("traffic management per connection (split, rate limit)");
+    let mut cmd = cargo(&[
+        "bench",
+        "--package",
+        "mesh-node",
+        "--bench",
+        "traffic",
+        "--",
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = output(&mut cmd)?;
+    step.done();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .context("the traffic benchmark printed no result")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    if !get("median_ns").is_finite() || !get("added_max_ns").is_finite() {
+        bail!("traffic benchmark output: {line}");
+    }
+    let target = get("target_added_ns");
+    let verdict = |prefix: &str| {
+        let (min, max) = (
+            get(&format!("{prefix}_min_ns")),
+            get(&format!("{prefix}_max_ns")),
+        );
+        if max < target {
+            Some(true)
+        } else if min >= target {
+            Some(false)
+        } else {
+            None
+        }
+    };
+    let added = |prefix: &str, metric: &str| Figure {
+        scenario: "traffic".into(),
+        metric: metric.into(),
+        unit: "ns".into(),
+        median: get(&format!("{prefix}_median_ns")),
+        min: get(&format!("{prefix}_min_ns")),
+        max: get(&format!("{prefix}_max_ns")),
+        baseline: None,
+        ratio: None,
+        target: Some(format!("max of spread < {target} ns")),
+        met: verdict(prefix),
+        higher_is_better: false,
+    };
+    Ok(vec![
+        Figure {
+            scenario: "traffic".into(),
+            metric: "per connection, 90/10 split + rate limit".into(),
+            unit: "ns".into(),
+            median: get("median_ns"),
+            min: get("min_ns"),
+            max: get("max_ns"),
+            baseline: Some(get("baseline_median_ns")),
+            ratio: Some(get("ratio")),
+            target: None,
+            met: None,
+            higher_is_better: false,
+        },
+        added("added", "added per connection by split + rate limit"),
+        added(
+            "counted_added",
+            "added per connection, with the split counter",
+        ),
+    ])
 }

@@ -97,6 +97,8 @@ pub fn write(
         let met = match f.met {
             Some(true) => "yes",
             Some(false) => "NO",
+            // A target the figure's spread straddles: neither met nor missed.
+            None if f.target.is_some() => "inconclusive",
             None => "",
         };
         println!(
