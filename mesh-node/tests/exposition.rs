@@ -44,6 +44,11 @@ fn metrics(test: &str) -> (Arc<Metrics>, std::path::PathBuf) {
             policy: "default/p".to_owned(),
         })
         .inc();
+    metrics.traffic(
+        "web.shop.svc.cluster.local",
+        "split",
+        "web-v2.shop.svc.cluster.local",
+    );
     (metrics, dir)
 }
 
@@ -88,6 +93,7 @@ fn istio_standard_metrics_are_exported() {
         "mesh_tls_handshake_seconds_bucket",
         "mesh_connection_duration_seconds_bucket",
         "mesh_policy_decisions_total",
+        "mesh_traffic_decisions_total",
         "mesh_certificate_expiry_timestamp_seconds",
         "mesh_enrolled_workloads",
         "mesh_open_connections",
