@@ -263,6 +263,49 @@ fn the_checks_reject_wrong_manifests() {
                 .unwrap()
                 .remove("type");
         }),
+        ("no access to the traffic kinds", |v| {
+            object(v, "ClusterRole", "mesh-node")["rules"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|r| r["apiGroups"][0] != "mesh.io");
+        }),
+        ("a FaultInjection schema without delay.fixedDelay", |v| {
+            let crd = object(v, "CustomResourceDefinition", "faultinjections");
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                ["properties"]["delay"]["properties"]
+                .as_object_mut()
+                .unwrap()
+                .remove("fixedDelay");
+        }),
+        ("a FaultInjection schema field the daemon rejects", |v| {
+            let crd = object(v, "CustomResourceDefinition", "faultinjections");
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+                ["abort"]["properties"]["httpStatus"] = serde_json::json!({"type": "integer"});
+        }),
+        ("a TCPRoute CRD without the version the daemon lists", |v| {
+            let crd = object(v, "CustomResourceDefinition", "tcproutes");
+            crd["spec"]["versions"][0]["name"] = "v1".into();
+        }),
+        ("a TCPRoute CRD without its API approval", |v| {
+            let crd = object(v, "CustomResourceDefinition", "tcproutes");
+            crd["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("annotations");
+        }),
+        ("a VirtualService CRD stored as v1", |v| {
+            let crd = object(v, "CustomResourceDefinition", "virtualservices");
+            for version in crd["spec"]["versions"].as_array_mut().unwrap() {
+                version["storage"] = (version["name"] == "v1").into();
+            }
+        }),
+        ("a DestinationRule CRD with a closed spec", |v| {
+            let crd = object(v, "CustomResourceDefinition", "destinationrules");
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                .as_object_mut()
+                .unwrap()
+                .remove("x-kubernetes-preserve-unknown-fields");
+        }),
         ("an unknown kind", |v| {
             v.push(serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x", "namespace": NAMESPACE}}));
         }),

@@ -1,5 +1,6 @@
 //! Cluster-wide objects of the overlays: RBAC, the metrics `Service` and `ServiceMonitor`, and
-//! Istio's policy CRDs.
+//! the CRDs (Istio's policy and networking kinds, the Gateway API's `TCPRoute`, mesh-node's
+//! `FaultInjection`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -102,6 +103,10 @@ impl Rendered {
             ("discovery.k8s.io", "endpointslices", &list_watch),
             ("security.istio.io", "authorizationpolicies", &list_watch),
             ("security.istio.io", "peerauthentications", &list_watch),
+            ("networking.istio.io", "virtualservices", &list_watch),
+            ("networking.istio.io", "destinationrules", &list_watch),
+            ("gateway.networking.k8s.io", "tcproutes", &list_watch),
+            ("mesh.io", "faultinjections", &list_watch),
             ("", "nodes", &["get"]),
         ]
         .into_iter()
@@ -237,43 +242,119 @@ impl Rendered {
     }
 }
 
-/// An Istio policy CRD: named and versioned as Istio's, with a structural schema that
-/// describes the fields mesh-node enforces.
-pub(super) fn check_crd(crd: &CustomResourceDefinition) -> anyhow::Result<()> {
-    let spec = &crd.spec;
-    let (kind, fields): (&str, &[&str]) = match spec.names.plural.as_str() {
-        "authorizationpolicies" => (
-            "AuthorizationPolicy",
-            &[
+/// What a CRD of the overlays must be.
+struct ExpectedCrd {
+    group: &'static str,
+    kind: &'static str,
+    /// Every version served; the daemon lists `listed`.
+    versions: &'static [&'static str],
+    storage: &'static str,
+    listed: &'static str,
+    /// The spec fields the schema describes; `None`: the spec is left open
+    /// (`x-kubernetes-preserve-unknown-fields`), the daemon checks each object itself.
+    fields: Option<&'static [&'static str]>,
+}
+
+fn expected_crd(plural: &str) -> Option<ExpectedCrd> {
+    // Istio's CRDs keep their storage version (v1beta1 for security, v1alpha3 for networking),
+    // so that installing Istio later needs no migration; the daemon lists v1.
+    let istio_networking = |kind| ExpectedCrd {
+        group: "networking.istio.io",
+        kind,
+        versions: &["v1", "v1alpha3", "v1beta1"],
+        storage: "v1alpha3",
+        listed: "v1",
+        fields: None,
+    };
+    Some(match plural {
+        "authorizationpolicies" => ExpectedCrd {
+            group: "security.istio.io",
+            kind: "AuthorizationPolicy",
+            versions: &["v1", "v1beta1"],
+            storage: "v1beta1",
+            listed: "v1",
+            fields: Some(&[
                 "selector",
                 "action",
                 "rules",
                 "targetRef",
                 "targetRefs",
                 "provider",
-            ],
-        ),
-        "peerauthentications" => ("PeerAuthentication", &["selector", "mtls", "portLevelMtls"]),
-        other => bail!("unexpected CRD {other}"),
-    };
-    let name = format!("{}.security.istio.io", spec.names.plural);
+            ]),
+        },
+        "peerauthentications" => ExpectedCrd {
+            group: "security.istio.io",
+            kind: "PeerAuthentication",
+            versions: &["v1", "v1beta1"],
+            storage: "v1beta1",
+            listed: "v1",
+            fields: Some(&["selector", "mtls", "portLevelMtls"]),
+        },
+        "virtualservices" => istio_networking("VirtualService"),
+        "destinationrules" => istio_networking("DestinationRule"),
+        "tcproutes" => ExpectedCrd {
+            group: "gateway.networking.k8s.io",
+            kind: "TCPRoute",
+            versions: &["v1alpha2"],
+            storage: "v1alpha2",
+            listed: "v1alpha2",
+            fields: None,
+        },
+        "faultinjections" => ExpectedCrd {
+            group: "mesh.io",
+            kind: "FaultInjection",
+            versions: &["v1alpha1"],
+            storage: "v1alpha1",
+            listed: "v1alpha1",
+            fields: Some(&["targetRefs", "sources", "abort", "delay"]),
+        },
+        _ => return None,
+    })
+}
+
+/// A CRD: named and versioned as its project's (Istio, the Gateway API, mesh-node), serving
+/// the version the daemon lists, with a structural schema that describes the fields mesh-node
+/// reads or leaves the spec open.
+pub(super) fn check_crd(crd: &CustomResourceDefinition) -> anyhow::Result<()> {
+    let spec = &crd.spec;
+    let plural = spec.names.plural.as_str();
+    let expected = expected_crd(plural).with_context(|| format!("unexpected CRD {plural}"))?;
+    let kind = expected.kind;
+    let name = format!("{plural}.{}", expected.group);
     ensure!(
         crd.metadata.name.as_deref() == Some(name.as_str()),
         "CRD name {:?}, expected {name}",
         crd.metadata.name
     );
     ensure!(
-        spec.group == "security.istio.io"
+        spec.group == expected.group
             && spec.scope == "Namespaced"
             && spec.names.kind == kind
             && spec.names.list_kind.as_deref() == Some(format!("{kind}List").as_str())
             && spec.names.singular.as_deref() == Some(kind.to_lowercase().as_str()),
-        "{name}: group, scope and names must be Istio's"
+        "{name}: group, scope and names must be its project's"
     );
+    if expected.group.ends_with(".k8s.io") {
+        ensure!(
+            crd.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("api-approved.kubernetes.io")),
+            "{name}: a CRD in a *.k8s.io group needs api-approved.kubernetes.io (the API server \
+             rejects it without)"
+        );
+    }
     let versions: BTreeSet<&str> = spec.versions.iter().map(|v| v.name.as_str()).collect();
     ensure!(
-        versions == BTreeSet::from(["v1", "v1beta1"]) && spec.versions.iter().all(|v| v.served),
-        "{name}: v1 and v1beta1 must be served (as Istio): {versions:?}"
+        versions == expected.versions.iter().copied().collect()
+            && spec.versions.iter().all(|v| v.served),
+        "{name}: {:?} must be served (as its project does): {versions:?}",
+        expected.versions
+    );
+    ensure!(
+        versions.contains(expected.listed),
+        "{name}: the daemon lists {}",
+        expected.listed
     );
     let storage: Vec<&str> = spec
         .versions
@@ -282,48 +363,99 @@ pub(super) fn check_crd(crd: &CustomResourceDefinition) -> anyhow::Result<()> {
         .map(|v| v.name.as_str())
         .collect();
     ensure!(
-        storage == ["v1beta1"],
-        "{name}: Istio stores v1beta1 (so that installing Istio later needs no migration): {storage:?}"
+        storage == [expected.storage],
+        "{name}: its project stores {} (so that installing it later needs no migration): {storage:?}",
+        expected.storage
     );
     for version in &spec.versions {
+        let at = format!("{name} {}", version.name);
         let schema = version
             .schema
             .as_ref()
             .and_then(|s| s.open_api_v3_schema.as_ref())
-            .with_context(|| format!("{name} {}: no schema", version.name))?;
-        check_structural(schema, &format!("{name} {}", version.name))?;
-        let spec_props = schema
+            .with_context(|| format!("{at}: no schema"))?;
+        check_structural(schema, &at)?;
+        let spec_schema = schema
             .properties
             .as_ref()
             .and_then(|p| p.get("spec"))
-            .and_then(|s| s.properties.as_ref())
-            .with_context(|| format!("{name}: the schema must describe spec"))?;
+            .with_context(|| format!("{at}: the schema must describe spec"))?;
+        let Some(fields) = expected.fields else {
+            ensure!(
+                spec_schema.x_kubernetes_preserve_unknown_fields == Some(true),
+                "{at}: spec must be left open (x-kubernetes-preserve-unknown-fields)"
+            );
+            continue;
+        };
+        let spec_props = spec_schema
+            .properties
+            .as_ref()
+            .with_context(|| format!("{at}: the schema must describe spec's fields"))?;
         for field in fields {
             ensure!(
                 spec_props.contains_key(*field),
-                "{name} {}: the schema lacks spec.{field}",
-                version.name
+                "{at}: the schema lacks spec.{field}"
             );
         }
-        if kind == "AuthorizationPolicy" {
-            let actions = enum_of(&spec_props["action"]);
-            ensure!(
-                actions == ["ALLOW", "DENY", "AUDIT", "CUSTOM"],
-                "{name}: action enum {actions:?}"
-            );
-        } else {
-            let mode = spec_props["mtls"]
-                .properties
-                .as_ref()
-                .and_then(|p| p.get("mode"))
-                .context("mtls.mode")?;
-            let modes = enum_of(mode);
-            ensure!(
-                modes == ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"],
-                "{name}: mtls.mode enum {modes:?}"
-            );
+        match kind {
+            "AuthorizationPolicy" => {
+                let actions = enum_of(&spec_props["action"]);
+                ensure!(
+                    actions == ["ALLOW", "DENY", "AUDIT", "CUSTOM"],
+                    "{name}: action enum {actions:?}"
+                );
+            }
+            "PeerAuthentication" => {
+                let mode = spec_props["mtls"]
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.get("mode"))
+                    .context("mtls.mode")?;
+                let modes = enum_of(mode);
+                ensure!(
+                    modes == ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"],
+                    "{name}: mtls.mode enum {modes:?}"
+                );
+            }
+            _ => check_fault_schema(spec_props, &at)?,
         }
     }
+    Ok(())
+}
+
+/// `FaultInjection`'s schema has exactly the fields of its spec in mesh-node's model
+/// (`mesh-node/src/traffic/model.rs`), nothing the daemon would reject as unknown.
+fn check_fault_schema(spec: &BTreeMap<String, JSONSchemaProps>, at: &str) -> anyhow::Result<()> {
+    let fields = |schema: &JSONSchemaProps| -> BTreeSet<String> {
+        let schema = match &schema.items {
+            Some(JSONSchemaPropsOrArray::Schema(items)) => items,
+            _ => schema,
+        };
+        schema
+            .properties
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    for (field, expected) in [
+        ("targetRefs", &["group", "kind", "name", "port"][..]),
+        ("sources", &["labels", "namespace", "serviceAccount"]),
+        ("abort", &["percentage"]),
+        ("delay", &["fixedDelay", "percentage"]),
+    ] {
+        let found = fields(&spec[field]);
+        let expected: BTreeSet<String> = expected.iter().map(|f| (*f).to_owned()).collect();
+        ensure!(
+            found == expected,
+            "{at}: spec.{field} has {found:?}, the model {expected:?}"
+        );
+    }
+    ensure!(
+        spec.len() == 4,
+        "{at}: spec has fields the model does not: {:?}",
+        spec.keys().collect::<Vec<_>>()
+    );
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! type does not know), and the result is what `docs/operations.md` says: the `DaemonSet`'s
 //! security settings, mounts, probe and termination against the configuration it embeds
 //! (parsed by the daemon's own code), read-only RBAC on exactly what the Kubernetes source
-//! reads, Istio's CRDs, the `ServiceMonitor`, and the uninstall `DaemonSet`.
+//! reads, the CRDs (mesh-node's own `FaultInjection`; Istio's and the Gateway API's stand-ins),
+//! the `ServiceMonitor`, and the uninstall `DaemonSet`.
 //!
 //! `tests/tests/deploy.rs` runs them on every overlay and on deliberately wrong renderings.
 
@@ -50,6 +51,8 @@ pub const READINESS_PORT: i32 = 15021;
 /// What each overlay directory must render, by kind (in addition to the checks of those
 /// kinds). A new overlay needs an entry here.
 fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
+    // The base has mesh-node's own CRD (FaultInjection); the default overlay adds Istio's
+    // two policy CRDs, its VirtualService and DestinationRule, and the Gateway API's TCPRoute.
     let base = vec![
         "Namespace",
         "ServiceAccount",
@@ -58,10 +61,11 @@ fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
         "ConfigMap",
         "DaemonSet",
         "Service",
+        "CustomResourceDefinition",
     ];
     let with_crds = || {
         let mut kinds = base.clone();
-        kinds.extend(["CustomResourceDefinition", "CustomResourceDefinition"]);
+        kinds.extend(["CustomResourceDefinition"; 5]);
         kinds
     };
     Some(match overlay {
