@@ -44,7 +44,7 @@ struct Resource {
     prefix: &'static str,
 }
 
-const RESOURCES: [Resource; 7] = [
+const RESOURCES: [Resource; 11] = [
     Resource {
         plural: "namespaces",
         api_version: "v1",
@@ -86,6 +86,30 @@ const RESOURCES: [Resource; 7] = [
         api_version: "security.istio.io/v1",
         kind: "PeerAuthentication",
         prefix: "/apis/security.istio.io/v1",
+    },
+    Resource {
+        plural: "virtualservices",
+        api_version: "networking.istio.io/v1",
+        kind: "VirtualService",
+        prefix: "/apis/networking.istio.io/v1",
+    },
+    Resource {
+        plural: "destinationrules",
+        api_version: "networking.istio.io/v1",
+        kind: "DestinationRule",
+        prefix: "/apis/networking.istio.io/v1",
+    },
+    Resource {
+        plural: "tcproutes",
+        api_version: "gateway.networking.k8s.io/v1alpha2",
+        kind: "TCPRoute",
+        prefix: "/apis/gateway.networking.k8s.io/v1alpha2",
+    },
+    Resource {
+        plural: "faultinjections",
+        api_version: "mesh.io/v1alpha1",
+        kind: "FaultInjection",
+        prefix: "/apis/mesh.io/v1alpha1",
     },
 ];
 
