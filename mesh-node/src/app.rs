@@ -504,6 +504,7 @@ fn apply(
         "workloads": state.workloads,
         "services": state.services,
         "policies": state.policies.documents(),
+        "traffic": state.traffic.documents(),
         "enrolled": inpod.enrolled_pods(),
         "failed": inpod.failed(),
     });

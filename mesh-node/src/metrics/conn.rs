@@ -442,39 +442,95 @@ impl ConnRecord {
             .open_connections
             .get_or_create(&self.path)
             .dec();
-        let addr = |e: &Endpoint| e.addr.map(|a| a.to_string()).unwrap_or_default();
-        let workload = |e: &Endpoint| e.workload.as_ref().map(|w| w.uid()).unwrap_or_default();
-        let identity = |e: &Endpoint| {
-            e.identity
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default()
-        };
-        let traffic = self.traffic.as_deref();
-        let text = |f: fn(&TrafficNote) -> Option<&str>| traffic.and_then(f).unwrap_or("");
-        tracing::info!(
-            target: "access",
-            direction = self.path.direction,
-            path = self.path.path,
-            src_workload = %workload(&self.source),
-            src_identity = %identity(&self.source),
-            src_addr = %addr(&self.source),
-            dst_workload = %workload(&self.destination),
-            dst_identity = %identity(&self.destination),
-            dst_addr = %addr(&self.destination),
-            dst_service = self.destination.service.as_deref().unwrap_or(""),
-            bytes_sent = self.sent.get(),
-            bytes_received = self.received.get(),
-            duration_ms = elapsed.as_millis(),
-            security = self.security.policy(),
-            no_mtls_reason = self.security.no_mtls_reason(),
-            response_flags = self.flags,
-            route = text(|t| t.route.as_deref()),
-            backend = text(|t| t.backend.as_deref()),
-            attempts = traffic.map_or(1, |t| t.attempts),
-            fault = text(|t| t.fault.as_deref()),
+        access_line(&AccessLine {
+            path: &self.path,
+            source: &self.source,
+            destination: &self.destination,
+            bytes: (self.sent.get(), self.received.get()),
+            elapsed,
+            security: Some(self.security),
+            flags: self.flags,
+            traffic: self.traffic.as_deref(),
             reason,
-            "connection complete"
-        );
+        });
     }
+
+    /// The access-log line of a connection the traffic rules refused before it went anywhere
+    /// (an injected abort, a rate or pool limit: `flag` says which). Only the line: the
+    /// connection counters are Istio's and count connections that were carried or tried, and
+    /// `mesh_traffic_decisions` counts the refusal.
+    pub fn refused(
+        source: &Endpoint,
+        destination: &Endpoint,
+        (flag, reason): (&'static str, &str),
+        traffic: &TrafficNote,
+        started: Instant,
+    ) {
+        access_line(&AccessLine {
+            path: &PathLabels {
+                direction: Direction::Outbound.as_str(),
+                path: "",
+            },
+            source,
+            destination,
+            bytes: (0, 0),
+            elapsed: started.elapsed(),
+            security: None,
+            flags: flag,
+            traffic: Some(traffic),
+            reason,
+        });
+    }
+}
+
+/// What one access-log line says.
+struct AccessLine<'a> {
+    path: &'a PathLabels,
+    source: &'a Endpoint,
+    destination: &'a Endpoint,
+    /// `(sent, received)`.
+    bytes: (u64, u64),
+    elapsed: std::time::Duration,
+    /// `None`: not carried.
+    security: Option<Security>,
+    flags: &'static str,
+    traffic: Option<&'a TrafficNote>,
+    reason: &'a str,
+}
+
+fn access_line(line: &AccessLine<'_>) {
+    let addr = |e: &Endpoint| e.addr.map(|a| a.to_string()).unwrap_or_default();
+    let workload = |e: &Endpoint| e.workload.as_ref().map(|w| w.uid()).unwrap_or_default();
+    let identity = |e: &Endpoint| {
+        e.identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    };
+    let traffic = line.traffic;
+    let text = |f: fn(&TrafficNote) -> Option<&str>| traffic.and_then(f).unwrap_or("");
+    tracing::info!(
+        target: "access",
+        direction = line.path.direction,
+        path = line.path.path,
+        src_workload = %workload(line.source),
+        src_identity = %identity(line.source),
+        src_addr = %addr(line.source),
+        dst_workload = %workload(line.destination),
+        dst_identity = %identity(line.destination),
+        dst_addr = %addr(line.destination),
+        dst_service = line.destination.service.as_deref().unwrap_or(""),
+        bytes_sent = line.bytes.0,
+        bytes_received = line.bytes.1,
+        duration_ms = line.elapsed.as_millis(),
+        security = line.security.map_or("", Security::policy),
+        no_mtls_reason = line.security.map_or("", Security::no_mtls_reason),
+        response_flags = line.flags,
+        route = text(|t| t.route.as_deref()),
+        backend = text(|t| t.backend.as_deref()),
+        attempts = traffic.map_or(1, |t| t.attempts),
+        fault = text(|t| t.fault.as_deref()),
+        reason = line.reason,
+        "connection complete"
+    );
 }

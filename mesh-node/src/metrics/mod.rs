@@ -129,10 +129,12 @@ pub struct ReloadLabels {
 }
 
 /// A traffic-management decision: `decision` is `split` (the route sent the connection to
-/// `target`, a backend), `retry` (the connect to the endpoint `target` failed, another was
-/// tried), `ejected` / `returned` (outlier detection took the endpoint `target` out or let it
-/// back), `pool_limit` (the pool of `target` was full), `rate_limit`, `fault_abort` and
-/// `fault_delay` (`target` names the `FaultInjection`).
+/// `target`, a backend), `retry` (a connect to an endpoint of the destination `target` failed,
+/// another was tried), `ejected` / `returned` (outlier detection took an endpoint of `target`
+/// out or let it back; the log names the endpoint), `pool_limit` (the pool of `target` was
+/// full), `rate_limit`, `fault_abort` and `fault_delay` (`target` names the
+/// `FaultInjection`). `target` is a destination (`host` or `host/subset`) or a document, never
+/// an address.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
     pub destination_service: String,

@@ -138,7 +138,14 @@ impl Proxy {
             Ok(plan) => plan,
             Err(refusal) => {
                 let error = self.refused(&service, refusal);
-                self.report("outbound", &error, None, &context);
+                let note = TrafficNote {
+                    fault: match &error {
+                        Error::FaultAbort { fault } => Some(format!("abort {fault}")),
+                        _ => None,
+                    },
+                    ..TrafficNote::default()
+                };
+                self.refuse(ctx, (peer, dst), service, &error, &note, accepted, &context);
                 return forward::reset(client);
             }
         };
@@ -160,7 +167,10 @@ impl Proxy {
             .connect_with_failover(ctx, &plan.cluster, &service, &mut note, &mut context)
             .await;
         let Some((target, result, lease)) = outcome else {
-            self.report("outbound", &Error::NoEndpoint { service }, None, &context);
+            let error = Error::NoEndpoint {
+                service: Arc::clone(&service),
+            };
+            self.refuse(ctx, (peer, dst), service, &error, &note, accepted, &context);
             return forward::reset(client);
         };
         let managed = Managed {
@@ -193,7 +203,7 @@ impl Proxy {
         let mut events = Vec::new();
         loop {
             let lease = cluster.pick(&tried, Instant::now(), &mut events);
-            self.health_events(service, &mut events);
+            self.health_events(service, &cluster.name, &mut events);
             let lease = lease?;
             let endpoint = lease.addr;
             context.dst = Some(endpoint);
@@ -219,13 +229,12 @@ impl Proxy {
                 Err(error) if error.endpoint_failed() => {
                     if let Some(event) = cluster.failed(&lease, Instant::now()) {
                         events.push(event);
-                        self.health_events(service, &mut events);
+                        self.health_events(service, &cluster.name, &mut events);
                     }
                     tried.push(endpoint);
                     let more = tried.len() < MAX_ATTEMPTS.min(cluster.len());
                     if more {
-                        self.metrics
-                            .traffic(service, "retry", &endpoint.to_string());
+                        self.metrics.traffic(service, "retry", &cluster.name);
                         debug!(service = %service, endpoint = %endpoint, error = %crate::error_chain(&error), "retrying the connection on another endpoint");
                         continue;
                     }
@@ -234,6 +243,35 @@ impl Proxy {
                 Err(error) => return Some(((endpoint, route), Err(error), lease)),
             }
         }
+    }
+
+    /// Reports a connection to the service address `dst` that goes nowhere, with its own
+    /// access-log line.
+    #[expect(clippy::too_many_arguments, reason = "one refused connection's parts")]
+    fn refuse(
+        &self,
+        ctx: &PodContext,
+        (peer, dst): (SocketAddr, SocketAddr),
+        service: Arc<str>,
+        error: &Error,
+        note: &TrafficNote,
+        accepted: Instant,
+        context: &Context<'_>,
+    ) {
+        self.report("outbound", error, None, context);
+        let src_ip = source_ip(&ctx.workload, dst);
+        ConnRecord::refused(
+            &Self::local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
+            &Endpoint {
+                identity: None,
+                workload: None,
+                addr: Some(dst),
+                service: Some(service),
+            },
+            (error.flag(), &crate::error_chain(error)),
+            note,
+            accepted,
+        );
     }
 
     /// Why the traffic rules refused a connection to `service`, counted.
@@ -259,8 +297,9 @@ impl Proxy {
         }
     }
 
-    /// Counts and logs what outlier detection did.
-    fn health_events(&self, service: &str, events: &mut Vec<HealthEvent>) {
+    /// Counts (by destination: no label holds an address) and logs (with the endpoint) what
+    /// outlier detection did.
+    fn health_events(&self, service: &str, destination: &str, events: &mut Vec<HealthEvent>) {
         for event in events.drain(..) {
             match event {
                 HealthEvent::Ejected {
@@ -268,11 +307,11 @@ impl Proxy {
                     failures,
                     duration,
                 } => {
-                    self.metrics.traffic(service, "ejected", &addr.to_string());
+                    self.metrics.traffic(service, "ejected", destination);
                     warn!(service, endpoint = %addr, consecutive_failures = failures, ejected_ms = duration.as_millis(), "endpoint ejected (outlier detection)");
                 }
                 HealthEvent::Returned { addr } => {
-                    self.metrics.traffic(service, "returned", &addr.to_string());
+                    self.metrics.traffic(service, "returned", destination);
                     info!(service, endpoint = %addr, "endpoint back from ejection");
                 }
             }
