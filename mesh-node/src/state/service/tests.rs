@@ -158,6 +158,15 @@ fn split_route(v1: u32, v2: u32) -> String {
     )
 }
 
+/// The client of [`canary_workloads`] as the source of a connection.
+fn client_source<'a>(workloads: &'a [Workload], identity: &'a Identity) -> Source<'a> {
+    Source {
+        workload: &workloads[2],
+        identity,
+        ip: workloads[2].ips[0],
+    }
+}
+
 /// Plans `n` connections from the client to `dst`; the destination each went to.
 fn destinations(table: &ServiceTable, workloads: &[Workload], n: usize) -> Vec<String> {
     let client = &workloads[2];
@@ -220,11 +229,7 @@ fn a_route_splits_by_weight_and_weight_zero_drains() {
     );
     let dst: SocketAddr = "198.19.1.1:80".parse().unwrap();
     let identity = Identity::new("cluster.local", "shop", "client");
-    let source = Source {
-        workload: &workloads[2],
-        identity: &identity,
-        ip: workloads[2].ips[0],
-    };
+    let source = client_source(&workloads, &identity);
     assert_eq!(
         none.lookup(dst)
             .unwrap()
@@ -250,11 +255,7 @@ fn virtual_service_subsets_select_by_label() {
     );
     let dst: SocketAddr = "198.19.1.1:80".parse().unwrap();
     let identity = Identity::new("cluster.local", "shop", "client");
-    let source = Source {
-        workload: &workloads[2],
-        identity: &identity,
-        ip: workloads[2].ips[0],
-    };
+    let source = client_source(&workloads, &identity);
     let plan = table
         .lookup(dst)
         .unwrap()
@@ -284,11 +285,7 @@ fn pool_limits_and_rate_limits_refuse_the_excess() {
     let table = ServiceTable::build(&services, &workloads, &pool, &registry, "a", None);
     let v1: SocketAddr = "198.19.1.2:80".parse().unwrap();
     let identity = Identity::new("cluster.local", "shop", "client");
-    let source = Source {
-        workload: &workloads[2],
-        identity: &identity,
-        ip: workloads[2].ips[0],
-    };
+    let source = client_source(&workloads, &identity);
     let now = Instant::now();
     let backends = table.lookup(v1).unwrap();
     let first = backends.plan(&source, v1, now).expect("1 of 2");
@@ -312,11 +309,7 @@ fn pool_limits_and_rate_limits_refuse_the_excess() {
     let front: SocketAddr = "198.19.1.1:80".parse().unwrap();
     let backends = table.lookup(front).unwrap();
     let admitted = |at: Instant, identity: &Identity| {
-        let source = Source {
-            workload: &workloads[2],
-            identity,
-            ip: workloads[2].ips[0],
-        };
+        let source = client_source(&workloads, identity);
         (0..10)
             .filter(|_| backends.plan(&source, front, at).is_ok())
             .count()
@@ -350,11 +343,7 @@ fn faults_apply_to_their_sources_only() {
     );
     let identity = Identity::new("cluster.local", "shop", "client");
     let front: SocketAddr = "198.19.1.1:80".parse().unwrap();
-    let mut source = Source {
-        workload: &workloads[2],
-        identity: &identity,
-        ip: workloads[2].ips[0],
-    };
+    let mut source = client_source(&workloads, &identity);
     assert_eq!(
         table
             .lookup(front)
