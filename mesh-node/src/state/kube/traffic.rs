@@ -78,13 +78,7 @@ impl TrafficBuilder {
         let mut live = HashSet::new();
         for (kind, store) in stores {
             for obj in store.state() {
-                let uid = obj.uid().unwrap_or_else(|| {
-                    format!(
-                        "{kind}/{}/{}",
-                        obj.namespace().unwrap_or_default(),
-                        obj.name_any()
-                    )
-                });
+                let uid = convert::object_uid(&obj, &kind);
                 live.insert(uid.clone());
                 let key = (uid.clone(), obj.resource_version().unwrap_or_default());
                 let checked = self.checked.entry(key).or_insert_with(|| {
