@@ -7,6 +7,9 @@
 //! `cargo check` works anywhere; the daemon then refuses to start with a message that says how to
 //! fix it. `MESH_REQUIRE_EBPF=1` (set by `cargo xtask`) turns the missing toolchain into a
 //! build error instead.
+//!
+//! It also compiles the Istio control-plane protocol (`proto/`, see its README) with the `protoc`
+//! of the `protoc-bin-vendored` crate, into `$OUT_DIR`, where `istio::proto` includes it.
 
 use std::{env, fs, path::PathBuf, process::Command};
 
@@ -18,6 +21,7 @@ const TOOLCHAIN: &str = "debian-bpf";
 const OBJECT: &str = "mesh-programs";
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
     println!("cargo:rerun-if-env-changed=MESH_REQUIRE_EBPF");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let manifest_dir =
@@ -72,5 +76,30 @@ fn toolchain_present() -> Result<(), String> {
     if !rustc.is_ok_and(|o| o.status.success()) {
         return Err(format!("rustup toolchain `{TOOLCHAIN}` not found"));
     }
+    Ok(())
+}
+
+/// The gRPC clients and servers (the servers are what the tests' istiod stand-in runs) and the
+/// messages of istiod's CA and delta xDS.
+fn compile_protos() -> anyhow::Result<()> {
+    let protoc = protoc_bin_vendored::protoc_bin_path().context("the vendored protoc")?;
+    let include = protoc_bin_vendored::include_path().context("the vendored protoc's includes")?;
+    // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
+    unsafe { env::set_var("PROTOC", protoc) };
+    let files = [
+        "proto/istio/ca.proto",
+        "proto/envoy/discovery.proto",
+        "proto/istio/workload.proto",
+        "proto/istio/authorization.proto",
+    ];
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(
+            &files.map(PathBuf::from),
+            &[PathBuf::from("proto"), include],
+        )
+        .context("compiling proto/")?;
     Ok(())
 }

@@ -13,8 +13,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod istio;
 mod locate;
 
+pub use istio::{ENV_INSTANCE_IP, ENV_POD_NAME, ENV_POD_NAMESPACE, IstioConfig};
 pub use locate::Position;
 
 /// The embedded default configuration (`mesh-node config default`).
@@ -44,6 +46,9 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The Kubernetes state source.
     pub kubernetes: KubernetesConfig,
+    /// istiod as the source of certificates and state (instead of the local CA and the
+    /// Kubernetes source).
+    pub istio: IstioConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
     /// Namespace whose policies apply mesh-wide (Istio's root namespace). Default:
@@ -171,6 +176,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             identity: IdentityConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            istio: IstioConfig::default(),
             metrics: MetricsConfig::default(),
             root_namespace: "istio-system".to_owned(),
             policies: Elsewhere,
@@ -501,6 +507,7 @@ impl Config {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".to_owned());
         }
+        self.istio.apply_env(&env, &self.node);
         self
     }
 
@@ -588,6 +595,9 @@ impl Config {
         }
         if k8s.rescan_interval_ms == 0 {
             return Err(invalid("kubernetes.rescanIntervalMs", "must be positive"));
+        }
+        if let Err((field, reason)) = self.istio.validate(k8s.enabled) {
+            return Err(invalid(&field, reason));
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod istio;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
