@@ -4,4 +4,5 @@
 //! (`istio.workload.Address`, `istio.security.Authorization`), as ztunnel gets them. With it,
 //! mesh-node replaces ztunnel in an Istio ambient install.
 
+pub mod channel;
 pub mod proto;
