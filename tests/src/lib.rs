@@ -10,6 +10,8 @@
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
 pub mod helpers;
+#[cfg(feature = "istiod")]
+pub mod istiod;
 #[cfg(feature = "manifests")]
 pub mod manifests;
 pub mod mesh;
