@@ -5,11 +5,67 @@
 //! Not a namespaced test: it needs `kubectl` (`cargo xtask setup` checks for it) and nothing
 //! else, and `cargo xtask test` does not count it among the namespaced ones.
 
-use mesh_node::config::{Config, Origin};
+use mesh_node::config::{Config, IstioConfig, KubernetesConfig, Origin};
 use mesh_tests::manifests::{
-    CONFIG_KEY, DAEMON_CAPABILITIES, NAMESPACE, Rendered, deploy_dir, overlays, render,
+    CONFIG_KEY, DAEMON_CAPABILITIES, ISTIO_NAMESPACE, NAMESPACE, Rendered, deploy_dir, overlays,
+    render,
 };
 use serde_json::Value;
+
+/// A mistake made on a rendering.
+type Mutation = fn(&mut Vec<Value>);
+
+fn object<'a>(values: &'a mut [Value], kind: &str, name: &str) -> &'a mut Value {
+    values
+        .iter_mut()
+        .find(|v| {
+            v["kind"] == kind
+                && v["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name))
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn pod(values: &mut [Value]) -> &mut Value {
+    &mut object(values, "DaemonSet", "mesh-node")["spec"]["template"]["spec"]
+}
+
+fn container(values: &mut [Value]) -> &mut Value {
+    &mut pod(values)["containers"][0]
+}
+
+/// The pod's volume or the container's mount called `name`.
+fn named<'a>(list: &'a mut Value, name: &str) -> &'a mut Value {
+    list.as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("nothing named {name}"))
+}
+
+fn config_text(values: &mut [Value], from: &str, to: &str) {
+    let data = &mut object(values, "ConfigMap", "mesh-node-config")["data"][CONFIG_KEY];
+    let text = data.as_str().unwrap().to_owned();
+    assert!(text.contains(from), "{from}");
+    *data = Value::String(text.replace(from, to));
+}
+
+/// Each mistake, made on the rendering of `overlay` (which passes unchanged), is caught.
+fn assert_caught(overlay: &str, mutations: &[(&str, Mutation)]) {
+    let original = render(overlay);
+    Rendered::from_values(overlay, &original)
+        .and_then(|r| r.check())
+        .expect("the unchanged rendering passes");
+    for (what, mutate) in mutations {
+        let mut values = original.clone();
+        mutate(&mut values);
+        match Rendered::from_values(overlay, &values).and_then(|r| r.check()) {
+            Ok(()) => panic!("deploy/{overlay}: {what} was not caught"),
+            Err(e) => eprintln!("deploy/{overlay}: {what}: caught: {e:#}"),
+        }
+    }
+}
 
 #[test]
 fn the_overlays_and_capabilities_are_the_documented_ones() {
@@ -54,17 +110,171 @@ fn every_overlay_renders_parses_and_passes_its_checks() {
 }
 
 #[test]
-fn the_istio_overlay_differs_from_the_base_only_in_the_label() {
+fn the_istio_overlay_is_the_base_with_istiod_as_its_source() {
+    // The differences deploy/istio/kustomization.yaml documents: istiod on, the Kubernetes
+    // source off (its other settings unused, left to their defaults), the local CA unnamed
+    // (its paths are unused; their defaults stay). Everything else is the base's.
     let base = Rendered::of("base").check_daemon().expect("base");
     let istio = Rendered::of("istio").check_daemon().expect("istio");
-    assert_eq!(base.kubernetes.enroll_label, "mesh.io/dataplane-mode");
-    assert_eq!(istio.kubernetes.enroll_label, "istio.io/dataplane-mode");
-    let mut relabelled = base.clone();
-    relabelled.kubernetes.enroll_label = istio.kubernetes.enroll_label.clone();
+    let mut expected = base.clone();
+    expected.kubernetes = KubernetesConfig::default();
+    expected.istio = IstioConfig {
+        enabled: true,
+        proc_root: base.kubernetes.proc_root.clone(),
+        ..IstioConfig::default()
+    };
     assert_eq!(
-        relabelled, istio,
+        istio, expected,
         "deploy/istio/mesh-node.yaml drifted from the base's"
     );
+    // What the DaemonSet and docs/operations.md rely on, spelled out (not just the defaults).
+    let settings = &istio.istio;
+    assert_eq!(settings.address, "https://istiod.istio-system.svc:15012");
+    assert_eq!(settings.istiod_san(), "istiod.istio-system.svc");
+    assert_eq!(settings.cluster_id, "Kubernetes");
+    assert_eq!(
+        settings.token_file.to_str(),
+        Some("/var/run/secrets/tokens/istio-token")
+    );
+    assert_eq!(
+        settings.root_cert_file.to_str(),
+        Some("/var/run/secrets/istio/root-cert.pem")
+    );
+    assert_eq!(settings.proc_root.to_str(), Some("/host/proc"));
+    assert!(!istio.kubernetes.enabled);
+    // The pod's name, namespace and address come from the environment (the DaemonSet's).
+    assert!(settings.pod_name.is_empty() && settings.pod_namespace.is_empty());
+    assert_eq!(settings.pod_ip, None);
+}
+
+/// The istio overlay's own requirements are checked: each of these mistakes, made on its
+/// rendering, is caught.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one list of mistakes")]
+fn the_istio_checks_reject_wrong_manifests() {
+    fn token(values: &mut [Value]) -> &mut Value {
+        &mut named(&mut pod(values)["volumes"], "istio-token")["projected"]["sources"][0]["serviceAccountToken"]
+    }
+    let mutations: &[(&str, Mutation)] = &[
+        ("a token for another audience", |v| {
+            token(v)["audience"] = "kubernetes.default.svc".into();
+        }),
+        ("a token without an audience", |v| {
+            token(v).as_object_mut().unwrap().remove("audience");
+        }),
+        ("a token with another lifetime", |v| {
+            token(v)["expirationSeconds"] = 3_600.into();
+        }),
+        ("the token at another path than istio.tokenFile", |v| {
+            token(v)["path"] = "token".into();
+        }),
+        ("istio.tokenFile elsewhere", |v| {
+            config_text(
+                v,
+                "tokenFile: /var/run/secrets/tokens/istio-token",
+                "tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token",
+            );
+        }),
+        ("no token mount", |v| {
+            container(v)["volumeMounts"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|m| m["name"] != "istio-token");
+        }),
+        ("a writable token mount", |v| {
+            named(&mut container(v)["volumeMounts"], "istio-token")["readOnly"] = false.into();
+        }),
+        ("no root certificate mount", |v| {
+            container(v)["volumeMounts"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|m| m["name"] != "istiod-ca-cert");
+        }),
+        ("the root certificate from another ConfigMap", |v| {
+            named(&mut pod(v)["volumes"], "istiod-ca-cert")["configMap"]["name"] =
+                "istio-root".into();
+        }),
+        ("an optional root certificate", |v| {
+            named(&mut pod(v)["volumes"], "istiod-ca-cert")["configMap"]["optional"] = true.into();
+        }),
+        ("istio.rootCertFile elsewhere", |v| {
+            config_text(
+                v,
+                "rootCertFile: /var/run/secrets/istio/root-cert.pem",
+                "rootCertFile: /var/run/secrets/istio/ca.crt",
+            );
+        }),
+        ("the root certificate through a subPath", |v| {
+            let mount = named(&mut container(v)["volumeMounts"], "istiod-ca-cert");
+            mount["mountPath"] = "/var/run/secrets/istio/root-cert.pem".into();
+            mount["subPath"] = "root-cert.pem".into();
+        }),
+        ("the CA Secret back", |v| {
+            pod(v)["volumes"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({
+                    "name": "ca", "secret": {"secretName": "mesh-ca", "defaultMode": 0o400}
+                }));
+        }),
+        ("the API token mounted", |v| {
+            pod(v)["automountServiceAccountToken"] = true.into();
+        }),
+        ("the base's service account", |v| {
+            pod(v)["serviceAccountName"] = "mesh-node".into();
+            object(v, "ServiceAccount", "ztunnel")["metadata"]["name"] = "mesh-node".into();
+        }),
+        ("no POD_NAME", |v| {
+            container(v)["env"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|e| e["name"] != "POD_NAME");
+        }),
+        ("POD_NAMESPACE from another field", |v| {
+            named(&mut container(v)["env"], "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"] =
+                "metadata.name".into();
+        }),
+        ("INSTANCE_IP from the host's address", |v| {
+            named(&mut container(v)["env"], "INSTANCE_IP")["valueFrom"]["fieldRef"]["fieldPath"] =
+                "status.hostIP".into();
+        }),
+        ("no MESH_NODE_NAME", |v| {
+            container(v)["env"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|e| e["name"] != "MESH_NODE_NAME");
+        }),
+        ("a daemon pod that could be enrolled", |v| {
+            object(v, "DaemonSet", "mesh-node")["spec"]["template"]["metadata"]["labels"]
+                .as_object_mut()
+                .unwrap()
+                .remove("istio.io/dataplane-mode");
+        }),
+        ("istiod off", |v| {
+            config_text(v, "istio:\n  enabled: true", "istio:\n  enabled: false");
+        }),
+        ("istio.procRoot not the host's /proc", |v| {
+            config_text(v, "procRoot: /host/proc", "procRoot: /proc");
+        }),
+        ("a ClusterRole", |v| {
+            v.push(serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": "mesh-node"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+            }));
+        }),
+        ("the namespace created", |v| {
+            v.push(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ISTIO_NAMESPACE}
+            }));
+        }),
+        ("objects in mesh-system", |v| {
+            for value in v.iter_mut() {
+                value["metadata"]["namespace"] = NAMESPACE.into();
+            }
+        }),
+    ];
+    assert_caught("istio", mutations);
 }
 
 #[test]
@@ -86,30 +296,6 @@ fn the_cluster_configuration_is_the_daemons_default_but_for_the_cluster_paths() 
 #[test]
 #[expect(clippy::too_many_lines, reason = "one list of mistakes")]
 fn the_checks_reject_wrong_manifests() {
-    type Mutation = fn(&mut Vec<Value>);
-    fn object<'a>(values: &'a mut [Value], kind: &str, name: &str) -> &'a mut Value {
-        values
-            .iter_mut()
-            .find(|v| {
-                v["kind"] == kind
-                    && v["metadata"]["name"]
-                        .as_str()
-                        .is_some_and(|n| n.starts_with(name))
-            })
-            .unwrap_or_else(|| panic!("no {kind} {name}"))
-    }
-    fn container(values: &mut [Value]) -> &mut Value {
-        &mut object(values, "DaemonSet", "mesh-node")["spec"]["template"]["spec"]["containers"][0]
-    }
-    fn pod(values: &mut [Value]) -> &mut Value {
-        &mut object(values, "DaemonSet", "mesh-node")["spec"]["template"]["spec"]
-    }
-    fn config_text(values: &mut [Value], from: &str, to: &str) {
-        let data = &mut object(values, "ConfigMap", "mesh-node-config")["data"][CONFIG_KEY];
-        let text = data.as_str().unwrap().to_owned();
-        assert!(text.contains(from), "{from}");
-        *data = Value::String(text.replace(from, to));
-    }
     let mutations: &[(&str, Mutation)] = &[
         ("privileged", |v| {
             container(v)["securityContext"]["privileged"] = true.into();
@@ -310,16 +496,5 @@ fn the_checks_reject_wrong_manifests() {
             v.push(serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x", "namespace": NAMESPACE}}));
         }),
     ];
-    let original = render("default");
-    Rendered::from_values("default", &original)
-        .and_then(|r| r.check())
-        .expect("the unchanged rendering passes");
-    for (what, mutate) in mutations {
-        let mut values = original.clone();
-        mutate(&mut values);
-        match Rendered::from_values("default", &values).and_then(|r| r.check()) {
-            Ok(()) => panic!("{what} was not caught"),
-            Err(e) => eprintln!("{what}: caught: {e:#}"),
-        }
-    }
+    assert_caught("default", mutations);
 }

@@ -61,12 +61,25 @@ struct Relabeling {
 
 impl Rendered {
     /// Read-only access to exactly what the Kubernetes source reads, bound to the daemon's
-    /// service account.
+    /// service account; with istiod, no access at all.
     pub(super) fn check_rbac(&self) -> anyhow::Result<()> {
         let roles = self.all(|o| match o {
             Object::ClusterRole(r) => Some(r),
             _ => None,
         });
+        if self.istio() {
+            let rbac: Vec<&str> = self
+                .objects
+                .iter()
+                .filter(|o| matches!(o, Object::ClusterRole(_) | Object::ClusterRoleBinding(_)))
+                .map(|o| o.metadata().name.as_deref().unwrap_or("?"))
+                .collect();
+            ensure!(
+                rbac.is_empty(),
+                "with istiod the daemon reads nothing from the API server: no RBAC, found {rbac:?}"
+            );
+            return Ok(());
+        }
         let [role] = roles[..] else {
             bail!("expected one ClusterRole, found {}", roles.len());
         };

@@ -1,5 +1,6 @@
 //! The daemon's `DaemonSet` (and the uninstall one): pod and container settings, security
-//! context, probes, and the mounts the embedded configuration names.
+//! context, probes, and the mounts the embedded configuration names (`istio.rs` has what the
+//! `istio:` mode needs instead of the CA Secret and the API token).
 
 use std::{collections::BTreeSet, path::Path};
 
@@ -11,8 +12,8 @@ use k8s_openapi::{
 use mesh_node::config::Config;
 
 use super::{
-    DAEMON, DAEMON_CAPABILITIES, METRICS_PORT, Object, READINESS_PORT, Rendered, check_host_paths,
-    check_tolerates_everything, host_path, is_int, mount_of,
+    DAEMON, DAEMON_CAPABILITIES, ISTIO_ACCOUNT, METRICS_PORT, Object, READINESS_PORT, Rendered,
+    check_host_paths, check_tolerates_everything, host_path, is_int, istio, mount_of,
 };
 
 impl Rendered {
@@ -72,14 +73,23 @@ impl Rendered {
             .service_account_name
             .as_deref()
             .context("serviceAccountName")?;
+        let expected_account = if self.istio() { ISTIO_ACCOUNT } else { DAEMON };
         ensure!(
-            account == DAEMON,
-            "serviceAccountName {account}, expected {DAEMON}"
+            account == expected_account,
+            "serviceAccountName {account}, expected {expected_account}"
         );
-        ensure!(
-            pod.automount_service_account_token != Some(false),
-            "the daemon needs its service account token (in-cluster API access)"
-        );
+        if self.istio() {
+            ensure!(
+                pod.automount_service_account_token == Some(false),
+                "with istiod the daemon reads nothing from the API server: \
+                 automountServiceAccountToken must be false"
+            );
+        } else {
+            ensure!(
+                pod.automount_service_account_token != Some(false),
+                "the daemon needs its service account token (in-cluster API access)"
+            );
+        }
         ensure!(
             self.objects
                 .iter()
@@ -91,7 +101,11 @@ impl Rendered {
             pod.init_containers.as_ref().is_none_or(Vec::is_empty),
             "no init containers expected"
         );
-        check_host_paths(pod, &["/sys/fs/bpf", "/sys/fs/cgroup", "/proc"])?;
+        check_host_paths(
+            pod,
+            &["/sys/fs/bpf", "/sys/fs/cgroup", "/proc"],
+            self.istio(),
+        )?;
 
         let annotations = spec
             .template
@@ -141,23 +155,7 @@ impl Rendered {
                 "the container must declare port {name} ({port}): {ports:?}"
             );
         }
-        let node_env = container
-            .env
-            .as_ref()
-            .and_then(|env| {
-                env.iter()
-                    .find(|e| e.name == mesh_node::config::ENV_NODE_NAME)
-            })
-            .context("no MESH_NODE_NAME in env")?;
-        let field = node_env
-            .value_from
-            .as_ref()
-            .and_then(|f| f.field_ref.as_ref())
-            .map(|f| f.field_path.as_str());
-        ensure!(
-            node_env.value.is_none() && field == Some("spec.nodeName"),
-            "MESH_NODE_NAME must come from spec.nodeName"
-        );
+        check_field_env(container, mesh_node::config::ENV_NODE_NAME, "spec.nodeName")?;
 
         let probe = container
             .readiness_probe
@@ -186,11 +184,21 @@ impl Rendered {
         );
 
         let config = self.mounted_config(pod, container)?;
-        ensure!(config.kubernetes.enabled, "kubernetes.enabled must be true");
-        ensure!(
-            config.kubernetes.kubeconfig.is_none(),
-            "the daemon uses its in-cluster service account, not a kubeconfig"
-        );
+        if self.istio() {
+            ensure!(config.istio.enabled, "istio.enabled must be true");
+            ensure!(
+                !config.kubernetes.enabled,
+                "kubernetes.enabled must be false (istiod is the state source)"
+            );
+            istio::check_pod(&spec.template, pod, container, &config)?;
+        } else {
+            ensure!(config.kubernetes.enabled, "kubernetes.enabled must be true");
+            ensure!(!config.istio.enabled, "istio.enabled must be false");
+            ensure!(
+                config.kubernetes.kubeconfig.is_none(),
+                "the daemon uses its in-cluster service account, not a kubeconfig"
+            );
+        }
         let grace_ms = pod
             .termination_grace_period_seconds
             .context("terminationGracePeriodSeconds")?
@@ -203,7 +211,7 @@ impl Rendered {
         );
 
         check_security_context(pod, container, DAEMON_CAPABILITIES)?;
-        check_daemon_mounts(pod, container, &config)?;
+        check_daemon_mounts(pod, container, &config, self.istio())?;
         Ok(config)
     }
 
@@ -220,7 +228,7 @@ impl Rendered {
             pod.automount_service_account_token == Some(false),
             "cleanup needs no API access"
         );
-        check_host_paths(pod, &["/sys/fs/bpf"])?;
+        check_host_paths(pod, &["/sys/fs/bpf"], false)?;
         let init = pod.init_containers.clone().unwrap_or_default();
         let [cleanup] = &init[..] else {
             bail!("expected one init container, found {}", init.len());
@@ -341,11 +349,36 @@ fn check_security_context(
     Ok(())
 }
 
-/// Every path the configuration names is on the right volume.
+/// `name` in the container's environment, from the downward API's `field` (and only from it).
+pub(super) fn check_field_env(
+    container: &Container,
+    name: &str,
+    field: &str,
+) -> anyhow::Result<()> {
+    let var = container
+        .env
+        .as_ref()
+        .and_then(|env| env.iter().find(|e| e.name == name))
+        .with_context(|| format!("no {name} in env"))?;
+    let from = var
+        .value_from
+        .as_ref()
+        .and_then(|f| f.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    ensure!(
+        var.value.is_none() && from == Some(field),
+        "{name} must come from {field}"
+    );
+    Ok(())
+}
+
+/// Every path the configuration names is on the right volume (the CA's only without istiod:
+/// `istio::check_pod` checks its token and root certificate).
 fn check_daemon_mounts(
     pod: &PodSpec,
     container: &Container,
     config: &Config,
+    istio: bool,
 ) -> anyhow::Result<()> {
     // bpffs: the host's, writable, so that pins outlive the pod.
     let (mount, volume) = mount_of(pod, container, &config.redirect.bpffs)?;
@@ -378,15 +411,22 @@ fn check_daemon_mounts(
         "the host cgroup root must not hide the container's own /sys/fs/cgroup"
     );
     // The host's /proc, writable for the pods' sysctls.
-    let proc_root = &config.kubernetes.proc_root;
+    let (field, proc_root) = if istio {
+        ("istio.procRoot", &config.istio.proc_root)
+    } else {
+        ("kubernetes.procRoot", &config.kubernetes.proc_root)
+    };
     let (mount, volume) = mount_of(pod, container, proc_root)?;
     ensure!(
         host_path(volume) == Some("/proc")
             && Path::new(&mount.mount_path) == proc_root
             && mount.read_only != Some(true),
-        "kubernetes.procRoot {} must be the host's /proc, writable (pod sysctls)",
+        "{field} {} must be the host's /proc, writable (pod sysctls)",
         proc_root.display()
     );
+    if istio {
+        return Ok(());
+    }
     // The CA: both files from the mesh-ca Secret, read-only, owner-only.
     for file in [&config.identity.ca_cert_file, &config.identity.ca_key_file] {
         let (mount, volume) = mount_of(pod, container, file)?;

@@ -4,12 +4,16 @@
 //! security settings, mounts, probe and termination against the configuration it embeds
 //! (parsed by the daemon's own code), read-only RBAC on exactly what the Kubernetes source
 //! reads, the CRDs (mesh-node's own `FaultInjection`; Istio's and the Gateway API's stand-ins),
-//! the `ServiceMonitor`, and the uninstall `DaemonSet`.
+//! the `ServiceMonitor`, and the uninstall `DaemonSet`. `deploy/istio` runs the daemon in
+//! ztunnel's place instead: istiod's token and root certificate where the configuration's
+//! `istio:` section looks for them, the pod's downward-API variables, and no CA Secret, API
+//! token or RBAC.
 //!
 //! `tests/tests/deploy.rs` runs them on every overlay and on deliberately wrong renderings.
 
 mod cluster;
 mod daemon;
+mod istio;
 
 use std::{
     collections::BTreeSet,
@@ -36,10 +40,19 @@ use serde_json::Value;
 
 use cluster::{ServiceMonitor, check_crd};
 
-/// The namespace everything is installed in.
+/// The namespace everything is installed in (but by `deploy/istio`).
 pub const NAMESPACE: &str = "mesh-system";
 /// The daemon's `DaemonSet`, `ServiceAccount` and container.
 pub const DAEMON: &str = "mesh-node";
+/// `deploy/istio`'s namespace and service account: ztunnel's, which istiod trusts as a node
+/// proxy (`CA_TRUSTED_NODE_ACCOUNTS`).
+pub const ISTIO_NAMESPACE: &str = "istio-system";
+pub const ISTIO_ACCOUNT: &str = "ztunnel";
+/// The audience of the token istiod accepts, and the `ConfigMap` it publishes the mesh's root
+/// certificate in (in every namespace, under [`ISTIO_ROOT_KEY`]).
+pub const ISTIO_AUDIENCE: &str = "istio-ca";
+pub const ISTIO_ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
+pub const ISTIO_ROOT_KEY: &str = "root-cert.pem";
 /// The file in the configuration `ConfigMap`.
 pub const CONFIG_KEY: &str = "mesh-node.yaml";
 /// The capabilities of the daemon, each justified in `deploy/base/daemonset.yaml` and
@@ -69,7 +82,9 @@ fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
         kinds
     };
     Some(match overlay {
-        "base" | "istio" => base,
+        "base" => base,
+        // No namespace (Istio's), no RBAC, no CRD.
+        "istio" => vec!["ServiceAccount", "ConfigMap", "DaemonSet", "Service"],
         "default" => with_crds(),
         "monitoring" => {
             let mut kinds = with_crds();
@@ -81,13 +96,10 @@ fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
     })
 }
 
-/// The label that enrolls namespaces, per overlay that runs the daemon.
-fn expected_enroll_label(overlay: &str) -> &'static str {
-    if overlay == "istio" {
-        "istio.io/dataplane-mode"
-    } else {
-        "mesh.io/dataplane-mode"
-    }
+/// Whether the overlay runs the daemon with istiod as its source (the `istio:` mode) rather
+/// than the local CA and the Kubernetes source.
+fn istio_mode(overlay: &str) -> bool {
+    overlay == "istio"
 }
 
 #[must_use]
@@ -315,38 +327,52 @@ impl Rendered {
         expected.sort_unstable();
         ensure!(kinds == expected, "kinds {kinds:?}, expected {expected:?}");
         self.check_namespaces()?;
-        match self.overlay.as_str() {
-            "uninstall" => self.check_uninstall(),
-            overlay => {
-                let config = self.check_daemon()?;
-                ensure!(
-                    config.kubernetes.enroll_label == expected_enroll_label(overlay),
-                    "enrollLabel {}, expected {}",
-                    config.kubernetes.enroll_label,
-                    expected_enroll_label(overlay)
-                );
-                self.check_rbac()?;
-                self.check_metrics_service()?;
-                for crd in self.all(|o| match o {
-                    Object::Crd(c) => Some(&**c),
-                    _ => None,
-                }) {
-                    check_crd(crd)?;
-                }
-                for monitor in self.all(|o| match o {
-                    Object::ServiceMonitor(m) => Some(m),
-                    _ => None,
-                }) {
-                    self.check_service_monitor(monitor)?;
-                }
-                Ok(())
-            }
+        if self.overlay == "uninstall" {
+            return self.check_uninstall();
+        }
+        let config = self.check_daemon()?;
+        // With istiod, enrollment is istiod's (Istio's own label).
+        ensure!(
+            self.istio() || config.kubernetes.enroll_label == "mesh.io/dataplane-mode",
+            "enrollLabel {}, expected mesh.io/dataplane-mode",
+            config.kubernetes.enroll_label,
+        );
+        self.check_rbac()?;
+        self.check_metrics_service()?;
+        for crd in self.all(|o| match o {
+            Object::Crd(c) => Some(&**c),
+            _ => None,
+        }) {
+            check_crd(crd)?;
+        }
+        for monitor in self.all(|o| match o {
+            Object::ServiceMonitor(m) => Some(m),
+            _ => None,
+        }) {
+            self.check_service_monitor(monitor)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this overlay runs the daemon in the `istio:` mode.
+    fn istio(&self) -> bool {
+        istio_mode(&self.overlay)
+    }
+
+    /// The namespace of the overlay's objects.
+    fn namespace(&self) -> &'static str {
+        if self.istio() {
+            ISTIO_NAMESPACE
+        } else {
+            NAMESPACE
         }
     }
 
     /// Namespaced objects are in mesh-system, which the overlay creates, and which admits the
-    /// `DaemonSet` (Pod Security `privileged`).
+    /// `DaemonSet` (Pod Security `privileged`); `deploy/istio`'s are in istio-system, Istio's,
+    /// which it neither creates nor (with `kubectl delete -k`) deletes.
     fn check_namespaces(&self) -> anyhow::Result<()> {
+        let expected = self.namespace();
         for object in &self.objects {
             let meta = object.metadata();
             let name = meta.name.as_deref().unwrap_or("?");
@@ -354,8 +380,8 @@ impl Rendered {
                 ensure!(meta.namespace.is_none(), "{name} is cluster-scoped");
             } else {
                 ensure!(
-                    meta.namespace.as_deref() == Some(NAMESPACE),
-                    "{} {name} is in {:?}, not {NAMESPACE}",
+                    meta.namespace.as_deref() == Some(expected),
+                    "{} {name} is in {:?}, not {expected}",
                     object.kind(),
                     meta.namespace
                 );
@@ -365,6 +391,15 @@ impl Rendered {
             Object::Namespace(n) => Some(n),
             _ => None,
         });
+        if self.istio() {
+            ensure!(
+                namespaces.is_empty(),
+                "deploy/{} must not create a namespace: {ISTIO_NAMESPACE} is Istio's (deleting \
+                 the overlay would delete it)",
+                self.overlay
+            );
+            return Ok(());
+        }
         ensure!(
             namespaces.len() == 1 && namespaces[0].metadata.name.as_deref() == Some(NAMESPACE),
             "the overlay must create exactly the namespace {NAMESPACE}"
@@ -449,8 +484,14 @@ fn host_path(volume: &Volume) -> Option<&str> {
 }
 
 /// The pod's host paths are exactly `allowed`, each a directory that must exist; every other
-/// volume is a `ConfigMap` or a Secret.
-fn check_host_paths(pod: &PodSpec, allowed: &[&str]) -> anyhow::Result<()> {
+/// volume is a `ConfigMap` or a Secret, or with `tokens`, a projected volume of service-account
+/// tokens only.
+fn check_host_paths(pod: &PodSpec, allowed: &[&str], tokens: bool) -> anyhow::Result<()> {
+    let kinds = if tokens {
+        "a ConfigMap, a Secret, a service-account token"
+    } else {
+        "a ConfigMap, a Secret"
+    };
     let mut seen = BTreeSet::new();
     for volume in pod.volumes.clone().unwrap_or_default() {
         if let Some(host) = &volume.host_path {
@@ -466,15 +507,24 @@ fn check_host_paths(pod: &PodSpec, allowed: &[&str]) -> anyhow::Result<()> {
             );
             seen.insert(host.path.clone());
         } else {
+            let token = tokens
+                && volume.projected.as_ref().is_some_and(|p| {
+                    p.sources.as_ref().is_some_and(|s| {
+                        !s.is_empty() && s.iter().all(|s| s.service_account_token.is_some())
+                    })
+                });
             let mut bare = volume.clone();
             bare.config_map = None;
             bare.secret = None;
+            if token {
+                bare.projected = None;
+            }
             ensure!(
                 bare == Volume {
                     name: volume.name.clone(),
                     ..Volume::default()
-                } && (volume.config_map.is_some() || volume.secret.is_some()),
-                "volume {} must be a ConfigMap, a Secret or an allowed hostPath",
+                } && (volume.config_map.is_some() || volume.secret.is_some() || token),
+                "volume {} must be {kinds} or an allowed hostPath",
                 volume.name
             );
         }
