@@ -30,7 +30,7 @@ use mesh_node::{
         },
     },
 };
-use mesh_tests::istiod::{CaOutcome, Istiod, IstiodOptions, malformed_any, workload};
+use mesh_tests::istiod::{CaOutcome, Istiod, IstiodOptions, malformed_any, workload, workload_any};
 use prost::Message as _;
 use prost_types::{Struct, Value, value::Kind};
 use tokio_stream::wrappers::ReceiverStream;
@@ -520,10 +520,13 @@ fn ads_after_a_restart_sends_only_what_the_client_lacks() {
     f.istiod.restart().unwrap();
     let ended = rx.recv_timeout(WAIT).expect("the stream ends");
     assert!(ended.is_err(), "{ended:?}");
-    f.istiod
-        .set_workload(workload("a1", "shop", "sa-a1", "node-a", &[]));
-    f.istiod
-        .set_workload(workload("c1", "shop", "sa-c1", "node-a", &[]));
+    f.istiod.set_resources(
+        ADDRESS_TYPE,
+        ["a1", "c1"].map(|name| {
+            let w = workload(name, "shop", &format!("sa-{name}"), "node-a", &[]);
+            (w.uid.clone(), workload_any(w))
+        }),
+    );
     let (tx, rx) = f.stream("token");
     tx.blocking_send(subscribe(ADDRESS_TYPE, &versions))
         .unwrap();

@@ -379,21 +379,40 @@ impl Istiod {
     /// Creates or replaces resource `name` of `type_url` (any bytes: see
     /// [`malformed_any`]) and pushes it to every stream.
     pub fn set_resource(&self, type_url: &str, name: &str, any: Any) {
+        self.set_resources(type_url, [(name.to_owned(), any)]);
+    }
+
+    /// Creates or replaces several resources of `type_url` in one push (one response per
+    /// stream).
+    pub fn set_resources(
+        &self,
+        type_url: &str,
+        resources: impl IntoIterator<Item = (String, Any)>,
+    ) {
         self.shared.change(|s| {
-            s.version += 1;
-            let version = format!("v{}", s.version);
-            s.resources
-                .entry(type_url.to_owned())
-                .or_default()
-                .insert(name.to_owned(), Stored { version, any });
+            for (name, any) in resources {
+                s.version += 1;
+                let version = format!("v{}", s.version);
+                s.resources
+                    .entry(type_url.to_owned())
+                    .or_default()
+                    .insert(name, Stored { version, any });
+            }
         });
     }
 
     /// Removes resource `name` of `type_url` and pushes the removal to every stream.
     pub fn remove_resource(&self, type_url: &str, name: &str) {
+        self.remove_resources(type_url, &[name]);
+    }
+
+    /// Removes several resources of `type_url` in one push.
+    pub fn remove_resources(&self, type_url: &str, names: &[&str]) {
         self.shared.change(|s| {
             if let Some(of_type) = s.resources.get_mut(type_url) {
-                of_type.remove(name);
+                for name in names {
+                    of_type.remove(*name);
+                }
             }
         });
     }
