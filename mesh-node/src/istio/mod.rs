@@ -5,4 +5,6 @@
 //! mesh-node replaces ztunnel in an Istio ambient install.
 
 pub mod channel;
+pub mod convert;
+pub mod netns;
 pub mod proto;

@@ -1,0 +1,747 @@
+//! istiod's resources → the mesh's state: `istio.workload.Address` (a workload or a service)
+//! → [`Workload`] / [`Service`], `istio.security.Authorization` → an `AuthorizationPolicy`
+//! document that the policy engine evaluates exactly as ztunnel evaluates the original.
+//!
+//! Every error names the field it is about; the caller NACKs the resource with it and keeps
+//! the last good version. An Authorization that cannot be converted exactly (a value the
+//! engine would read differently, a field this build does not know) is an error too: the
+//! caller enforces [`strictest_authorization`] for it until a good version arrives.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
+
+use prost::Message as _;
+use serde_json::{Value, json};
+
+use super::proto::{
+    security::{self, string_match::MatchType},
+    workload::{self as xds, address},
+};
+use crate::{
+    policy::{PolicyDocument, PolicyStore},
+    state::service::{Locality, Service, ServicePort},
+    workload::Workload,
+};
+
+/// Labels the telemetry reads, filled from the workload's fields.
+pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
+pub const CANONICAL_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+pub const CLUSTER_LABEL: &str = "topology.istio.io/cluster";
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// Synthetic label (value `"true"`) of a workload that a `WORKLOAD_SELECTOR` authorization
+/// applies to, followed by the authorization's `namespace/name`: istiod names the policies in
+/// the workload (it has evaluated the selectors), the policy selects the label.
+pub const POLICY_LABEL_PREFIX: &str = "xds.mesh.io/authorization.";
+/// Synthetic label: the workload's namespace (for a `NAMESPACE` authorization in the root
+/// namespace, which the engine would otherwise apply mesh-wide).
+pub const NAMESPACE_LABEL: &str = "xds.mesh.io/namespace";
+
+/// The most rules one Authorization may expand to: each rule's clauses are multiplied out
+/// into disjunctive normal form, which the engine's rules express exactly. Beyond this the
+/// Authorization is rejected (never approximated).
+pub const MAX_EXPANDED_RULES: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("does not decode as {message}: {reason}")]
+    Decode {
+        message: &'static str,
+        reason: String,
+    },
+    #[error(
+        "carries fields this build does not know ({received} bytes received, {understood} \
+         understood)"
+    )]
+    UnknownFields { received: usize, understood: usize },
+    #[error("`{field}`: missing")]
+    Missing { field: String },
+    #[error("`{field}`: {len} bytes is not an IPv4 or IPv6 address")]
+    AddressLength { field: String, len: usize },
+    #[error("`{field}`: /{length} is not a prefix length of {address}")]
+    PrefixLength {
+        field: String,
+        address: IpAddr,
+        length: u32,
+    },
+    #[error("`{field}`: {value} is not a port (1-65535)")]
+    Port { field: String, value: u32 },
+    #[error("`{field}`: unknown value {value}")]
+    UnknownEnum { field: String, value: i32 },
+    #[error("`{field}`: `{value}` {reason}")]
+    Invalid {
+        field: String,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("`{field}`: cannot be enforced exactly: {reason}")]
+    Inexact { field: String, reason: String },
+    #[error("`{field}`: rejected by the policy engine: {reason}")]
+    Policy { field: String, reason: String },
+}
+
+/// What the conversion needs to know about the mesh and this node.
+#[derive(Clone, Debug)]
+pub struct Context<'a> {
+    /// This node's name (workloads on it are enrolled).
+    pub node: &'a str,
+    /// The mesh's trust domain.
+    pub trust_domain: &'a str,
+    pub root_namespace: &'a str,
+}
+
+/// An `istio.workload.Address`, converted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Workload(Box<MeshWorkload>),
+    Service(Box<MeshService>),
+    /// Nothing the node uses (a workload known by hostname only, a headless service).
+    Skipped(&'static str),
+}
+
+/// A workload with what its services' endpoints are made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshWorkload {
+    /// `enrolled` says whether the workload should be captured (on this node, HBONE, not on
+    /// the host network); the source clears it while its network namespace is not found.
+    pub workload: Workload,
+    /// `namespace/hostname` of each service it is an endpoint of → service port → port on
+    /// the workload, where that differs.
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// Status `HEALTHY`.
+    pub healthy: bool,
+    pub zone: Option<String>,
+    /// A trust domain other than the mesh's, if istiod says so (the workload is kept: its
+    /// certificate is checked against the mesh's trust domain, which it fails).
+    pub foreign_trust_domain: Option<String>,
+}
+
+/// A service without its endpoints (the workloads naming it provide them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshService {
+    pub service: Service,
+    /// `namespace/hostname`: what workloads name it by.
+    pub key: String,
+}
+
+/// Decodes and converts one `istio.workload.Address`.
+pub fn address(bytes: &[u8], cx: &Context<'_>) -> Result<Address, ConvertError> {
+    let decoded = xds::Address::decode(bytes).map_err(|e| ConvertError::Decode {
+        message: "istio.workload.Address",
+        reason: e.to_string(),
+    })?;
+    match decoded.r#type {
+        Some(address::Type::Workload(w)) => workload(&w, cx),
+        Some(address::Type::Service(s)) => service(&s),
+        None => Err(ConvertError::Missing {
+            field: "type".to_owned(),
+        }),
+    }
+}
+
+/// 4 or 16 bytes as an address.
+fn ip(bytes: &[u8], field: impl FnOnce() -> String) -> Result<IpAddr, ConvertError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Ok(IpAddr::from(v4));
+    }
+    if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        return Ok(IpAddr::from(v6));
+    }
+    Err(ConvertError::AddressLength {
+        field: field(),
+        len: bytes.len(),
+    })
+}
+
+fn port(value: u32, field: impl FnOnce() -> String) -> Result<u16, ConvertError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ConvertError::Port {
+            field: field(),
+            value,
+        })
+}
+
+fn segment(field: &str, value: &str) -> Result<(), ConvertError> {
+    if crate::identity::valid_segment(value) {
+        Ok(())
+    } else {
+        Err(ConvertError::Invalid {
+            field: field.to_owned(),
+            value: value.to_owned(),
+            reason: "is not a SPIFFE path segment",
+        })
+    }
+}
+
+fn known<T>(value: i32, field: &str, parse: impl Fn(i32) -> Option<T>) -> Result<T, ConvertError> {
+    parse(value).ok_or_else(|| ConvertError::UnknownEnum {
+        field: field.to_owned(),
+        value,
+    })
+}
+
+fn workload(w: &xds::Workload, cx: &Context<'_>) -> Result<Address, ConvertError> {
+    let at = |f: &str| format!("workload.{f}");
+    if w.addresses.is_empty() {
+        return Ok(Address::Skipped(if w.hostname.is_empty() {
+            "a workload without addresses"
+        } else {
+            "a workload known by hostname only"
+        }));
+    }
+    if w.name.is_empty() {
+        return Err(ConvertError::Missing { field: at("name") });
+    }
+    segment(&at("namespace"), &w.namespace)?;
+    let service_account = if w.service_account.is_empty() {
+        "default".to_owned()
+    } else {
+        w.service_account.clone()
+    };
+    segment(&at("service_account"), &service_account)?;
+    let ips = w
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ip(a, || at(&format!("addresses[{i}]"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tunnel = known(w.tunnel_protocol, &at("tunnel_protocol"), |v| {
+        xds::TunnelProtocol::try_from(v).ok()
+    })?;
+    let network_mode = known(w.network_mode, &at("network_mode"), |v| {
+        xds::NetworkMode::try_from(v).ok()
+    })?;
+    let status = known(w.status, &at("status"), |v| {
+        xds::WorkloadStatus::try_from(v).ok()
+    })?;
+    let mut labels = BTreeMap::new();
+    let locality = w.locality.clone().unwrap_or_default();
+    for (key, value) in [
+        (CANONICAL_NAME_LABEL, &w.canonical_name),
+        (CANONICAL_REVISION_LABEL, &w.canonical_revision),
+        (REGION_LABEL, &locality.region),
+        (ZONE_LABEL, &locality.zone),
+        (SUBZONE_LABEL, &locality.subzone),
+        (CLUSTER_LABEL, &w.cluster_id),
+        (NETWORK_LABEL, &w.network),
+    ] {
+        if !value.is_empty() {
+            labels.insert(key.to_owned(), value.clone());
+        }
+    }
+    for (i, policy) in w.authorization_policies.iter().enumerate() {
+        if policy
+            .split_once('/')
+            .is_none_or(|(ns, n)| ns.is_empty() || n.is_empty())
+        {
+            return Err(ConvertError::Invalid {
+                field: at(&format!("authorization_policies[{i}]")),
+                value: policy.clone(),
+                reason: "is not `namespace/name`",
+            });
+        }
+        labels.insert(format!("{POLICY_LABEL_PREFIX}{policy}"), "true".to_owned());
+    }
+    labels.insert(NAMESPACE_LABEL.to_owned(), w.namespace.clone());
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        let mut ports = BTreeMap::new();
+        for (j, p) in list.ports.iter().enumerate() {
+            let field = |f: &str| at(&format!("services[{key}].ports[{j}].{f}"));
+            let service_port = port(p.service_port, || field("service_port"))?;
+            if p.target_port != 0 {
+                ports.insert(service_port, port(p.target_port, || field("target_port"))?);
+            }
+        }
+        services.insert(key.clone(), ports);
+    }
+    let foreign_trust_domain = (!w.trust_domain.is_empty() && w.trust_domain != cx.trust_domain)
+        .then(|| w.trust_domain.clone());
+    Ok(Address::Workload(Box::new(MeshWorkload {
+        workload: Workload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account,
+            labels,
+            ips,
+            node: w.node.clone(),
+            netns: None,
+            enrolled: w.node == cx.node
+                && tunnel == xds::TunnelProtocol::Hbone
+                && network_mode != xds::NetworkMode::HostNetwork,
+        },
+        services,
+        healthy: status == xds::WorkloadStatus::Healthy,
+        zone: (!locality.zone.is_empty()).then_some(locality.zone),
+        foreign_trust_domain,
+    })))
+}
+
+fn service(s: &xds::Service) -> Result<Address, ConvertError> {
+    let at = |f: &str| format!("service.{f}");
+    if s.addresses.is_empty() {
+        return Ok(Address::Skipped("a headless service"));
+    }
+    if s.name.is_empty() {
+        return Err(ConvertError::Missing { field: at("name") });
+    }
+    if s.hostname.is_empty() {
+        return Err(ConvertError::Missing {
+            field: at("hostname"),
+        });
+    }
+    segment(&at("namespace"), &s.namespace)?;
+    let mut addresses = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        let address = ip(&a.address, || at(&format!("addresses[{i}].address")))?;
+        if !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in s.ports.iter().enumerate() {
+        let service_port = port(p.service_port, || at(&format!("ports[{i}].service_port")))?;
+        let target_port = match p.target_port {
+            0 => None,
+            t => Some(port(t, || at(&format!("ports[{i}].target_port")))?),
+        };
+        if ports.iter().any(|q: &ServicePort| q.port == service_port) {
+            return Err(ConvertError::Invalid {
+                field: at(&format!("ports[{i}].service_port")),
+                value: service_port.to_string(),
+                reason: "is listed twice",
+            });
+        }
+        ports.push(ServicePort {
+            name: None,
+            port: service_port,
+            target_port,
+        });
+    }
+    if ports.is_empty() {
+        return Ok(Address::Skipped("a service without ports"));
+    }
+    let load_balancing = match &s.load_balancing {
+        Some(lb) => locality(lb)?,
+        None => Locality::Any,
+    };
+    Ok(Address::Service(Box::new(MeshService {
+        service: Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            addresses,
+            ports,
+            selector: None,
+            endpoints: Vec::new(),
+            load_balancing,
+            connection_rate_limit: None,
+        },
+        key: format!("{}/{}", s.namespace, s.hostname),
+    })))
+}
+
+/// istiod's routing preference as the node's locality preference: strict on the node alone
+/// keeps connections on the node; a node preference prefers it (then the zone); a region,
+/// zone or subzone preference prefers the zone.
+fn locality(lb: &xds::LoadBalancing) -> Result<Locality, ConvertError> {
+    use xds::load_balancing::{Mode, Scope};
+    let mode = known(lb.mode, "service.load_balancing.mode", |v| {
+        Mode::try_from(v).ok()
+    })?;
+    let scopes = lb
+        .routing_preference
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            known(
+                *s,
+                &format!("service.load_balancing.routing_preference[{i}]"),
+                |v| Scope::try_from(v).ok(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(if mode == Mode::Strict && scopes == [Scope::Node] {
+        Locality::NodeOnly
+    } else if scopes.contains(&Scope::Node) {
+        Locality::PreferNode
+    } else if scopes
+        .iter()
+        .any(|s| matches!(s, Scope::Region | Scope::Zone | Scope::Subzone))
+    {
+        Locality::PreferZone
+    } else {
+        Locality::Any
+    })
+}
+
+/// Where an Authorization's document goes: its namespace (the root namespace: mesh-wide)
+/// and selector, and its name there (prefixed with its own namespace where that differs).
+fn placement(
+    auth: &security::Authorization,
+    scope: security::Scope,
+    root_namespace: &str,
+) -> (String, Option<BTreeMap<String, String>>, String) {
+    let key = format!("{}/{}", auth.namespace, auth.name);
+    let (namespace, selector) = match scope {
+        security::Scope::Global => (root_namespace.to_owned(), None),
+        security::Scope::Namespace if auth.namespace == root_namespace => (
+            root_namespace.to_owned(),
+            Some([(NAMESPACE_LABEL.to_owned(), auth.namespace.clone())].into()),
+        ),
+        security::Scope::Namespace => (auth.namespace.clone(), None),
+        // Root-namespace documents apply in every namespace: the label alone selects.
+        security::Scope::WorkloadSelector => (
+            root_namespace.to_owned(),
+            Some([(format!("{POLICY_LABEL_PREFIX}{key}"), "true".to_owned())].into()),
+        ),
+    };
+    let name = if namespace == auth.namespace {
+        auth.name.clone()
+    } else {
+        format!("{}.{}", auth.namespace, auth.name)
+    };
+    (namespace, selector, name)
+}
+
+fn document(
+    name: &str,
+    namespace: &str,
+    selector: Option<BTreeMap<String, String>>,
+    action: security::Action,
+    rules: &[Value],
+) -> Result<PolicyDocument, serde_json::Error> {
+    let mut spec = json!({
+        "action": match action {
+            security::Action::Allow => "ALLOW",
+            security::Action::Deny => "DENY",
+        },
+        "rules": rules,
+    });
+    if let Some(labels) = selector {
+        spec["selector"] = json!({ "matchLabels": labels });
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": spec,
+    }))
+}
+
+/// Decodes and converts one `istio.security.Authorization` into a document with the same
+/// decisions.
+pub fn authorization(bytes: &[u8], root_namespace: &str) -> Result<PolicyDocument, ConvertError> {
+    let auth = security::Authorization::decode(bytes).map_err(|e| ConvertError::Decode {
+        message: "istio.security.Authorization",
+        reason: e.to_string(),
+    })?;
+    // prost skips fields it does not know: what it read must be all that was sent.
+    if auth.encoded_len() != bytes.len() {
+        return Err(ConvertError::UnknownFields {
+            received: bytes.len(),
+            understood: auth.encoded_len(),
+        });
+    }
+    if auth.name.is_empty() {
+        return Err(ConvertError::Missing {
+            field: "name".to_owned(),
+        });
+    }
+    segment("namespace", &auth.namespace)?;
+    let scope = known(auth.scope, "scope", |v| security::Scope::try_from(v).ok())?;
+    let action = known(auth.action, "action", |v| {
+        security::Action::try_from(v).ok()
+    })?;
+    let mut rules = Vec::new();
+    for (i, rule) in auth.rules.iter().enumerate() {
+        expand_rule(rule, &format!("rules[{i}]"), &mut rules)?;
+    }
+    let (namespace, selector, name) = placement(&auth, scope, root_namespace);
+    let doc = document(&name, &namespace, selector, action, &rules).map_err(|e| {
+        ConvertError::Policy {
+            field: "rules".to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    PolicyStore::new(root_namespace, std::slice::from_ref(&doc)).map_err(|e| {
+        ConvertError::Policy {
+            field: e.field,
+            reason: e.reason,
+        }
+    })?;
+    Ok(doc)
+}
+
+/// Appends the rule in disjunctive normal form: one engine rule (its `when` conditions all
+/// hold) per choice of one match from each clause. An empty match never matches (as in
+/// ztunnel); a clause without matches always does.
+fn expand_rule(rule: &security::Rule, at: &str, out: &mut Vec<Value>) -> Result<(), ConvertError> {
+    let mut products: Vec<Vec<Value>> = vec![Vec::new()];
+    for (c, clause) in rule.clauses.iter().enumerate() {
+        if clause.matches.is_empty() {
+            continue;
+        }
+        let mut choices = Vec::new();
+        for (m, matched) in clause.matches.iter().enumerate() {
+            let conditions = conditions(matched, &format!("{at}.clauses[{c}].matches[{m}]"))?;
+            if !conditions.is_empty() {
+                choices.push(conditions);
+            }
+        }
+        if choices.is_empty() {
+            // No match can match: neither can the rule.
+            return Ok(());
+        }
+        if products.len().saturating_mul(choices.len()) + out.len() > MAX_EXPANDED_RULES {
+            return Err(ConvertError::Inexact {
+                field: at.to_owned(),
+                reason: format!("its clauses multiply out to more than {MAX_EXPANDED_RULES} rules"),
+            });
+        }
+        products = products
+            .iter()
+            .flat_map(|p| {
+                choices.iter().map(move |choice| {
+                    let mut all = p.clone();
+                    all.extend(choice.iter().cloned());
+                    all
+                })
+            })
+            .collect();
+    }
+    out.extend(products.into_iter().map(|when| json!({ "when": when })));
+    Ok(())
+}
+
+/// A match as `when` conditions (all must hold): one per kind present, a `not_` kind as
+/// `notValues`.
+fn conditions(m: &security::Match, at: &str) -> Result<Vec<Value>, ConvertError> {
+    let mut out = Vec::new();
+    let mut push = |key: &str, negated: bool, values: Vec<String>| {
+        if !values.is_empty() {
+            let list = if negated { "notValues" } else { "values" };
+            out.push(json!({ "key": key, list: values }));
+        }
+    };
+    let field = |f: &str| format!("{at}.{f}");
+    for (key, list, negated, name) in [
+        ("source.namespace", &m.namespaces, false, "namespaces"),
+        (
+            "source.namespace",
+            &m.not_namespaces,
+            true,
+            "not_namespaces",
+        ),
+        ("source.principal", &m.principals, false, "principals"),
+        (
+            "source.principal",
+            &m.not_principals,
+            true,
+            "not_principals",
+        ),
+    ] {
+        let values = list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| pattern(s, &field(&format!("{name}[{i}]"))))
+            .collect::<Result<_, _>>()?;
+        push(key, negated, values);
+    }
+    for (key, list, negated, name) in [
+        ("source.ip", &m.source_ips, false, "source_ips"),
+        ("source.ip", &m.not_source_ips, true, "not_source_ips"),
+        (
+            "destination.ip",
+            &m.destination_ips,
+            false,
+            "destination_ips",
+        ),
+        (
+            "destination.ip",
+            &m.not_destination_ips,
+            true,
+            "not_destination_ips",
+        ),
+    ] {
+        let values = list
+            .iter()
+            .enumerate()
+            .map(|(i, a)| block(a, &field(&format!("{name}[{i}]"))))
+            .collect::<Result<_, _>>()?;
+        push(key, negated, values);
+    }
+    for (list, negated, name) in [
+        (&m.destination_ports, false, "destination_ports"),
+        (&m.not_destination_ports, true, "not_destination_ports"),
+    ] {
+        let values = list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| port(*p, || field(&format!("{name}[{i}]"))).map(|p| p.to_string()))
+            .collect::<Result<_, _>>()?;
+        push("destination.port", negated, values);
+    }
+    Ok(out)
+}
+
+/// A string match in the engine's notation (`x`, `x*`, `*x`, `*`), refused where the engine
+/// would read the notation differently from the match.
+fn pattern(s: &security::StringMatch, field: &str) -> Result<String, ConvertError> {
+    let inexact = |reason: &str| ConvertError::Inexact {
+        field: field.to_owned(),
+        reason: reason.to_owned(),
+    };
+    match &s.match_type {
+        None => Err(ConvertError::Missing {
+            field: format!("{field}.match_type"),
+        }),
+        Some(MatchType::Presence(())) => Ok("*".to_owned()),
+        Some(MatchType::Exact(x)) if x.is_empty() => Err(inexact("an empty exact value")),
+        Some(MatchType::Exact(x)) if x.starts_with('*') || x.ends_with('*') => {
+            Err(inexact("an exact value starting or ending with `*`"))
+        }
+        Some(MatchType::Exact(x)) => Ok(x.clone()),
+        // An empty prefix or suffix matches an absent value in ztunnel, `*` does not.
+        Some(MatchType::Prefix(x) | MatchType::Suffix(x)) if x.is_empty() => {
+            Err(inexact("an empty prefix or suffix"))
+        }
+        Some(MatchType::Prefix(x)) => Ok(format!("{x}*")),
+        Some(MatchType::Suffix(x)) if x.ends_with('*') => Err(inexact("a suffix ending with `*`")),
+        Some(MatchType::Suffix(x)) => Ok(format!("*{x}")),
+    }
+}
+
+fn block(a: &security::Address, field: &str) -> Result<String, ConvertError> {
+    let address = ip(&a.address, || format!("{field}.address"))?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    if a.length > max {
+        return Err(ConvertError::PrefixLength {
+            field: format!("{field}.length"),
+            address,
+            length: a.length,
+        });
+    }
+    Ok(format!("{address}/{}", a.length))
+}
+
+/// What stands in for an Authorization that cannot be converted and has no good version:
+/// the strictest policy of its kind on its scope (an ALLOW allows nothing there; a DENY, or
+/// one whose action cannot be read, denies everything there). What cannot be read of the
+/// scope widens it: the namespace from the resource name (`namespace/name`), else the root
+/// namespace (mesh-wide).
+#[must_use]
+pub fn strictest_authorization(
+    bytes: &[u8],
+    resource: &str,
+    root_namespace: &str,
+) -> PolicyDocument {
+    // A message that does not decode at all says nothing: only its resource name counts.
+    let decoded = security::Authorization::decode(bytes).ok();
+    let readable = decoded.is_some();
+    let auth = decoded.unwrap_or_default();
+    let namespace = if crate::identity::valid_segment(&auth.namespace) {
+        Some(auth.namespace.clone())
+    } else {
+        resource
+            .split_once('/')
+            .map(|(ns, _)| ns)
+            .filter(|ns| crate::identity::valid_segment(ns))
+            .map(str::to_owned)
+    };
+    // No namespace to be read: the whole mesh.
+    let unscoped = namespace.is_none();
+    let namespace = namespace.unwrap_or_else(|| root_namespace.to_owned());
+    let action = security::Action::try_from(auth.action)
+        .ok()
+        .filter(|_| readable)
+        .unwrap_or(security::Action::Deny);
+    let scope = security::Scope::try_from(auth.scope)
+        .ok()
+        .filter(|_| readable)
+        // The workloads name the policy by its namespace and name: both must be read.
+        .filter(|s| {
+            *s != security::Scope::WorkloadSelector
+                || (!auth.name.is_empty() && crate::identity::valid_segment(&auth.namespace))
+        })
+        .unwrap_or(if unscoped {
+            security::Scope::Global
+        } else {
+            security::Scope::Namespace
+        });
+    let name = if auth.name.is_empty() {
+        resource.rsplit('/').next().unwrap_or(resource).to_owned()
+    } else {
+        auth.name.clone()
+    };
+    let name = if name.is_empty() {
+        "unnamed".to_owned()
+    } else {
+        name
+    };
+    let auth = security::Authorization {
+        namespace,
+        name,
+        ..auth
+    };
+    let (namespace, selector, name) = placement(&auth, scope, root_namespace);
+    let rules = match action {
+        security::Action::Allow => vec![],
+        security::Action::Deny => vec![json!({})],
+    };
+    document(&name, &namespace, selector, action, &rules).unwrap_or_else(|_| {
+        document(
+            &name,
+            root_namespace,
+            None,
+            security::Action::Deny,
+            &[json!({})],
+        )
+        .expect("a fixed, valid document")
+    })
+}
+
+/// Services with their endpoints: each workload naming a service (by `namespace/hostname`)
+/// is an endpoint of it at each of its addresses.
+#[must_use]
+pub fn services_with_endpoints<'a>(
+    services: impl IntoIterator<Item = &'a MeshService>,
+    workloads: &[&MeshWorkload],
+) -> Vec<Service> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for s in services {
+        if !seen.insert((s.service.namespace.clone(), s.service.name.clone())) {
+            continue;
+        }
+        let mut service = s.service.clone();
+        for w in workloads {
+            let Some(ports) = w.services.get(&s.key) else {
+                continue;
+            };
+            for address in &w.workload.ips {
+                service
+                    .endpoints
+                    .push(crate::state::service::ServiceEndpoint {
+                        address: *address,
+                        ready: w.healthy,
+                        node: (!w.workload.node.is_empty()).then(|| w.workload.node.clone()),
+                        zone: w.zone.clone(),
+                        ports: ports.clone(),
+                    });
+            }
+        }
+        service.endpoints.sort_by_key(|e| e.address);
+        service.endpoints.dedup_by_key(|e| e.address);
+        out.push(service);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
