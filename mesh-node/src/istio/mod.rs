@@ -8,3 +8,4 @@ pub mod channel;
 pub mod convert;
 pub mod netns;
 pub mod proto;
+pub mod xds;
