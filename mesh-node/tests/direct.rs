@@ -201,14 +201,8 @@ async fn the_hbone_server_answers_400_401_and_503_and_checks_identities() {
         address: SocketAddr::new(b1, 15008),
     };
     let config = |expected: &Identity| {
-        mesh_node::tls::client_config(
-            &mesh_node::tls::provider(),
-            &certs,
-            &a1,
-            expected,
-            &certs.roots(),
-        )
-        .expect("client config")
+        mesh_node::tls::client_config(&mesh_node::tls::provider(), &certs, &a1, expected)
+            .expect("client config")
     };
     let status = |result: Result<mesh_node::hbone::Stream, HboneError>| match result {
         Ok(_) => StatusCode::OK,
@@ -270,14 +264,9 @@ async fn the_hbone_server_answers_400_401_and_503_and_checks_identities() {
         source: stranger.clone(),
         ..key(&b1_id)
     };
-    let stranger_config = mesh_node::tls::client_config(
-        &mesh_node::tls::provider(),
-        &certs,
-        &stranger,
-        &b1_id,
-        &certs.roots(),
-    )
-    .expect("config");
+    let stranger_config =
+        mesh_node::tls::client_config(&mesh_node::tls::provider(), &certs, &stranger, &b1_id)
+            .expect("config");
     let err = pool
         .connect(
             &stranger_key,

@@ -8,6 +8,7 @@ use std::{
     future::Future,
     path::{Path, PathBuf},
     pin::Pin,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -60,6 +61,12 @@ pub enum CaError {
     NotSvid(#[source] super::SvidError),
     #[error("the CA is unavailable: {reason}")]
     Unavailable { reason: String },
+    /// The CA answered, with an error (a bad token, a refused identity): `code` is its name
+    /// (gRPC's, for istiod).
+    #[error("the CA refused the request: {code}: {message}")]
+    Refused { code: String, message: String },
+    #[error("the CA returned an unusable chain: {reason}")]
+    BadChain { reason: String },
 }
 
 /// Something that signs workload certificates.
@@ -72,8 +79,9 @@ pub trait CertSource: Send + Sync {
         lifetime: Duration,
     ) -> BoxFuture<'a, Result<Vec<CertificateDer<'static>>, CaError>>;
 
-    /// The mesh's trust anchors.
-    fn roots(&self) -> Vec<CertificateDer<'static>>;
+    /// The mesh's trust anchors now: the same `Arc` while they are unchanged, a new one when
+    /// they change (TLS verifiers read them at each handshake and parse them once per `Arc`).
+    fn roots(&self) -> Arc<[CertificateDer<'static>]>;
 }
 
 /// File names inside a local CA directory.
@@ -83,7 +91,8 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// A CA whose key is a file on this node.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
+    /// The CA certificate, the one root (it never changes).
+    roots: Arc<[CertificateDer<'static>]>,
 }
 
 fn cert_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> CaError {
@@ -166,7 +175,10 @@ impl LocalCa {
         }
         let issuer =
             Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_err("loading the CA"))?;
-        Ok(Self { issuer, root })
+        Ok(Self {
+            issuer,
+            roots: Arc::new([root]),
+        })
     }
 
     /// Signs a leaf certificate for `identity` over `public_key` (no CSR; for tests and for
@@ -236,8 +248,8 @@ impl CertSource for LocalCa {
         })
     }
 
-    fn roots(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.root.clone()]
+    fn roots(&self) -> Arc<[CertificateDer<'static>]> {
+        Arc::clone(&self.roots)
     }
 }
 

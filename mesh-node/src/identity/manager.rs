@@ -92,9 +92,9 @@ impl CertManager {
         }
     }
 
-    /// The mesh's trust anchors.
+    /// The mesh's trust anchors now (see [`CertSource::roots`]).
     #[must_use]
-    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+    pub fn roots(&self) -> Arc<[CertificateDer<'static>]> {
         self.inner.source.roots()
     }
 

@@ -7,7 +7,7 @@ mod svid;
 
 use std::{fmt, str::FromStr};
 
-pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError, CertSource, LocalCa};
+pub use ca::{BoxFuture, CA_CERT_FILE, CA_KEY_FILE, CaError, CertSource, LocalCa};
 pub use manager::{CertError, CertManager, CertState, WorkloadCert};
 pub use svid::{SvidError, svid_identity};
 

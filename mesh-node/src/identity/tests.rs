@@ -37,7 +37,7 @@ impl CertSource for FlakyCa {
         self.ca.sign(identity, csr, lifetime)
     }
 
-    fn roots(&self) -> Vec<CertificateDer<'static>> {
+    fn roots(&self) -> Arc<[CertificateDer<'static>]> {
         self.ca.roots()
     }
 }
@@ -186,7 +186,7 @@ impl CertSource for LyingCa {
         self.ca.sign(&self.instead, csr, lifetime)
     }
 
-    fn roots(&self) -> Vec<CertificateDer<'static>> {
+    fn roots(&self) -> Arc<[CertificateDer<'static>]> {
         self.ca.roots()
     }
 }

@@ -97,13 +97,7 @@ impl MeshTls {
         if let Some(config) = configs.get(&key) {
             return Ok(Arc::clone(config));
         }
-        let config = tls::client_config(
-            &self.provider,
-            &self.certs,
-            source,
-            destination,
-            &self.certs.roots(),
-        )?;
+        let config = tls::client_config(&self.provider, &self.certs, source, destination)?;
         configs.insert(key, Arc::clone(&config));
         Ok(config)
     }

@@ -106,7 +106,6 @@ impl Proxy {
             &self.mesh.certs,
             &identity,
             &self.mesh.trust_domain,
-            &self.mesh.certs.roots(),
         )
         .map_err(std::io::Error::other)?;
         let inbound = Arc::new(tokio_listener(pod.inbound)?);

@@ -7,8 +7,9 @@
 //! - The client presents the source workload's certificate and accepts only a server chain to
 //!   the mesh roots whose URI SAN is the destination workload's identity.
 //!
-//! Chains are validated by webpki against the mesh roots (`verify.rs`); nothing here accepts a
-//! certificate without validating it.
+//! Chains are validated by webpki against the mesh roots (`verify.rs`), the certificate
+//! source's current ones at each handshake (a config built before a root rotation trusts the
+//! new root too); nothing here accepts a certificate without validating it.
 
 mod verify;
 
@@ -18,12 +19,11 @@ use rustls::{
     ClientConfig, ServerConfig,
     client::{ResolvesClientCert, Resumption},
     crypto::CryptoProvider,
-    pki_types::CertificateDer,
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
 
-pub use verify::{PeerVerifier, peer_identity};
+pub use verify::{PeerVerifier, RootStore, peer_identity};
 
 use crate::identity::{CertManager, Identity};
 
@@ -97,9 +97,8 @@ pub fn server_config(
     certs: &CertManager,
     identity: &Identity,
     trust_domain: &str,
-    roots: &[CertificateDer<'static>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = PeerVerifier::client(provider, roots, trust_domain)?;
+    let verifier = PeerVerifier::client(provider, certs.clone(), trust_domain)?;
     let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -118,9 +117,8 @@ pub fn client_config(
     certs: &CertManager,
     source: &Identity,
     expected: &Identity,
-    roots: &[CertificateDer<'static>],
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let verifier = PeerVerifier::server(provider, roots, expected.clone())?;
+    let verifier = PeerVerifier::server(provider, certs.clone(), expected.clone())?;
     let mut config = ClientConfig::builder_with_provider(Arc::clone(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -2,8 +2,16 @@
 //! SPIFFE identity check (trust domain for clients, exact identity for servers) on the one
 //! identity of the leaf ([`svid_identity`]: exactly one URI SAN), which is also the identity
 //! [`peer_identity`] hands to the authorizer.
+//!
+//! The roots are read at each handshake from a [`RootStore`] (the certificate source's current
+//! set: istiod's roots change during a root rotation), and parsed once per change: a store
+//! returns the same `Arc` while its roots are unchanged, and the verifier keeps the parsed
+//! anchors of the last `Arc` it saw.
 
-use std::sync::Arc;
+use std::{
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
@@ -14,7 +22,44 @@ use rustls::{
 };
 
 use super::TlsError;
-use crate::identity::{Identity, svid_identity};
+use crate::identity::{CertManager, Identity, svid_identity};
+
+/// Where a verifier reads the mesh roots at each handshake.
+pub trait RootStore: Send + Sync + fmt::Debug {
+    /// The current roots: the same `Arc` while they are unchanged, a new one when they change.
+    fn current_roots(&self) -> Arc<[CertificateDer<'static>]>;
+}
+
+/// The certificate source's roots, as they are now.
+impl RootStore for CertManager {
+    fn current_roots(&self) -> Arc<[CertificateDer<'static>]> {
+        self.roots()
+    }
+}
+
+/// A fixed set of roots.
+impl RootStore for Arc<[CertificateDer<'static>]> {
+    fn current_roots(&self) -> Arc<[CertificateDer<'static>]> {
+        Arc::clone(self)
+    }
+}
+
+/// The parsed form of one set of roots.
+#[derive(Debug)]
+struct Anchors {
+    roots: Arc<[CertificateDer<'static>]>,
+    anchors: Arc<[TrustAnchor<'static>]>,
+}
+
+impl Anchors {
+    fn parse(roots: Arc<[CertificateDer<'static>]>) -> Result<Self, webpki::Error> {
+        let anchors = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { roots, anchors })
+    }
+}
 
 /// What the peer's identity must satisfy.
 #[derive(Debug)]
@@ -29,32 +74,45 @@ enum Expect {
 #[derive(Debug)]
 pub struct PeerVerifier {
     provider: Arc<CryptoProvider>,
-    anchors: Vec<TrustAnchor<'static>>,
+    roots: Box<dyn RootStore>,
+    /// The anchors of the roots last read from `roots`.
+    anchors: Mutex<Anchors>,
     expect: Expect,
 }
 
 impl PeerVerifier {
+    /// Fails when the current roots are not trust anchors (rather than at every handshake).
     fn new(
         provider: &Arc<CryptoProvider>,
-        roots: &[CertificateDer<'static>],
+        roots: impl RootStore + 'static,
         expect: Expect,
     ) -> Result<Self, TlsError> {
-        let anchors = roots
-            .iter()
-            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
-            .collect::<Result<_, _>>()
-            .map_err(TlsError::Roots)?;
+        let anchors = Anchors::parse(roots.current_roots()).map_err(TlsError::Roots)?;
         Ok(Self {
             provider: Arc::clone(provider),
-            anchors,
+            roots: Box::new(roots),
+            anchors: Mutex::new(anchors),
             expect,
         })
+    }
+
+    /// The anchors of the current roots, parsed again only when the roots changed. Roots that
+    /// are not trust anchors fail the handshake (no fallback to older roots).
+    fn anchors(&self) -> Result<Arc<[TrustAnchor<'static>]>, webpki::Error> {
+        let roots = self.roots.current_roots();
+        let mut cached = self.anchors.lock().unwrap_or_else(PoisonError::into_inner);
+        // The cache holds its `Arc`, so an equal pointer is the same allocation, not a reused
+        // address.
+        if !Arc::ptr_eq(&cached.roots, &roots) {
+            *cached = Anchors::parse(roots)?;
+        }
+        Ok(Arc::clone(&cached.anchors))
     }
 
     /// For a server: accept clients of `trust_domain`.
     pub fn client(
         provider: &Arc<CryptoProvider>,
-        roots: &[CertificateDer<'static>],
+        roots: impl RootStore + 'static,
         trust_domain: &str,
     ) -> Result<Self, TlsError> {
         Self::new(
@@ -67,7 +125,7 @@ impl PeerVerifier {
     /// For a client: accept only a server with `identity`.
     pub fn server(
         provider: &Arc<CryptoProvider>,
-        roots: &[CertificateDer<'static>],
+        roots: impl RootStore + 'static,
         identity: Identity,
     ) -> Result<Self, TlsError> {
         Self::new(provider, roots, Expect::Exactly(identity))
@@ -81,9 +139,10 @@ impl PeerVerifier {
         usage: webpki::KeyUsage,
     ) -> Result<(), Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let anchors = self.anchors().map_err(pki_error)?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &self.anchors,
+            &anchors,
             intermediates,
             now,
             usage,

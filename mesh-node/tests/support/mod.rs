@@ -287,7 +287,7 @@ impl CertSource for GatedCa {
         })
     }
 
-    fn roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    fn roots(&self) -> Arc<[rustls::pki_types::CertificateDer<'static>]> {
         self.ca.roots()
     }
 }

@@ -1,6 +1,8 @@
 //! Both verifiers against leaves from a test CA with every shape of URI SANs: only a leaf with
 //! exactly one SPIFFE URI SAN is accepted, and its identity is the one verified.
 
+use std::sync::{Arc, Mutex};
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, SanType,
@@ -11,7 +13,7 @@ use rustls::{
     server::danger::ClientCertVerifier,
 };
 
-use super::{PeerVerifier, peer_identity};
+use super::{PeerVerifier, RootStore, peer_identity};
 use crate::identity::{Identity, svid_identity};
 
 const EVIL: &str = "spiffe://evil.local/ns/default/sa/x";
@@ -61,13 +63,13 @@ fn leaf(ca: &TestCa, sans: &[&str]) -> CertificateDer<'static> {
     params.signed_by(&key, &ca.issuer).unwrap().der().clone()
 }
 
+fn fixed(ca: &TestCa) -> Arc<[CertificateDer<'static>]> {
+    Arc::new([ca.root.clone()])
+}
+
 fn client_side(ca: &TestCa, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    let verifier = PeerVerifier::client(
-        &crate::tls::provider(),
-        std::slice::from_ref(&ca.root),
-        "cluster.local",
-    )
-    .unwrap();
+    let verifier =
+        PeerVerifier::client(&crate::tls::provider(), fixed(ca), "cluster.local").unwrap();
     verifier
         .verify_client_cert(cert, &[], UnixTime::now())
         .map(|_| ())
@@ -80,7 +82,7 @@ fn server_side(
 ) -> Result<(), rustls::Error> {
     let verifier = PeerVerifier::server(
         &crate::tls::provider(),
-        std::slice::from_ref(&ca.root),
+        fixed(ca),
         expected.parse().unwrap(),
     )
     .unwrap();
@@ -175,4 +177,47 @@ fn a_leaf_from_another_ca_is_refused_whatever_its_san() {
     let cert = leaf(&other, &[B1]);
     assert!(client_side(&ca, &cert).is_err());
     assert!(server_side(&ca, &cert, B1).is_err());
+}
+
+/// Roots that a test replaces.
+#[derive(Debug)]
+struct Swappable(Mutex<Arc<[CertificateDer<'static>]>>);
+
+impl RootStore for Arc<Swappable> {
+    fn current_roots(&self) -> Arc<[CertificateDer<'static>]> {
+        Arc::clone(&self.0.lock().unwrap())
+    }
+}
+
+#[test]
+fn a_verifier_reads_the_current_roots_at_each_handshake_and_parses_them_once_per_change() {
+    let (old, new) = (test_ca(), test_ca());
+    let store = Arc::new(Swappable(Mutex::new(fixed(&old))));
+    let verifier =
+        PeerVerifier::client(&crate::tls::provider(), Arc::clone(&store), "cluster.local").unwrap();
+    let verify =
+        |cert: &CertificateDer<'_>| verifier.verify_client_cert(cert, &[], UnixTime::now());
+    let (from_old, from_new) = (leaf(&old, &[B1]), leaf(&new, &[B1]));
+    verify(&from_old).expect("chained to the root it was built with");
+    assert!(verify(&from_new).is_err(), "a root not yet trusted");
+    let before = verifier.anchors().unwrap();
+    assert!(
+        Arc::ptr_eq(&before, &verifier.anchors().unwrap()),
+        "unchanged roots are not parsed again"
+    );
+    *store.0.lock().unwrap() = Arc::new([old.root.clone(), new.root.clone()]);
+    verify(&from_new).expect("the added root is trusted by the verifier built before it");
+    verify(&from_old).expect("both roots during the rotation");
+    assert_eq!(verifier.anchors().unwrap().len(), 2);
+    *store.0.lock().unwrap() = fixed(&new);
+    assert!(
+        verify(&from_old).is_err(),
+        "a dropped root is no longer trusted"
+    );
+    // Roots that are not trust anchors fail every handshake rather than keep the old ones.
+    *store.0.lock().unwrap() = Arc::new([CertificateDer::from(vec![0x30, 0x00])]);
+    assert!(
+        verify(&from_new).is_err(),
+        "fails closed on unparsable roots"
+    );
 }
