@@ -8,8 +8,11 @@ use prost::Message as _;
 use super::*;
 use crate::{
     identity::Identity,
-    istio::proto::{security as sec, workload as wl},
-    policy::ConnInfo,
+    istio::proto::{
+        security::{self as sec, string_match::MatchType},
+        workload as wl,
+    },
+    policy::{ConnInfo, PolicyDocument, PolicyStore},
 };
 
 const ROOT: &str = "istio-system";
