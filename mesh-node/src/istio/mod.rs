@@ -4,6 +4,7 @@
 //! (`istio.workload.Address`, `istio.security.Authorization`), as ztunnel gets them. With it,
 //! mesh-node replaces ztunnel in an Istio ambient install.
 
+pub mod ca;
 pub mod channel;
 pub mod convert;
 pub mod netns;
