@@ -673,3 +673,60 @@ async fn unreachable_istiod_keeps_retrying_and_pending() {
     assert!(rx.borrow().pending.is_some());
     source.abort();
 }
+
+#[tokio::test]
+async fn malformed_responses_are_nacked_and_change_nothing_else() {
+    let (tx, _rx) = watch::channel(Arc::new(file_state()));
+    let (_file_tx, file_rx) = watch::channel(Arc::new(file_state()));
+    let settings = XdsSettings {
+        config: IstioConfig::default(),
+        node: "node-a".to_owned(),
+        trust_domain: "cluster.local".to_owned(),
+        root_namespace: "istio-system".to_owned(),
+        zone: None,
+    };
+    let mut source = Source::new(settings, file_rx, tx);
+
+    let answer = source.apply(response("type.googleapis.com/other", "x1", vec![], &[]));
+    assert_eq!(answer.response_nonce, "x1");
+    assert!(
+        answer
+            .error_detail
+            .expect("a NACK")
+            .message
+            .contains("unknown type")
+    );
+    assert!(source.synced.is_empty(), "an unknown type syncs nothing");
+
+    let mut wrong_type = workload("web-1", "10.1.0.1", "v1", &[]);
+    wrong_type.resource.as_mut().unwrap().type_url = AUTHORIZATION_TYPE.to_owned();
+    let mut empty = workload("web-2", "10.1.0.2", "v1", &[]);
+    empty.resource = None;
+    let mut unnamed = workload("web-3", "10.1.0.3", "v1", &[]);
+    unnamed.name.clear();
+    let answer = source.apply(response(
+        ADDRESS_TYPE,
+        "x2",
+        vec![
+            wrong_type,
+            empty,
+            unnamed,
+            workload("web-4", "10.1.0.4", "v1", &[]),
+        ],
+        &[],
+    ));
+    let message = answer.error_detail.expect("a NACK").message;
+    for expected in [
+        "Kubernetes//Pod/shop/web-1: type",
+        "Kubernetes//Pod/shop/web-2: no resource",
+        "a resource without a name",
+    ] {
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
+    assert_eq!(
+        source.addresses.keys().collect::<Vec<_>>(),
+        ["Kubernetes//Pod/shop/web-4"],
+        "only the good resource applied"
+    );
+    assert!(source.synced.contains(ADDRESS_TYPE));
+}
