@@ -334,6 +334,11 @@ impl Source {
                             });
                             match result {
                                 Ok(address) => {
+                                    if let Address::Workload(w) = &address
+                                        && let Some(td) = &w.foreign_trust_domain
+                                    {
+                                        warn!(workload = %w.workload.uid(), trust_domain = %td, "istiod names a trust domain other than the mesh's; its certificate is checked against the mesh's, which it fails");
+                                    }
                                     held.version = resource.version;
                                     held.good = Some(address);
                                 }
