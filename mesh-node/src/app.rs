@@ -24,7 +24,7 @@ use crate::{
     admin::{self, AdminState, Readiness},
     config::Config,
     hbone::Liveness,
-    identity::{CaError, CertManager, LocalCa},
+    identity::{CaError, CertManager, CertSource, LocalCa},
     inpod::InPod,
     logging::LogHandle,
     metrics::{Metrics, NodeCollector},
@@ -108,9 +108,16 @@ pub async fn run(
     Descriptors::raise_limit();
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
-    // Before anything listens or touches the kernel: a bad CA fails the start at once.
-    let ca = LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
-        .map_err(AppError::Ca)?;
+    // Before anything listens or touches the kernel: a bad CA (or, with istiod, an unreadable
+    // root file) fails the start at once.
+    let ca: Arc<dyn CertSource> = if config.istio.enabled {
+        Arc::new(crate::istio::ca::IstioCa::new(&config.istio).map_err(AppError::Ca)?)
+    } else {
+        Arc::new(
+            LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
+                .map_err(AppError::Ca)?,
+        )
+    };
 
     // Readiness answers 503 until the state is loaded, the programs attached and every
     // enrolled pod served.
@@ -153,7 +160,7 @@ pub async fn run(
         &provider,
     ));
     let certs = CertManager::new(
-        Arc::new(ca),
+        ca,
         Duration::from_secs(config.identity.cert_lifetime_seconds),
         Arc::clone(&provider),
     );
@@ -176,7 +183,8 @@ pub async fn run(
         },
     );
 
-    let (_sources, mut states) = start_sources(&config, from_file, config_file, &metrics).await?;
+    let (_sources, mut states) =
+        start_sources(&config, &cgroup, from_file, config_file, &metrics).await?;
     let mut warned = HashSet::new();
     let observers = Observers {
         metrics: &metrics,
@@ -267,12 +275,22 @@ type Sources = (
 /// channel of states (the first one is pending until the cluster's state is synced).
 async fn start_sources(
     config: &Config,
+    cgroup: &std::path::Path,
     from_file: MeshState,
     config_file: Option<state::file::Watched>,
     metrics: &Metrics,
 ) -> Result<Sources, AppError> {
     let reloads = metrics.config_reloads.clone();
     let watch_file = move |file, tx| state::file::spawn_watcher(file, WATCH_INTERVAL, tx, reloads);
+    if config.istio.enabled {
+        return Ok(start_istio(
+            config,
+            cgroup,
+            config_file,
+            from_file,
+            watch_file,
+        ));
+    }
     if !config.kubernetes.enabled {
         let (tx, states) = watch::channel(Arc::new(from_file));
         let watcher = config_file.map(|file| watch_file(file, tx));
@@ -280,6 +298,40 @@ async fn start_sources(
     }
     crate::redirect::set_proc_root(config.kubernetes.proc_root.clone());
     start_kube(config, config_file, from_file, watch_file).await
+}
+
+/// The xDS source (istiod), fed the file's state.
+fn start_istio(
+    config: &Config,
+    cgroup: &std::path::Path,
+    config_file: Option<state::file::Watched>,
+    from_file: MeshState,
+    watch_file: impl FnOnce(
+        state::file::Watched,
+        watch::Sender<Arc<MeshState>>,
+    ) -> tokio::task::JoinHandle<()>,
+) -> Sources {
+    let pending = MeshState {
+        workloads: Vec::new(),
+        services: Vec::new(),
+        policies: Arc::clone(&from_file.policies),
+        traffic: Arc::clone(&from_file.traffic),
+        zone: config.zone.clone(),
+        pending: Some("waiting for istiod's first push".to_owned()),
+    };
+    let (file_tx, file_rx) = watch::channel(Arc::new(from_file));
+    let (tx, states) = watch::channel(Arc::new(pending));
+    let settings = crate::istio::xds::XdsSettings {
+        config: config.istio.clone(),
+        node: config.node.clone(),
+        trust_domain: config.identity.trust_domain.clone(),
+        root_namespace: config.root_namespace.clone(),
+        zone: config.zone.clone(),
+        cgroup: crate::istio::netns::cgroup_scope(cgroup),
+    };
+    let mut tasks = vec![crate::istio::xds::spawn(settings, file_rx, tx)];
+    tasks.extend(config_file.map(|file| watch_file(file, file_tx)));
+    (tasks, states)
 }
 
 #[cfg(not(feature = "kubernetes"))]

@@ -9,6 +9,11 @@
 //! A workload keeps the namespace chosen for it while that process lives, stays in the same
 //! namespace and still has the address there, so that a container restart does not look like
 //! a new namespace; a replaced sandbox (new inode) does.
+//!
+//! Only processes in the cgroup subtree the daemon's programs are attached to
+//! (`redirect.cgroup`; on a node, the whole host) are considered: a namespace whose processes
+//! the programs do not see could not be captured anyway, and another mesh on the same host (a
+//! test's, a nested cluster's) may use the same addresses.
 
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
@@ -27,11 +32,13 @@ pub struct Found {
     pub path: PathBuf,
 }
 
-/// Finds the namespaces of the `wanted` addresses; keeps `previous` choices that are still
-/// valid. Returns only the addresses found.
+/// Finds the namespaces of the `wanted` addresses among the processes below the cgroup
+/// `scope` (a path of the cgroup v2 hierarchy such as `/kubepods`; `None`: every process);
+/// keeps `previous` choices that are still valid. Returns only the addresses found.
 #[must_use]
 pub fn scan<S: std::hash::BuildHasher>(
     proc_root: &Path,
+    scope: Option<&str>,
     wanted: &HashSet<IpAddr, S>,
     previous: &HashMap<IpAddr, Found, S>,
 ) -> HashMap<IpAddr, Found> {
@@ -67,6 +74,7 @@ pub fn scan<S: std::hash::BuildHasher>(
     for pid in pids {
         if let Some(id) = ns_id(&ns_path(proc_root, pid))
             && !skip.contains(&id)
+            && scope.is_none_or(|scope| in_scope(proc_root, pid, scope))
         {
             namespaces.entry(id).or_insert(pid);
         }
@@ -97,6 +105,50 @@ pub fn scan<S: std::hash::BuildHasher>(
     }
     found.extend(owners.into_iter().filter_map(|(ip, f)| Some((ip, f?))));
     found
+}
+
+/// Whether process `pid` is in the cgroup v2 subtree `scope`.
+fn in_scope(proc_root: &Path, pid: u32, scope: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) else {
+        return false;
+    };
+    let scope = scope.trim_end_matches('/');
+    text.lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .any(|path| {
+            path.strip_prefix(scope)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+}
+
+/// The cgroup v2 path (as `/proc/<pid>/cgroup` shows it) of the directory `dir` of a cgroup2
+/// mount, read from this process's mount table; `None` for the hierarchy's root (every
+/// process is below it) or when `dir` is on no cgroup2 mount.
+#[must_use]
+pub fn cgroup_scope(dir: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup_scope_in(&mounts, dir)
+}
+
+fn cgroup_scope_in(mountinfo: &str, dir: &Path) -> Option<String> {
+    // `id parent major:minor root mount-point options... - fstype source super-options`.
+    let best = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let fields: Vec<&str> = left.split_whitespace().collect();
+            let (root, mount) = (*fields.get(3)?, Path::new(*fields.get(4)?));
+            let rest = dir.strip_prefix(mount).ok()?;
+            Some((mount.components().count(), root, rest.to_owned()))
+        })
+        .max_by_key(|(depth, _, _)| *depth)?;
+    let (_, root, rest) = best;
+    let path = Path::new(root).join(rest);
+    let path = path.to_str()?.trim_end_matches('/');
+    (!path.is_empty()).then(|| path.to_owned())
 }
 
 fn ns_path(proc_root: &Path, pid: u32) -> PathBuf {
@@ -269,7 +321,7 @@ Local:
         proc.process(70, "d", &["10.0.0.3"], &[]);
         std::fs::create_dir_all(proc.0.join("self")).unwrap();
         let wanted = ips(&["10.0.0.1", "fd00::1", "10.0.0.2", "10.0.0.3", "10.0.0.9"]);
-        let first = scan(&proc.0, &wanted, &HashMap::new());
+        let first = scan(&proc.0, None, &wanted, &HashMap::new());
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(first.len(), 3, "{first:?}");
         assert_eq!(first[&ip("10.0.0.1")].pid, 40, "the oldest process");
@@ -281,21 +333,63 @@ Local:
 
         // Kept while valid, even with an older process of the namespace.
         proc.process(30, "a", &["10.0.0.1"], &["fd00::1"]);
-        assert_eq!(scan(&proc.0, &wanted, &first)[&ip("10.0.0.1")].pid, 40);
+        assert_eq!(
+            scan(&proc.0, None, &wanted, &first)[&ip("10.0.0.1")].pid,
+            40
+        );
         // The chosen process exits: another of the namespace is chosen.
         std::fs::remove_dir_all(proc.0.join("40")).unwrap();
-        let next = scan(&proc.0, &wanted, &first);
+        let next = scan(&proc.0, None, &wanted, &first);
         assert_eq!(next[&ip("10.0.0.1")].pid, 30);
         assert_eq!(next[&ip("10.0.0.1")].id, first[&ip("10.0.0.1")].id);
         // Sandbox replaced: pid 50 is now in a new namespace with the same address.
         proc.process(50, "b2", &["10.0.0.2"], &[]);
-        let replaced = scan(&proc.0, &wanted, &next);
+        let replaced = scan(&proc.0, None, &wanted, &next);
         assert_eq!(replaced[&ip("10.0.0.2")].pid, 50);
         assert_ne!(replaced[&ip("10.0.0.2")].id, next[&ip("10.0.0.2")].id);
         // The address leaves its namespace: no longer matched.
         proc.process(50, "b2", &[], &[]);
-        assert!(!scan(&proc.0, &wanted, &replaced).contains_key(&ip("10.0.0.2")));
+        assert!(!scan(&proc.0, None, &wanted, &replaced).contains_key(&ip("10.0.0.2")));
+        // Outside the cgroup scope: not seen.
+        std::fs::write(proc.0.join("30/cgroup"), "0::/other/pod\n").unwrap();
+        std::fs::write(proc.0.join("41/cgroup"), "0::/mesh/node-a/pod-a1\n").unwrap();
+        let scoped = scan(&proc.0, Some("/mesh/node-a"), &wanted, &HashMap::new());
+        assert_eq!(scoped[&ip("10.0.0.1")].pid, 41, "{scoped:?}");
+        assert!(scan(&proc.0, Some("/mesh/node-b"), &wanted, &HashMap::new()).is_empty());
+        assert!(
+            scan(&proc.0, Some("/mesh/node"), &wanted, &HashMap::new()).is_empty(),
+            "a prefix of a name is not a parent"
+        );
         // Unwanted addresses are not reported.
-        assert!(scan(&proc.0, &ips(&["10.0.0.2"]), &HashMap::new()).is_empty());
+        assert!(scan(&proc.0, None, &ips(&["10.0.0.2"]), &HashMap::new()).is_empty());
+    }
+
+    #[test]
+    fn cgroup_scope_of_a_directory() {
+        let mountinfo = "24 1 0:22 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n\
+                         30 24 0:23 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+                         31 1 0:24 / /proc rw - proc proc rw\n";
+        let scope = |d: &str| cgroup_scope_in(mountinfo, Path::new(d));
+        assert_eq!(scope("/sys/fs/cgroup"), None, "the root: every process");
+        assert_eq!(
+            scope("/sys/fs/cgroup/unified"),
+            None,
+            "the deeper mount's root"
+        );
+        assert_eq!(
+            scope("/sys/fs/cgroup/unified/mesh/node-a").as_deref(),
+            Some("/mesh/node-a")
+        );
+        assert_eq!(
+            scope("/sys/fs/cgroup/kubepods").as_deref(),
+            Some("/kubepods")
+        );
+        assert_eq!(scope("/elsewhere"), None);
+        // A mount of a subtree (a container's cgroup namespace view).
+        let sub = "40 1 0:22 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup_scope_in(sub, Path::new("/sys/fs/cgroup/x")).as_deref(),
+            Some("/kubepods/pod1/x")
+        );
     }
 }

@@ -72,6 +72,9 @@ pub struct XdsSettings {
     pub root_namespace: String,
     /// This node's zone, when known.
     pub zone: Option<String>,
+    /// The cgroup v2 subtree whose processes' network namespaces are enrolled (that of
+    /// `redirect.cgroup`, [`netns::cgroup_scope`]); `None`: every process.
+    pub cgroup: Option<String>,
 }
 
 /// The two kinds subscribed to.
@@ -469,7 +472,12 @@ impl Source {
         let services = convert::services_with_endpoints(mesh_services, &mesh_workloads);
         let mut workloads: Vec<Workload> =
             mesh_workloads.iter().map(|w| w.workload.clone()).collect();
-        self.netns = attach_netns(&self.settings.config.proc_root, &mut workloads, &self.netns);
+        self.netns = attach_netns(
+            &self.settings.config.proc_root,
+            self.settings.cgroup.as_deref(),
+            &mut workloads,
+            &self.netns,
+        );
         merge_by(&mut workloads, &file.workloads, Workload::uid);
         workloads.sort_by_key(Workload::uid);
         let mut services: Vec<Service> = services;
@@ -543,6 +551,7 @@ impl Source {
 /// (yet), or whose addresses are in different namespaces, is not enrolled until it is.
 fn attach_netns(
     proc_root: &std::path::Path,
+    cgroup: Option<&str>,
     workloads: &mut [Workload],
     previous: &HashMap<IpAddr, netns::Found>,
 ) -> HashMap<IpAddr, netns::Found> {
@@ -554,7 +563,7 @@ fn attach_netns(
     if wanted.is_empty() {
         return HashMap::new();
     }
-    let found = netns::scan(proc_root, &wanted, previous);
+    let found = netns::scan(proc_root, cgroup, &wanted, previous);
     for w in workloads.iter_mut().filter(|w| w.enrolled) {
         let mut namespaces = w.ips.iter().filter_map(|ip| found.get(ip));
         let first = namespaces.next();

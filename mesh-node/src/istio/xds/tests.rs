@@ -336,6 +336,7 @@ async fn ads_flow() {
         trust_domain: "cluster.local".to_owned(),
         root_namespace: "istio-system".to_owned(),
         zone: Some("z1".to_owned()),
+        cgroup: None,
     };
     let (_file_tx, file_rx) = watch::channel(Arc::new(file_state()));
     let (tx, mut rx) = watch::channel(Arc::new(file_state()));
@@ -656,6 +657,7 @@ async fn unreachable_istiod_keeps_retrying_and_pending() {
         trust_domain: "cluster.local".to_owned(),
         root_namespace: "istio-system".to_owned(),
         zone: None,
+        cgroup: None,
     };
     let source = tokio::spawn(run(connect, settings, file_rx, tx));
     let state = wait_for(&mut rx, "pending", |s| s.pending.is_some()).await;
@@ -684,6 +686,7 @@ async fn malformed_responses_are_nacked_and_change_nothing_else() {
         trust_domain: "cluster.local".to_owned(),
         root_namespace: "istio-system".to_owned(),
         zone: None,
+        cgroup: None,
     };
     let mut source = Source::new(settings, file_rx, tx);
 
