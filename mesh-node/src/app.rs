@@ -493,10 +493,14 @@ fn serve_observability(
     certs: &CertManager,
     log: LogHandle,
 ) -> Result<Observability, AppError> {
-    let metrics = Metrics::new(NodeCollector {
-        bpffs: config.redirect.bpffs.clone(),
-        certs: certs.clone(),
-    });
+    // Workloads whose labels name no cluster are of this one (`source_cluster`, baggage).
+    let metrics = Metrics::in_cluster(
+        NodeCollector {
+            bpffs: config.redirect.bpffs.clone(),
+            certs: certs.clone(),
+        },
+        &config.istio.cluster_id,
+    );
     let listen_err = |address| move |source| AppError::Listen { address, source };
     let metrics_addr = SocketAddr::new(config.metrics.bind_address, PORT_METRICS);
     let metrics_server = admin::spawn_metrics(metrics_addr, Arc::clone(&metrics))

@@ -211,7 +211,11 @@ async fn the_hbone_server_answers_400_401_and_503_and_checks_identities() {
     };
     let connect = |authority: SocketAddr| {
         let (pool, key, config) = (&pool, key(&b1_id), config(&b1_id));
-        async move { pool.connect(&key, authority, &Plain, &config).await }
+        async move {
+            let headers = http::HeaderMap::new();
+            pool.connect(&key, (authority, &headers), &Plain, &config)
+                .await
+        }
     };
     assert_eq!(
         status(connect(SocketAddr::new(b1, ECHO)).await),
@@ -241,7 +245,7 @@ async fn the_hbone_server_answers_400_401_and_503_and_checks_identities() {
     let err = pool
         .connect(
             &key(&wrong),
-            SocketAddr::new(b1, ECHO),
+            (SocketAddr::new(b1, ECHO), &http::HeaderMap::new()),
             &Plain,
             &config(&wrong),
         )
@@ -270,7 +274,7 @@ async fn the_hbone_server_answers_400_401_and_503_and_checks_identities() {
     let err = pool
         .connect(
             &stranger_key,
-            SocketAddr::new(b1, ECHO),
+            (SocketAddr::new(b1, ECHO), &http::HeaderMap::new()),
             &Plain,
             &stranger_config,
         )
@@ -320,4 +324,87 @@ async fn a_pod_without_its_certificate_serves_no_hbone_until_it_has_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(mesh.errors("node-b", "hbone", "no_certificate"), 1);
+}
+
+/// The `istio_tcp_connections_opened_total` sample of `node` with `reporter`.
+fn opened(mesh: &Mesh, node: &str, reporter: &str) -> String {
+    let text = mesh.node(node).metrics.encode();
+    let needle = format!("reporter=\"{reporter}\"");
+    text.lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains(&needle))
+        .unwrap_or_else(|| panic!("no {reporter} sample on {node}:\n{text}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_the_state_does_not_know_is_described_by_its_baggage() {
+    let mesh = Mesh::new(18, &[("node-a", &["a1"]), ("node-b", &["b1"])]).await;
+    // node-b knows only its own pod (as when a1 is a ztunnel's workload of another cluster):
+    // what it says of a1 comes from the baggage node-a's outbound sends.
+    let b1: Vec<_> = mesh
+        .workloads
+        .iter()
+        .filter(|w| w.name == "b1")
+        .cloned()
+        .collect();
+    mesh.node("node-b").proxy.set_workloads(&b1);
+    let mut stream = mesh.dial("a1", "b1", ECHO).await.expect("connect");
+    let back = round_trip(&mut stream, b"baggage").await.expect("echo");
+    assert_eq!(back, b"baggage");
+    let inbound = opened(&mesh, "node-b", "destination");
+    let a1 = principal("a1");
+    for label in [
+        "source_workload=\"a1\"",
+        "source_canonical_service=\"a1\"",
+        "source_canonical_revision=\"latest\"",
+        "source_workload_namespace=\"default\"",
+        "source_app=\"a1\"",
+        "source_cluster=\"Kubernetes\"",
+        &format!("source_principal=\"{a1}\""),
+        "destination_workload=\"b1\"",
+    ] {
+        assert!(inbound.contains(label), "{label} not in {inbound}");
+    }
+
+    // A client that lies about its namespace is not believed: its certificate names it, the
+    // rest is unknown. (The pool dials from 127.0.0.1, an address no node knows.)
+    let node_a = mesh.node("node-a");
+    let certs = node_a.proxy.certs().clone();
+    let a1_id: Identity = a1.parse().unwrap();
+    let b1_id: Identity = principal("b1").parse().unwrap();
+    let pool = Pool::new(
+        Arc::clone(&node_a.metrics),
+        mesh_node::hbone::Liveness::default(),
+    );
+    let target = mesh.pod("b1").ip;
+    let key = PoolKey {
+        source: a1_id.clone(),
+        destination: b1_id.clone(),
+        address: SocketAddr::new(target, 15008),
+    };
+    let config = mesh_node::tls::client_config(&mesh_node::tls::provider(), &certs, &a1_id, &b1_id)
+        .expect("client config");
+    let headers = mesh_node::hbone::connect_headers(
+        "127.0.0.1:5555".parse().unwrap(),
+        Some("k8s.namespace.name=kube-system,k8s.deployment.name=apiserver,service.name=apiserver"),
+    );
+    let lied = pool
+        .connect(
+            &key,
+            (SocketAddr::new(target, ECHO), &headers),
+            &Plain,
+            &config,
+        )
+        .await
+        .expect("connected");
+    drop(lied);
+    let text = mesh.node("node-b").metrics.encode();
+    assert!(!text.contains("apiserver"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("source_workload=\"unknown\"")
+                && l.contains(&format!("source_principal=\"{a1}\""))),
+        "{text}"
+    );
 }

@@ -7,6 +7,7 @@
 //! knows policy, workloads or the kernel.
 
 mod abuse;
+mod headers;
 mod liveness;
 mod pipe;
 mod pool;
@@ -15,6 +16,7 @@ mod server;
 use std::{sync::Arc, time::Duration};
 
 pub use abuse::tls_error as tls_failure;
+pub use headers::{BAGGAGE, TRACEPARENT, TraceParent, connect_headers, forwarded};
 pub use liveness::{Dead, Liveness, keepalive};
 pub use pipe::pipe;
 pub use pool::{BoxFuture, Dialer, HboneError, Pool, PoolKey, Stream};

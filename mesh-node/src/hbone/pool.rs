@@ -143,12 +143,12 @@ impl Pool {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// Opens a CONNECT stream to `authority` through a pooled connection for `key`, dialling
-    /// one through `dialer` when needed.
+    /// Opens a CONNECT stream to `authority` with `headers` (see [`super::connect_headers`])
+    /// through a pooled connection for `key`, dialling one through `dialer` when needed.
     pub async fn connect(
         &self,
         key: &PoolKey,
-        authority: SocketAddr,
+        (authority, headers): (SocketAddr, &http::HeaderMap),
         dialer: &dyn Dialer,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Stream, HboneError> {
@@ -158,7 +158,7 @@ impl Pool {
         loop {
             let pooled = self.pooled(key, dialer, tls).await?;
             let guard = StreamGuard(pooled.streams);
-            match request(pooled.send, authority, key.address).await {
+            match request(pooled.send, (authority, headers), key.address).await {
                 Ok((send, recv)) => {
                     return Ok(Stream {
                         send,
@@ -339,12 +339,12 @@ const IDLE_CHECK: Duration = Duration::from_secs(10);
 
 async fn request(
     send: SendRequest<Bytes>,
-    authority: SocketAddr,
+    (authority, headers): (SocketAddr, &http::HeaderMap),
     address: SocketAddr,
 ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
     let h2_err = |source| HboneError::H2 { address, source };
     let mut send = send.ready().await.map_err(h2_err)?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())
         .body(())
@@ -352,6 +352,7 @@ async fn request(
             address,
             status: StatusCode::BAD_REQUEST,
         })?;
+    request.headers_mut().clone_from(headers);
     let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
     let response = response.await.map_err(h2_err)?;
     if response.status() != StatusCode::OK {

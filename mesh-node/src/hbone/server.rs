@@ -151,6 +151,13 @@ impl Incoming {
             .map(http::uri::Authority::as_str)
     }
 
+    /// The request's headers (the peer's: bounded by [`super::MAX_HEADER_LIST_SIZE`], to be
+    /// parsed with care).
+    #[must_use]
+    pub fn headers(&self) -> &http::HeaderMap {
+        self.request.headers()
+    }
+
     /// Answers with `status` (not 200) and ends the stream.
     pub fn reject(mut self, status: StatusCode) {
         let response = Response::builder()

@@ -17,7 +17,10 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 
-use super::{ConnLabels, Metrics, PathLabels};
+use super::{
+    ConnLabels, Metrics, PathLabels,
+    peer::{Peer, UNKNOWN},
+};
 use crate::{identity::Identity, workload::Workload};
 
 /// One end of a connection as metrics see it.
@@ -28,6 +31,9 @@ pub struct Endpoint {
     pub addr: Option<SocketAddr>,
     /// The service the connection was addressed to (`name.namespace.svc.cluster.local`).
     pub service: Option<Arc<str>>,
+    /// What the peer says about itself (the `baggage` of its HBONE request, checked against
+    /// its identity): the descriptive labels when `workload` is not known, never the principal.
+    pub peer: Option<Arc<Peer>>,
 }
 
 /// `connection_security_policy`, and why a connection is not in mutual TLS.
@@ -115,19 +121,9 @@ impl Path {
     }
 }
 
-/// Istio's canonical workload name: the `service.istio.io/canonical-name` or `app` label, else
-/// the workload name.
-fn canonical(w: &Workload) -> String {
-    w.labels
-        .get("service.istio.io/canonical-name")
-        .or_else(|| w.labels.get("app"))
-        .cloned()
-        .unwrap_or_else(|| w.name.clone())
-}
-
 fn principal(id: Option<&Identity>) -> String {
     id.map_or_else(
-        || "unknown".to_owned(),
+        || UNKNOWN.to_owned(),
         |id| {
             format!(
                 "spiffe://{}/ns/{}/sa/{}",
@@ -137,12 +133,8 @@ fn principal(id: Option<&Identity>) -> String {
     )
 }
 
-fn label(w: Option<&Arc<Workload>>, f: impl Fn(&Workload) -> Option<String>) -> String {
-    w.and_then(|w| f(w)).unwrap_or_else(|| "unknown".to_owned())
-}
-
 /// One Istio label set with its counters, shared by every connection that has it: building the
-/// 15 labels (a dozen strings) and finding their counters is done once per workload pair, not per
+/// 27 labels (two dozen strings) and finding their counters is done once per workload pair, not per
 /// connection.
 pub struct LabelSet {
     labels: ConnLabels,
@@ -162,6 +154,8 @@ struct SetKey {
     source_identity: Option<Identity>,
     destination_identity: Option<Identity>,
     service: Option<Arc<str>>,
+    source_peer: Option<Arc<Peer>>,
+    destination_peer: Option<Arc<Peer>>,
 }
 
 impl SetKey {
@@ -184,6 +178,8 @@ impl SetKey {
             && self.source_identity == source.identity
             && self.destination_identity == destination.identity
             && self.service == destination.service
+            && self.source_peer == source.peer
+            && self.destination_peer == destination.peer
     }
 }
 
@@ -217,6 +213,8 @@ impl LabelSets {
         source.identity.hash(&mut h);
         destination.identity.hash(&mut h);
         destination.service.hash(&mut h);
+        source.peer.hash(&mut h);
+        destination.peer.hash(&mut h);
         h.finish()
     }
 
@@ -239,7 +237,7 @@ impl LabelSets {
         if sets.len() >= MAX_LABEL_SETS {
             sets.clear();
         }
-        let labels = labels(direction, security, source, destination);
+        let labels = labels(&metrics.cluster, direction, security, source, destination);
         let set = Arc::new(LabelSet {
             opened: metrics.opened.get_or_create(&labels).clone(),
             closed: metrics.closed.get_or_create(&labels).clone(),
@@ -255,44 +253,92 @@ impl LabelSets {
             source_identity: source.identity.clone(),
             destination_identity: destination.identity.clone(),
             service: destination.service.clone(),
+            source_peer: source.peer.clone(),
+            destination_peer: destination.peer.clone(),
         };
         sets.entry(hash).or_default().push((key, Arc::clone(&set)));
         set
     }
 }
 
-/// Istio's label set of a connection.
+/// What the labels say about one end: its workload as Istio describes it (in `cluster` unless
+/// its labels say otherwise), else what it said about itself, else only the namespace of its
+/// verified identity.
+fn describe(end: &Endpoint, cluster: &str) -> Peer {
+    if let Some(w) = &end.workload {
+        return Peer::of(w, cluster);
+    }
+    if let Some(peer) = &end.peer {
+        return Peer::clone(peer);
+    }
+    Peer {
+        namespace: end.identity.as_ref().map(|id| id.namespace.clone()),
+        ..Peer::default()
+    }
+}
+
+fn known(value: Option<String>) -> String {
+    value.unwrap_or_else(|| UNKNOWN.to_owned())
+}
+
+/// A service's name and namespace from its hostname (`<name>.<namespace>.svc.<domain>`); a
+/// host of another shape (a `ServiceEntry`'s) is its own name, in no known namespace.
+fn service_parts(hostname: &str) -> (String, String) {
+    let mut parts = hostname.splitn(4, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), Some(namespace), Some("svc")) if !name.is_empty() && !namespace.is_empty() => {
+            (name.to_owned(), namespace.to_owned())
+        }
+        _ => (hostname.to_owned(), UNKNOWN.to_owned()),
+    }
+}
+
+/// Istio's label set of a connection, as ztunnel reports it: `*_app` and `*_version` are the
+/// canonical service and revision; the principals are the verified identities.
 fn labels(
+    cluster: &str,
     direction: &str,
     security: Security,
     source: &Endpoint,
     destination: &Endpoint,
 ) -> ConnLabels {
-    let (src, dst) = (source.workload.as_ref(), destination.workload.as_ref());
+    let (src, dst) = (describe(source, cluster), describe(destination, cluster));
+    let (service_name, service_namespace) = destination
+        .service
+        .as_deref()
+        .map_or_else(|| (UNKNOWN.to_owned(), UNKNOWN.to_owned()), service_parts);
     ConnLabels {
         reporter: if direction == "outbound" {
             "source"
         } else {
             "destination"
         },
-        source_workload: label(src, |w| Some(canonical(w))),
-        source_workload_namespace: label(src, |w| Some(w.namespace.clone())),
+        source_workload: known(src.workload),
+        source_canonical_service: known(src.canonical_service.clone()),
+        source_canonical_revision: known(src.canonical_revision.clone()),
+        source_workload_namespace: known(src.namespace),
         source_principal: principal(source.identity.as_ref()),
-        source_app: label(src, |w| w.labels.get("app").cloned()),
-        source_version: label(src, |w| w.labels.get("version").cloned()),
-        destination_workload: label(dst, |w| Some(canonical(w))),
-        destination_workload_namespace: label(dst, |w| Some(w.namespace.clone())),
+        source_app: known(src.canonical_service),
+        source_version: known(src.canonical_revision),
+        source_cluster: known(src.cluster),
+        destination_service: known(destination.service.as_deref().map(str::to_owned)),
+        destination_service_namespace: service_namespace,
+        destination_service_name: service_name,
+        destination_workload: known(dst.workload),
+        destination_canonical_service: known(dst.canonical_service.clone()),
+        destination_canonical_revision: known(dst.canonical_revision.clone()),
+        destination_workload_namespace: known(dst.namespace),
         destination_principal: principal(destination.identity.as_ref()),
-        destination_service: destination
-            .service
-            .as_deref()
-            .unwrap_or("unknown")
-            .to_owned(),
-        destination_app: label(dst, |w| w.labels.get("app").cloned()),
-        destination_version: label(dst, |w| w.labels.get("version").cloned()),
+        destination_app: known(dst.canonical_service),
+        destination_version: known(dst.canonical_revision),
+        destination_cluster: known(dst.cluster),
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: security.policy(),
+        source_region: known(src.region),
+        source_zone: known(src.zone),
+        destination_region: known(dst.region),
+        destination_zone: known(dst.zone),
     }
 }
 
@@ -534,3 +580,6 @@ fn access_line(line: &AccessLine<'_>) {
         "connection complete"
     );
 }
+
+#[cfg(test)]
+mod tests;

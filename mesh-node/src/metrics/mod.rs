@@ -3,12 +3,13 @@
 //! policy decisions, certificates, enrolled workloads, open connections, the kernel programs'
 //! run counts and time (`bpf_stats`), the kernel counters, and process metrics.
 //!
-//! Label cardinality is bounded: workloads are named by their canonical name (the
-//! `service.istio.io/canonical-name` or `app` label, else the workload name), never by address or
-//! port.
+//! The Istio labels are ztunnel's (`peer` says how each is derived). Label cardinality is
+//! bounded: workloads are named by their workload (controller) and canonical names, never by
+//! address or port.
 
 mod collect;
 mod conn;
+pub mod peer;
 
 use std::sync::Arc;
 
@@ -49,24 +50,41 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Istio's standard labels of the `istio_tcp_*` metrics.
+/// Istio's standard labels of the `istio_tcp_*` metrics, the set (and order) ztunnel reports.
+/// Unknown values are `unknown`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
+    /// `source` (the outbound side) or `destination` (inbound).
     pub reporter: &'static str,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    /// The canonical service (as ztunnel reports it).
     pub source_app: String,
+    /// The canonical revision.
     pub source_version: String,
+    pub source_cluster: String,
+    /// The service's hostname (`name.namespace.svc.cluster.local`).
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
-    pub destination_service: String,
     pub destination_app: String,
     pub destination_version: String,
+    pub destination_cluster: String,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
 }
 
 /// Direction and path of a connection through this node.
@@ -119,6 +137,8 @@ pub struct Metrics {
     /// Istio label sets (and their counters) already built, shared by connections between the
     /// same workloads (`conn.rs`).
     label_sets: conn::LabelSets,
+    /// The cluster of workloads whose labels name none (`istio.clusterId`).
+    cluster: Arc<str>,
 }
 
 /// What became of a change of the configuration file.
@@ -171,9 +191,17 @@ fn buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Metrics {
-    /// Registers every metric. `collector` adds the scrape-time ones.
+    /// Registers every metric, for a node of the default cluster (`Kubernetes`). `collector`
+    /// adds the scrape-time ones.
     #[must_use]
     pub fn new(collector: NodeCollector) -> Arc<Self> {
+        Self::in_cluster(collector, peer::DEFAULT_CLUSTER)
+    }
+
+    /// Registers every metric, for a node of `cluster` (the `source_cluster` and
+    /// `destination_cluster` of workloads whose labels name none).
+    #[must_use]
+    pub fn in_cluster(collector: NodeCollector, cluster: &str) -> Arc<Self> {
         let mut registry = Registry::default();
         let histogram =
             || Family::<PathLabels, Histogram>::new_with_constructor(|| Histogram::new(buckets()));
@@ -196,28 +224,10 @@ impl Metrics {
             config_reloads: Family::default(),
             traffic_decisions: Family::default(),
             label_sets: conn::LabelSets::default(),
+            cluster: Arc::from(cluster),
             registry: Registry::default(),
         };
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened (Istio standard metric)",
-            metrics.opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed (Istio standard metric)",
-            metrics.closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent from destination to source, counted while the connection is open",
-            metrics.sent_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from source by destination, counted while the connection is open",
-            metrics.received_bytes.clone(),
-        );
+        metrics.register_istio(&mut registry);
         registry.register(
             "mesh_connection_setup_seconds",
             "From accepting a connection to the destination being connected",
@@ -296,6 +306,30 @@ impl Metrics {
         })
     }
 
+    /// Registers Istio's standard metrics.
+    fn register_istio(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened (Istio standard metric)",
+            self.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed (Istio standard metric)",
+            self.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent from destination to source, counted while the connection is open",
+            self.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from source by destination, counted while the connection is open",
+            self.received_bytes.clone(),
+        );
+    }
+
     /// Counts a connection error, and says whether to log it now: `Some(n)` at most once per
     /// listener and reason every few seconds, with `n` the errors of the kind not logged since
     /// the last line (see `throttle`); `None` means the caller logs nothing.
@@ -304,6 +338,13 @@ impl Metrics {
             .get_or_create(&ErrorLabels { listener, reason })
             .inc();
         crate::throttle::allow(listener, reason)
+    }
+
+    /// What telemetry says about `workload`, a workload of this node's cluster unless its
+    /// labels say otherwise (what the `baggage` of its HBONE requests carries).
+    #[must_use]
+    pub fn peer(&self, workload: &crate::workload::Workload) -> peer::Peer {
+        peer::Peer::of(workload, &self.cluster)
     }
 
     /// Counts a traffic-management decision (see [`TrafficLabels`]).

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     hbone::{self, Incoming, ServerError},
     identity::Identity,
-    metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security},
+    metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security, peer::Peer},
 };
 
 /// Validates a request's method and authority against the listening workload: the target
@@ -91,13 +91,31 @@ impl Proxy {
         Ok((admission, upstream))
     }
 
-    /// Who is on the other end of an inbound connection, for metrics.
-    fn peer_endpoint(&self, peer: SocketAddr, identity: Option<&Identity>) -> Endpoint {
+    /// Who is on the other end of an inbound connection, for metrics. A peer the state does
+    /// not know (a ztunnel's workload of another cluster, a state not synced yet) is described
+    /// by the `baggage` of its request (`headers`), if it agrees with its verified identity.
+    fn peer_endpoint(
+        &self,
+        peer: SocketAddr,
+        identity: Option<&Identity>,
+        headers: Option<&http::HeaderMap>,
+    ) -> Endpoint {
+        let workload = self.workload_at(peer.ip());
+        let said = match (&workload, identity, headers) {
+            (None, Some(identity), Some(headers)) => {
+                let lines = headers.get_all(hbone::BAGGAGE);
+                Peer::from_baggage(lines.iter().map(http::HeaderValue::as_bytes))
+                    .and_then(|p| p.vouched_by(identity))
+                    .map(Arc::new)
+            }
+            _ => None,
+        };
         Endpoint {
-            workload: self.workload_at(peer.ip()),
+            workload,
             identity: identity.cloned(),
             addr: Some(peer),
             service: None,
+            peer: said,
         }
     }
 
@@ -129,7 +147,7 @@ impl Proxy {
         let record = ConnRecord::open(
             &self.metrics,
             (Direction::Inbound, Path::Hbone),
-            self.peer_endpoint(peer, Some(&identity)),
+            self.peer_endpoint(peer, Some(&identity), Some(stream.headers())),
             Self::local_endpoint(pod, dst),
             Security::MutualTls,
         );
@@ -144,12 +162,16 @@ impl Proxy {
                 return stream.reject(status);
             }
         };
+        let trace = stream
+            .headers()
+            .get(hbone::TRACEPARENT)
+            .and_then(|v| hbone::TraceParent::parse(v.as_bytes()));
         let tunnel = match stream.accept() {
             Ok(tunnel) => tunnel,
             Err(e) => return self.report("hbone", &Error::PeerGone(e), Some(record), &context),
         };
         record.connected();
-        debug!(direction = "inbound", path = "hbone", dst_workload = %uid, peer_identity = %identity, client = %peer, orig_dst = %dst, "connection captured");
+        debug!(direction = "inbound", path = "hbone", dst_workload = %uid, peer_identity = %identity, client = %peer, orig_dst = %dst, traceparent = trace.map(|t| t.to_string()), "connection captured");
         // The copy phase runs in a task of its own that holds only what it needs, so the setup
         // state (request, handshake futures) is freed: an open connection costs less memory.
         tokio::spawn(async move {
@@ -192,7 +214,7 @@ impl Proxy {
         let record = ConnRecord::open(
             &self.metrics,
             (Direction::Inbound, Path::Plaintext),
-            self.peer_endpoint(peer, None),
+            self.peer_endpoint(peer, None, None),
             Self::local_endpoint(pod, dst),
             Security::None(NoMtls::PlaintextPeer),
         );

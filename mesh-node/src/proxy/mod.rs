@@ -260,6 +260,7 @@ impl Proxy {
             identity: Some(pod.identity.clone()),
             addr: Some(addr),
             service: None,
+            peer: None,
         }
     }
 

@@ -114,7 +114,7 @@ impl Proxy {
         let Some(backends) = self.service_at(dst) else {
             // Not a service address: straight to where the application was going.
             let route = self.route(dst);
-            let result = self.establish(ctx, &route, dst).await;
+            let result = self.establish(ctx, &route, (peer, dst)).await;
             return self
                 .carry(
                     ctx,
@@ -164,7 +164,13 @@ impl Proxy {
             tokio::time::sleep(*delay).await;
         }
         let outcome = self
-            .connect_with_failover(ctx, &plan.cluster, &service, &mut note, &mut context)
+            .connect_with_failover(
+                (ctx, peer),
+                &plan.cluster,
+                &service,
+                &mut note,
+                &mut context,
+            )
             .await;
         let Some((target, result, lease)) = outcome else {
             let error = Error::NoEndpoint {
@@ -189,7 +195,7 @@ impl Proxy {
     /// endpoint to try.
     async fn connect_with_failover(
         &self,
-        ctx: &PodContext,
+        (ctx, peer): (&PodContext, SocketAddr),
         cluster: &Cluster,
         service: &Arc<str>,
         note: &mut TrafficNote,
@@ -211,7 +217,9 @@ impl Proxy {
             let route = self.route(endpoint);
             debug!(service = %service, endpoint = %endpoint, attempt = note.attempts, "service endpoint chosen");
             let result =
-                match tokio::time::timeout(timeout, self.establish(ctx, &route, endpoint)).await {
+                match tokio::time::timeout(timeout, self.establish(ctx, &route, (peer, endpoint)))
+                    .await
+                {
                     Ok(result) => result,
                     Err(_) => Err(Error::Upstream {
                         dst: endpoint,
@@ -263,10 +271,9 @@ impl Proxy {
         ConnRecord::refused(
             &Self::local_endpoint(ctx, SocketAddr::new(src_ip, peer.port())),
             &Endpoint {
-                identity: None,
-                workload: None,
                 addr: Some(dst),
                 service: Some(service),
+                ..Endpoint::default()
             },
             (error.flag(), &crate::error_chain(error)),
             note,
@@ -318,15 +325,15 @@ impl Proxy {
         }
     }
 
-    /// Connects to `dst` the way `route` says.
+    /// Connects `peer` (the application's socket) to `dst` the way `route` says.
     async fn establish(
         &self,
         ctx: &PodContext,
         route: &Route,
-        dst: SocketAddr,
+        (peer, dst): (SocketAddr, SocketAddr),
     ) -> Result<Established, Error> {
         match route {
-            Route::Hbone(target) => Box::pin(self.open_stream(ctx, dst, target))
+            Route::Hbone(target) => Box::pin(self.open_stream(ctx, (peer, dst), target))
                 .await
                 .map(Established::Hbone),
             // The same admission and connect as inbound, in process: both identities are known
@@ -387,6 +394,7 @@ impl Proxy {
                 workload: target,
                 addr: Some(dst),
                 service: managed.service,
+                peer: None,
             },
             route.security(),
         );
@@ -428,11 +436,13 @@ impl Proxy {
         }
     }
 
-    /// A `CONNECT` stream to `dst` (a pod of `target`) on a pooled HBONE connection from `ctx`.
+    /// A `CONNECT` stream to `dst` (a pod of `target`) on a pooled HBONE connection from `ctx`,
+    /// for the application's connection from `peer`, with the headers ztunnel sends
+    /// (`forwarded`, the source's `baggage`, `traceparent`).
     async fn open_stream(
         &self,
         ctx: &PodContext,
-        dst: SocketAddr,
+        (peer, dst): (SocketAddr, SocketAddr),
         target: &Workload,
     ) -> Result<hbone::Stream, Error> {
         let destination = self.mesh.identity(target);
@@ -458,8 +468,11 @@ impl Proxy {
             proxy: self,
             sockets: &*ctx.sockets,
         };
+        let client = SocketAddr::new(source_ip(&ctx.workload, dst), peer.port());
+        let baggage = self.metrics.peer(&ctx.workload).to_baggage();
+        let headers = hbone::connect_headers(client, Some(&baggage));
         self.pool
-            .connect(&key, dst, &dialer, &config)
+            .connect(&key, (dst, &headers), &dialer, &config)
             .await
             .map_err(Error::Hbone)
     }
