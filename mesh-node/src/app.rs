@@ -110,14 +110,7 @@ pub async fn run(
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
     // Before anything listens or touches the kernel: a bad CA (or, with istiod, an unreadable
     // root file) fails the start at once.
-    let ca: Arc<dyn CertSource> = if config.istio.enabled {
-        Arc::new(crate::istio::ca::IstioCa::new(&config.istio).map_err(AppError::Ca)?)
-    } else {
-        Arc::new(
-            LocalCa::load(&config.identity.ca_cert_file, &config.identity.ca_key_file)
-                .map_err(AppError::Ca)?,
-        )
-    };
+    let ca = cert_source(&config).map_err(AppError::Ca)?;
 
     // Readiness answers 503 until the state is loaded, the programs attached and every
     // enrolled pod served.
@@ -265,6 +258,18 @@ async fn serve_until_signal(
 }
 
 /// The state sources' tasks and the channel of states they publish.
+/// istiod's CA in the `istio:` mode, else the local CA.
+fn cert_source(config: &Config) -> Result<Arc<dyn CertSource>, CaError> {
+    Ok(if config.istio.enabled {
+        Arc::new(crate::istio::ca::IstioCa::new(&config.istio)?)
+    } else {
+        Arc::new(LocalCa::load(
+            &config.identity.ca_cert_file,
+            &config.identity.ca_key_file,
+        )?)
+    })
+}
+
 type Sources = (
     Vec<tokio::task::JoinHandle<()>>,
     watch::Receiver<Arc<MeshState>>,

@@ -32,6 +32,8 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 pub const CLUSTER_LABEL: &str = "topology.istio.io/cluster";
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// The workload's controller name (a Deployment's, ...), as istiod names it.
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
 /// Synthetic label (value `"true"`) of a workload that a `WORKLOAD_SELECTOR` authorization
 /// applies to, followed by the authorization's `namespace/name`: istiod names the policies in
 /// the workload (it has evaluated the selectors), the policy selects the label.
@@ -224,6 +226,7 @@ fn workload(w: &xds::Workload, cx: &Context<'_>) -> Result<Address, ConvertError
         (SUBZONE_LABEL, &locality.subzone),
         (CLUSTER_LABEL, &w.cluster_id),
         (NETWORK_LABEL, &w.network),
+        (WORKLOAD_NAME_LABEL, &w.workload_name),
     ] {
         if !value.is_empty() {
             labels.insert(key.to_owned(), value.clone());

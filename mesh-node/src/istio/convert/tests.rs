@@ -80,6 +80,7 @@ fn workload_fields() {
     let mut w = xds_workload("web-1", "shop", &["10.1.0.5", "fd00::5"]);
     w.service_account = "web".to_owned();
     w.canonical_name = "web".to_owned();
+    w.workload_name = "web".to_owned();
     w.canonical_revision = "v2".to_owned();
     w.cluster_id = "east".to_owned();
     w.network = "net1".to_owned();
@@ -123,6 +124,7 @@ fn workload_fields() {
             (ZONE_LABEL, "eu-1a"),
             ("xds.mesh.io/authorization.shop/only-frontend", "true"),
             (NAMESPACE_LABEL, "shop"),
+            (WORKLOAD_NAME_LABEL, "web"),
         ]
         .into_iter()
         .collect::<std::collections::BTreeMap<_, _>>()
