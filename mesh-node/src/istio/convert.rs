@@ -102,8 +102,9 @@ pub enum Address {
 /// A workload with what its services' endpoints are made of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshWorkload {
-    /// `enrolled` says whether the workload should be captured (on this node, HBONE, not on
-    /// the host network); the source clears it while its network namespace is not found.
+    /// `enrolled` says whether the workload is in the mesh (HBONE, not on the host network);
+    /// the source clears it on this node's workloads while their network namespace is not
+    /// found.
     pub workload: Workload,
     /// `namespace/hostname` of each service it is an endpoint of → service port → port on
     /// the workload, where that differs.
@@ -269,8 +270,9 @@ fn workload(w: &xds::Workload, cx: &Context<'_>) -> Result<Address, ConvertError
             ips,
             node: w.node.clone(),
             netns: None,
-            enrolled: w.node == cx.node
-                && tunnel == xds::TunnelProtocol::Hbone
+            // In the mesh wherever it runs (its peers tunnel to it); captured here only when
+            // on this node (the enroller serves this node's workloads).
+            enrolled: tunnel == xds::TunnelProtocol::Hbone
                 && network_mode != xds::NetworkMode::HostNetwork,
         },
         services,

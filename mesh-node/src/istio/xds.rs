@@ -474,6 +474,7 @@ impl Source {
             mesh_workloads.iter().map(|w| w.workload.clone()).collect();
         self.netns = attach_netns(
             &self.settings.config.proc_root,
+            &self.settings.node,
             self.settings.cgroup.as_deref(),
             &mut workloads,
             &self.netns,
@@ -551,20 +552,24 @@ impl Source {
 /// (yet), or whose addresses are in different namespaces, is not enrolled until it is.
 fn attach_netns(
     proc_root: &std::path::Path,
+    node: &str,
     cgroup: Option<&str>,
     workloads: &mut [Workload],
     previous: &HashMap<IpAddr, netns::Found>,
 ) -> HashMap<IpAddr, netns::Found> {
     let wanted: HashSet<IpAddr> = workloads
         .iter()
-        .filter(|w| w.enrolled)
+        .filter(|w| w.enrolled && w.node == node)
         .flat_map(|w| w.ips.iter().copied())
         .collect();
     if wanted.is_empty() {
         return HashMap::new();
     }
     let found = netns::scan(proc_root, cgroup, &wanted, previous);
-    for w in workloads.iter_mut().filter(|w| w.enrolled) {
+    for w in workloads
+        .iter_mut()
+        .filter(|w| w.enrolled && w.node == node)
+    {
         let mut namespaces = w.ips.iter().filter_map(|ip| found.get(ip));
         let first = namespaces.next();
         match first {

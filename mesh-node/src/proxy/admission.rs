@@ -170,7 +170,7 @@ impl Proxy {
             // list (captured all the same) is decided again too.
             let Some(destination) = self
                 .local_pod(&admitted.destination)
-                .map(|pod| Arc::clone(&pod.workload))
+                .map(|pod| self.current_workload(&pod.workload))
             else {
                 continue;
             };

@@ -83,7 +83,8 @@ impl Proxy {
         dst: SocketAddr,
         path: Path,
     ) -> Result<(Admission, TcpStream), Error> {
-        let admission = self.admit(&pod.workload, peer.ip(), identity, dst, path)?;
+        let destination = self.current_workload(&pod.workload);
+        let admission = self.admit(&destination, peer.ip(), identity, dst, path)?;
         // Boxed: it finishes long before the connection does (memory per idle connection).
         let upstream = Box::pin(self.connect_upstream(&*pod.sockets, dst))
             .await

@@ -343,6 +343,18 @@ impl Proxy {
         directory.by_ip.get(&ip).cloned()
     }
 
+    /// The state's current version of a pod of this node: its labels (which select policies)
+    /// may have changed since it was served; the served version if the state no longer
+    /// lists it at its address.
+    fn current_workload(&self, served: &Arc<Workload>) -> Arc<Workload> {
+        served
+            .ips
+            .first()
+            .and_then(|ip| self.workload_at(*ip))
+            .filter(|w| w.namespace == served.namespace && w.name == served.name)
+            .unwrap_or_else(|| Arc::clone(served))
+    }
+
     fn local_pod(&self, uid: &str) -> Option<Arc<PodContext>> {
         let directory = self
             .directory

@@ -171,13 +171,14 @@ fn workload_fields() {
         Some("other.example"),
         "kept, noted"
     );
+    // A workload of another node is in the mesh too (its peers tunnel to it).
+    let mut remote = xds_workload("x", "shop", &["10.1.0.7"]);
+    remote.node = "node-b".to_owned();
+    assert!(convert_workload(remote).workload.enrolled, "another node");
     for (change, why) in [
         (
-            (|w: &mut wl::Workload| w.node = "node-b".to_owned()) as fn(&mut wl::Workload),
-            "another node",
-        ),
-        (
-            |w: &mut wl::Workload| w.tunnel_protocol = wl::TunnelProtocol::None as i32,
+            (|w: &mut wl::Workload| w.tunnel_protocol = wl::TunnelProtocol::None as i32)
+                as fn(&mut wl::Workload),
             "no HBONE",
         ),
         (
