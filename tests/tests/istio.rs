@@ -64,7 +64,10 @@ fn readiness(bed: &Testbed, node: &str) -> (String, String) {
 
 fn connects(bed: &Testbed, from: &str, target: &str) -> bool {
     bed.pod(from)
-        .exec_timeout(&[APP, "send", target, "istio probe"], Duration::from_secs(5))
+        .exec_timeout(
+            &[APP, "send", target, "istio probe"],
+            Duration::from_secs(5),
+        )
         .expect("client runs")
         .status
         .success()
@@ -112,7 +115,7 @@ fn pod_workload(bed: &Testbed, name: &str, in_service: bool) -> Workload {
     w
 }
 
-/// DENY from `principal` at the workloads that name `shop/<name>` (WORKLOAD_SELECTOR).
+/// DENY from `principal` at the workloads that name `shop/<name>` (`WORKLOAD_SELECTOR`).
 fn deny_from(name: &str, principal: &str) -> Authorization {
     Authorization {
         name: name.to_owned(),
@@ -235,7 +238,10 @@ fn first_push_enrolls(fx: &mut Fixture) {
             format!("ztunnel~0.0.0.0~mesh-node-{node}.istio-system~istio-system.svc.cluster.local")
         );
         assert!(s.subscribed.iter().any(|t| t == ADDRESS_TYPE), "{s:?}");
-        assert!(s.subscribed.iter().any(|t| t == AUTHORIZATION_TYPE), "{s:?}");
+        assert!(
+            s.subscribed.iter().any(|t| t == AUTHORIZATION_TYPE),
+            "{s:?}"
+        );
         let meta = s.metadata.as_ref().expect("node metadata");
         let text = |k: &str| match meta.fields.get(k).and_then(|v| v.kind.clone()) {
             Some(prost_types::value::Kind::StringValue(s)) => s,
@@ -275,7 +281,10 @@ fn first_push_enrolls(fx: &mut Fixture) {
     wait_until("a1 reaches b1", Duration::from_secs(10), || {
         connects(bed, "a1", &addr(bed, "b1"))
     });
-    assert!(hbone_in(b, "a1", "b1") >= 1, "HBONE with the issued identity");
+    assert!(
+        hbone_in(b, "a1", "b1") >= 1,
+        "HBONE with the issued identity"
+    );
     assert!(connects(bed, "b2", &addr(bed, "a2")));
     assert!(hbone_in(a, "b2", "a2") >= 1);
     // The service from xDS, with its endpoints from the workloads' `services`.
@@ -311,7 +320,7 @@ fn policy_through_xds(fx: &Fixture) {
     });
 }
 
-/// A resource that does not decode is NACKed by name; what else changes still applies.
+/// A resource that does not decode is refused (NACK) by name; what else changes still applies.
 fn nack_keeps_the_rest(fx: &Fixture) {
     let Fixture { bed, istiod, .. } = fx;
     istiod.set_resource(ADDRESS_TYPE, "shop/garbage", malformed_any(ADDRESS_TYPE));
@@ -342,7 +351,10 @@ fn istiod_away(fx: &mut Fixture) {
     let Fixture { bed, istiod, .. } = fx;
     istiod.stop();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(connects(bed, "a1", &addr(bed, "b1")), "traffic while istiod is away");
+    assert!(
+        connects(bed, "a1", &addr(bed, "b1")),
+        "traffic while istiod is away"
+    );
     assert!(connects(bed, "b1", &addr(bed, "a2")));
     assert_eq!(readiness(bed, "node-b").0, "200", "still ready");
     let before = istiod.streams().len();
@@ -358,16 +370,21 @@ fn istiod_away(fx: &mut Fixture) {
     });
     // The state they knew was offered back, so istiod need not resend it.
     for s in istiod.streams().iter().skip(before) {
-        let known = s.initial_versions.get(ADDRESS_TYPE).map_or(0, |v| v.len());
+        let known = s
+            .initial_versions
+            .get(ADDRESS_TYPE)
+            .map_or(0, std::collections::HashMap::len);
         assert!(known >= 4, "initial versions of {s:?}");
     }
     istiod.set_authorization(&deny_from("deny-a1", "cluster.local/ns/shop/sa/a1"));
     let mut b1 = pod_workload(bed, "b1", true);
     b1.authorization_policies = vec![format!("{NS}/deny-a1")];
     istiod.set_workload(b1);
-    wait_until("a DENY after the restart applies", Duration::from_secs(10), || {
-        !connects(bed, "a1", &addr(bed, "b1"))
-    });
+    wait_until(
+        "a DENY after the restart applies",
+        Duration::from_secs(10),
+        || !connects(bed, "a1", &addr(bed, "b1")),
+    );
     istiod.remove_resource(AUTHORIZATION_TYPE, &format!("{NS}/deny-a1"));
     istiod.set_workload(pod_workload(bed, "b1", true));
     wait_until("and goes again", Duration::from_secs(10), || {
@@ -381,10 +398,15 @@ fn ca_outage_and_rotation(fx: &Fixture) {
     let Fixture { bed, istiod, .. } = fx;
     let seen = istiod.ca_records().len();
     istiod.set_ca_available(false);
-    wait_until("a renewal meets the outage", Duration::from_secs(15), || {
-        istiod.ca_records().iter().skip(seen).any(|r| !r.issued())
-    });
-    assert!(connects(bed, "a1", &addr(bed, "b1")), "valid certificates keep serving");
+    wait_until(
+        "a renewal meets the outage",
+        Duration::from_secs(15),
+        || istiod.ca_records().iter().skip(seen).any(|r| !r.issued()),
+    );
+    assert!(
+        connects(bed, "a1", &addr(bed, "b1")),
+        "valid certificates keep serving"
+    );
     assert!(connects(bed, "b2", &addr(bed, "a2")));
     istiod.set_ca_available(true);
     let after = istiod.ca_records().len();
@@ -395,7 +417,10 @@ fn ca_outage_and_rotation(fx: &Fixture) {
             })
             .expect("renewed after the outage");
     }
-    assert!(connects(bed, "a1", &addr(bed, "b1")), "with the renewed certificates");
+    assert!(
+        connects(bed, "a1", &addr(bed, "b1")),
+        "with the renewed certificates"
+    );
 }
 
 /// A new root signs; the root file lists both. While one node holds certificates of the new
@@ -413,7 +438,10 @@ fn root_rotation(fx: &Fixture) {
         .expect("a certificate of the new root");
     let _ = first;
     for (from, to) in [("a1", "b1"), ("b1", "a2"), ("a2", "b2"), ("b2", "a2")] {
-        assert!(connects(bed, from, &addr(bed, to)), "{from} → {to} mid-rotation");
+        assert!(
+            connects(bed, from, &addr(bed, to)),
+            "{from} → {to} mid-rotation"
+        );
     }
     for pod in ["a1", "a2", "b1", "b2"] {
         istiod
@@ -423,6 +451,9 @@ fn root_rotation(fx: &Fixture) {
             .expect("every identity renewed under the new root");
     }
     for (from, to) in [("a1", "b1"), ("b1", "a2")] {
-        assert!(connects(bed, from, &addr(bed, to)), "{from} → {to} after the rotation");
+        assert!(
+            connects(bed, from, &addr(bed, to)),
+            "{from} → {to} after the rotation"
+        );
     }
 }
