@@ -305,6 +305,19 @@ async fn start_sources(
     start_kube(config, config_file, from_file, watch_file).await
 }
 
+/// What a source publishes before its first complete state: nothing of the cluster's, the
+/// file's policies and traffic, and why.
+fn pending_state(from_file: &MeshState, config: &Config, why: &str) -> MeshState {
+    MeshState {
+        workloads: Vec::new(),
+        services: Vec::new(),
+        policies: Arc::clone(&from_file.policies),
+        traffic: Arc::clone(&from_file.traffic),
+        zone: config.zone.clone(),
+        pending: Some(why.to_owned()),
+    }
+}
+
 /// The xDS source (istiod), fed the file's state.
 fn start_istio(
     config: &Config,
@@ -316,14 +329,7 @@ fn start_istio(
         watch::Sender<Arc<MeshState>>,
     ) -> tokio::task::JoinHandle<()>,
 ) -> Sources {
-    let pending = MeshState {
-        workloads: Vec::new(),
-        services: Vec::new(),
-        policies: Arc::clone(&from_file.policies),
-        traffic: Arc::clone(&from_file.traffic),
-        zone: config.zone.clone(),
-        pending: Some("waiting for istiod's first push".to_owned()),
-    };
+    let pending = pending_state(&from_file, config, "waiting for istiod's first push");
     let (file_tx, file_rx) = watch::channel(Arc::new(from_file));
     let (tx, states) = watch::channel(Arc::new(pending));
     let settings = crate::istio::xds::XdsSettings {
@@ -370,14 +376,11 @@ async fn start_kube(
     let client = state::kube::client(&config.kubernetes)
         .await
         .map_err(AppError::Kube)?;
-    let pending = MeshState {
-        workloads: Vec::new(),
-        services: Vec::new(),
-        policies: Arc::clone(&from_file.policies),
-        traffic: Arc::clone(&from_file.traffic),
-        zone: config.zone.clone(),
-        pending: Some("waiting for the initial sync with the Kubernetes API".to_owned()),
-    };
+    let pending = pending_state(
+        &from_file,
+        config,
+        "waiting for the initial sync with the Kubernetes API",
+    );
     let (file_tx, file_rx) = watch::channel(Arc::new(from_file));
     let (tx, states) = watch::channel(Arc::new(pending));
     let mut tasks = vec![state::kube::spawn(

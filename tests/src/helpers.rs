@@ -125,6 +125,23 @@ pub fn curl(bed: &Testbed, node: &str, max_time: Duration, args: &[&str]) -> Cmd
     bed.node(node).exec(&command).expect("curl runs")
 }
 
+/// `(status code, body)` of the readiness endpoint of `node`'s daemon.
+#[must_use]
+pub fn readiness(bed: &Testbed, node: &str) -> (String, String) {
+    let out = curl(
+        bed,
+        node,
+        Duration::from_secs(2),
+        &[
+            "-w",
+            "\n%{http_code}",
+            "http://127.0.0.1:15021/healthz/ready",
+        ],
+    );
+    let (body, code) = out.stdout.trim().rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_owned(), body.to_owned())
+}
+
 /// Polls `check` every 100 ms until it holds or `timeout` passes; how long it took, if it held.
 pub fn within(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
     let started = Instant::now();

@@ -18,7 +18,7 @@ use mesh_node::istio::proto::{
 };
 use mesh_tests::{
     Daemon, Proc, Testbed, Topology,
-    helpers::{curl, echo_servers, wait_until},
+    helpers::{echo_servers, readiness, wait_until},
     istiod::{CaRecord, Istiod, IstiodOptions, malformed_any, service, workload},
 };
 use serde_json::Value;
@@ -44,22 +44,6 @@ fn config(bed: &Testbed, node: &str, istiod: &Istiod, root: &Path, token: &Path)
         root = root.display(),
         token = token.display(),
     )
-}
-
-/// `(status code, body)` of the readiness endpoint of `node`.
-fn readiness(bed: &Testbed, node: &str) -> (String, String) {
-    let out = curl(
-        bed,
-        node,
-        Duration::from_secs(2),
-        &[
-            "-w",
-            "\n%{http_code}",
-            "http://127.0.0.1:15021/healthz/ready",
-        ],
-    );
-    let (body, code) = out.stdout.trim().rsplit_once('\n').unwrap_or(("", ""));
-    (code.to_owned(), body.to_owned())
 }
 
 fn connects(bed: &Testbed, from: &str, target: &str) -> bool {

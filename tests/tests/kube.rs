@@ -10,7 +10,7 @@ use std::{path::Path, time::Duration};
 use mesh_tests::{
     Daemon, Proc, Testbed, Topology,
     apiserver::{ApiServer, made_up_uid},
-    helpers::{curl, echo_servers, wait_until},
+    helpers::{echo_servers, readiness, wait_until},
 };
 use serde_json::{Value, json};
 
@@ -75,22 +75,6 @@ fn config(bed: &Testbed, node: &str, ca: &Path, kubeconfig: &Path) -> String {
         ca = ca.display(),
         kubeconfig = kubeconfig.display(),
     )
-}
-
-/// `(status code, body)` of the readiness endpoint of `node`.
-fn readiness(bed: &Testbed, node: &str) -> (String, String) {
-    let out = curl(
-        bed,
-        node,
-        Duration::from_secs(2),
-        &[
-            "-w",
-            "\n%{http_code}",
-            "http://127.0.0.1:15021/healthz/ready",
-        ],
-    );
-    let (body, code) = out.stdout.trim().rsplit_once('\n').unwrap_or(("", ""));
-    (code.to_owned(), body.to_owned())
 }
 
 fn connects(bed: &Testbed, from: &str, target: &str) -> bool {

@@ -146,8 +146,11 @@ impl IstioConfig {
                 return invalid(field, "must be https://host:port");
             }
         }
-        if self.cluster_id.is_empty() {
-            return invalid("clusterId", "must not be empty");
+        if self.cluster_id.is_empty() || http::HeaderValue::from_str(&self.cluster_id).is_err() {
+            return invalid(
+                "clusterId",
+                "must be a non-empty header value (visible ASCII)",
+            );
         }
         for (field, path) in [
             ("rootCertFile", &self.root_cert_file),
