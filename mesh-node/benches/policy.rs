@@ -80,6 +80,8 @@ fn main() {
         node: "n1".to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     };
     let allowed_client = Identity::new("cluster.local", "ns-7", "client-3");
     let other_client = Identity::new("cluster.local", "ns-9", "client-1");

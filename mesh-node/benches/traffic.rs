@@ -146,6 +146,8 @@ fn main() {
         node: "n1".to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     };
     let identity = Identity::new("cluster.local", "shop", "client");
     let source = Source {
@@ -162,8 +164,8 @@ fn main() {
         &[],
         &TrafficSet::default(),
         &plain_registry,
-        "n1",
-        None,
+        ("n1", None),
+        "",
     );
     let mut managed_services = services();
     managed_services[0].connection_rate_limit = Some(RateLimit {
@@ -177,8 +179,8 @@ fn main() {
         &[],
         &split_route(),
         &managed_registry,
-        "n1",
-        None,
+        ("n1", None),
+        "",
     );
     let (metrics, dir) = metrics();
 

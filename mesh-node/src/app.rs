@@ -160,7 +160,8 @@ pub async fn run(
     let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log)?;
     let proxy = Arc::new(Proxy::new(
         proxy_options(&config, &metrics),
-        MeshTls::new(config.identity.trust_domain.clone(), certs, provider),
+        MeshTls::new(config.identity.trust_domain.clone(), certs, provider)
+            .with_aliases(&config.identity.trust_domain_aliases),
     ));
     let mut inpod = InPod::new(
         config.node.clone(),
@@ -260,14 +261,21 @@ async fn serve_until_signal(
 /// The state sources' tasks and the channel of states they publish.
 /// istiod's CA in the `istio:` mode, else the local CA.
 fn cert_source(config: &Config) -> Result<Arc<dyn CertSource>, CaError> {
-    Ok(if config.istio.enabled {
+    let source: Arc<dyn CertSource> = if config.istio.enabled {
         Arc::new(crate::istio::ca::IstioCa::new(&config.istio)?)
     } else {
         Arc::new(LocalCa::load(
             &config.identity.ca_cert_file,
             &config.identity.ca_key_file,
         )?)
-    })
+    };
+    if config.identity.trust_bundle_files.is_empty() {
+        return Ok(source);
+    }
+    Ok(Arc::new(crate::identity::TrustBundle::new(
+        source,
+        &config.identity.trust_bundle_files,
+    )?))
 }
 
 type Sources = (
@@ -313,6 +321,7 @@ fn pending_state(from_file: &MeshState, config: &Config, why: &str) -> MeshState
         services: Vec::new(),
         policies: Arc::clone(&from_file.policies),
         traffic: Arc::clone(&from_file.traffic),
+        networks: from_file.networks.clone(),
         zone: config.zone.clone(),
         pending: Some(why.to_owned()),
     }
@@ -402,6 +411,7 @@ fn proxy_options(config: &Config, metrics: &Arc<Metrics>) -> ProxyOptions {
     ProxyOptions {
         metrics: Arc::clone(metrics),
         node: config.node.clone(),
+        network: config.network.clone(),
         handshake_timeout: Duration::from_millis(proxy.handshake_timeout_ms),
         max_connections: MaxConnections {
             total: proxy.max_connections,

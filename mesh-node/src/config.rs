@@ -13,9 +13,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod gateway;
 mod istio;
 mod locate;
 
+pub use gateway::GatewayConfig;
 pub use istio::{ENV_INSTANCE_IP, ENV_POD_NAME, ENV_POD_NAMESPACE, IstioConfig};
 pub use locate::Position;
 
@@ -36,6 +38,12 @@ pub struct Config {
     /// Zone of this node, for services that prefer endpoints in the same zone. Default: none;
     /// with the Kubernetes source, the Node's `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// The network this node is on (Istio's `topology.istio.io/network`): workloads that
+    /// name another network are reached through that network's gateway (`networks`).
+    /// Default: none (the default network; workloads that name no network are on it).
+    pub network: String,
+    /// Run as an east-west gateway instead of a node proxy.
+    pub gateway: GatewayConfig,
     /// Logging.
     pub log: LogConfig,
     /// Kernel redirection.
@@ -67,6 +75,9 @@ pub struct Config {
     /// See `policies`.
     #[serde(skip_serializing)]
     traffic: Elsewhere,
+    /// See `policies`.
+    #[serde(skip_serializing)]
+    networks: Elsewhere,
 }
 
 /// A top-level section of the file that another part of the daemon reads (the file state
@@ -143,8 +154,17 @@ impl Default for MetricsConfig {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct IdentityConfig {
     /// SPIFFE trust domain: identities are `spiffe://<trustDomain>/ns/<ns>/sa/<sa>`, and only
-    /// peers of this trust domain are accepted. Default: `cluster.local`.
+    /// peers of this trust domain (and of `trustDomainAliases`) are accepted. Default:
+    /// `cluster.local`.
     pub trust_domain: String,
+    /// Other trust domains whose workloads are accepted as peers (another cluster's mesh
+    /// with a trust domain of its own; its root must be in `trustBundleFiles`). Default: none.
+    pub trust_domain_aliases: Vec<String>,
+    /// More root certificates (PEM files, each one or several certificates) that peers'
+    /// chains may end in, besides the certificate source's own root: the roots of the other
+    /// clusters of a multi-cluster mesh (a trust bundle). Re-read when they change; a file
+    /// that cannot be read or parsed keeps its last good roots. Default: none.
+    pub trust_bundle_files: Vec<PathBuf>,
     /// Local CA certificate (PEM). `mesh-node ca init --dir DIR` creates a development CA.
     /// Default: `/etc/mesh/ca/ca-cert.pem`.
     pub ca_cert_file: PathBuf,
@@ -159,6 +179,8 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             trust_domain: "cluster.local".to_owned(),
+            trust_domain_aliases: Vec::new(),
+            trust_bundle_files: Vec::new(),
             ca_cert_file: PathBuf::from("/etc/mesh/ca/ca-cert.pem"),
             ca_key_file: PathBuf::from("/etc/mesh/ca/ca-key.pem"),
             cert_lifetime_seconds: 86_400,
@@ -171,6 +193,8 @@ impl Default for Config {
         Self {
             node: String::new(),
             zone: None,
+            network: String::new(),
+            gateway: GatewayConfig::default(),
             log: LogConfig::default(),
             redirect: RedirectConfig::default(),
             proxy: ProxyConfig::default(),
@@ -183,6 +207,7 @@ impl Default for Config {
             workloads: Elsewhere,
             services: Elsewhere,
             traffic: Elsewhere,
+            networks: Elsewhere,
         }
     }
 }
@@ -559,6 +584,28 @@ impl Config {
                 "must be a SPIFFE trust domain: lowercase letters, digits, `.`, `-`, `_`",
             ));
         }
+        if let Some(i) = self
+            .identity
+            .trust_domain_aliases
+            .iter()
+            .position(|td| !crate::identity::valid_trust_domain(td))
+        {
+            return Err(invalid(
+                &format!("identity.trustDomainAliases[{i}]"),
+                "must be a SPIFFE trust domain: lowercase letters, digits, `.`, `-`, `_`",
+            ));
+        }
+        if let Some(i) = self
+            .identity
+            .trust_bundle_files
+            .iter()
+            .position(|f| !f.is_absolute())
+        {
+            return Err(invalid(
+                &format!("identity.trustBundleFiles[{i}]"),
+                "must be an absolute path",
+            ));
+        }
         if self.identity.cert_lifetime_seconds < 2 {
             return Err(invalid(
                 "identity.certLifetimeSeconds",
@@ -597,6 +644,9 @@ impl Config {
             return Err(invalid("kubernetes.rescanIntervalMs", "must be positive"));
         }
         if let Err((field, reason)) = self.istio.validate(k8s.enabled) {
+            return Err(invalid(&field, reason));
+        }
+        if let Err((field, reason)) = self.gateway.validate() {
             return Err(invalid(&field, reason));
         }
         Ok(())

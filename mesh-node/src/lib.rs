@@ -18,6 +18,7 @@ pub mod inpod;
 pub mod istio;
 pub mod logging;
 pub mod metrics;
+pub mod network;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

@@ -33,6 +33,18 @@ pub struct Workload {
     /// Whether the workload is in the mesh (its traffic is captured). Default: `true`.
     #[serde(default = "yes")]
     pub enrolled: bool,
+    /// The network the workload is on: workloads of another network than this node's
+    /// (`network`) are reached through that network's gateway (`networks`), and only as
+    /// endpoints of a service. Default: none, which is this node's network (the cluster's own
+    /// pods need not name it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    /// The SPIFFE trust domain of the workload's identity, when it is not the mesh's own (a
+    /// workload of another cluster with a trust domain of its own; its roots must be in
+    /// `identity.trustBundleFiles` and the domain in `identity.trustDomainAliases`). Default:
+    /// `identity.trustDomain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 pub(crate) fn default_namespace() -> String {
@@ -48,6 +60,13 @@ impl Workload {
     #[must_use]
     pub fn uid(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the workload is on another network than `local` (this node's): unnamed is
+    /// local.
+    #[must_use]
+    pub fn remote_network(&self, local: &str) -> bool {
+        !self.network.is_empty() && self.network != local
     }
 }
 
@@ -89,6 +108,16 @@ pub fn validate_workloads(workloads: &[Workload]) -> Result<(), (String, String)
                     format!("{ip} is also used by {other}"),
                 ));
             }
+        }
+        if w.trust_domain
+            .as_ref()
+            .is_some_and(|td| !crate::identity::valid_trust_domain(td))
+        {
+            return Err((
+                field("trustDomain"),
+                "must be a SPIFFE trust domain: lowercase letters, digits, `.`, `-`, `_`"
+                    .to_owned(),
+            ));
         }
         if w.netns.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err((field("netns"), "must be an absolute path".to_owned()));

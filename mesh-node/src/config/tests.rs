@@ -225,6 +225,7 @@ fn round_trips_through_yaml() {
             ca_cert_file: "/ca/cert.pem".into(),
             ca_key_file: "/ca/key.pem".into(),
             cert_lifetime_seconds: 60,
+            ..IdentityConfig::default()
         },
         kubernetes: KubernetesConfig {
             enabled: true,

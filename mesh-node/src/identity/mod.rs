@@ -3,12 +3,14 @@
 
 mod ca;
 mod manager;
+pub(crate) mod roots;
 mod svid;
 
 use std::{fmt, str::FromStr};
 
 pub use ca::{BoxFuture, CA_CERT_FILE, CA_KEY_FILE, CaError, CertSource, LocalCa};
 pub use manager::{CertError, CertManager, CertState, WorkloadCert};
+pub use roots::TrustBundle;
 pub use svid::{SvidError, svid_identity};
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.

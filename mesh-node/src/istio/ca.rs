@@ -9,13 +9,12 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject as _};
-use tracing::{info, warn};
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use tracing::info;
 
 use super::{
     channel::{self, IstiodChannel},
@@ -25,13 +24,15 @@ use super::{
 };
 use crate::{
     config::IstioConfig,
-    identity::{BoxFuture, CaError, CertSource, Identity, svid_identity},
+    identity::{
+        BoxFuture, CaError, CertSource, Identity,
+        roots::{ROOT_FILE_RECHECK, RootFile, parse_pem},
+        svid_identity,
+    },
 };
 
 /// How long one certificate request may take, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often [`IstioCa::roots`] (called at each handshake) looks at the root file again.
-const ROOT_FILE_RECHECK: Duration = Duration::from_secs(1);
 /// The metadata key istiod reads the identity a node proxy asks for from.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
@@ -49,16 +50,6 @@ struct State {
     served: HashMap<Identity, Served>,
     /// The union handed out: a new `Arc` only when its content changes.
     roots: Arc<[CertificateDer<'static>]>,
-}
-
-/// The root file as last read successfully.
-struct RootFile {
-    path: PathBuf,
-    pem: Vec<u8>,
-    certs: Vec<CertificateDer<'static>>,
-    checked_at: Instant,
-    /// Whether the last read failed (logged once, not at every check).
-    failing: bool,
 }
 
 struct Served {
@@ -204,58 +195,6 @@ impl State {
     }
 }
 
-impl RootFile {
-    fn read(path: &std::path::Path) -> Result<Self, CaError> {
-        let pem = std::fs::read(path).map_err(|source| CaError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let certs = parse_pem(&pem).map_err(|reason| CaError::Pem {
-            path: path.to_owned(),
-            reason,
-        })?;
-        Ok(Self {
-            path: path.to_owned(),
-            pem,
-            certs,
-            checked_at: Instant::now(),
-            failing: false,
-        })
-    }
-
-    /// Keeps the last good content when the file cannot be read or holds no certificate (a
-    /// `ConfigMap` update swaps a symlink; a half-written file must not empty the trust store).
-    fn reread(&mut self, now: Instant) {
-        self.checked_at = now;
-        match Self::read(&self.path) {
-            Ok(new) => {
-                if self.failing {
-                    info!(file = %self.path.display(), "root certificates readable again");
-                }
-                if new.pem != self.pem {
-                    info!(
-                        file = %self.path.display(),
-                        roots = new.certs.len(),
-                        "root certificates changed"
-                    );
-                }
-                self.pem = new.pem;
-                self.certs = new.certs;
-                self.failing = false;
-            }
-            Err(e) => {
-                if !self.failing {
-                    warn!(
-                        error = %crate::error_chain(&e),
-                        "keeping the last root certificates read"
-                    );
-                }
-                self.failing = true;
-            }
-        }
-    }
-}
-
 /// The request for `identity`: the CSR as PEM, the lifetime in seconds, the identity.
 fn request(
     identity: &Identity,
@@ -311,15 +250,6 @@ fn parse_chain(elements: &[String]) -> Result<Vec<CertificateDer<'static>>, CaEr
 }
 
 /// The certificates of a PEM text: at least one, none unparsable.
-fn parse_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    if certs.is_empty() {
-        return Err("no PEM certificate".to_owned());
-    }
-    Ok(certs)
-}
 
 fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, CaError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::BadChain {

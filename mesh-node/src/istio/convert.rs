@@ -274,6 +274,8 @@ fn workload(w: &xds::Workload, cx: &Context<'_>) -> Result<Address, ConvertError
             // on this node (the enroller serves this node's workloads).
             enrolled: tunnel == xds::TunnelProtocol::Hbone
                 && network_mode != xds::NetworkMode::HostNetwork,
+            network: w.network.clone(),
+            trust_domain: foreign_trust_domain.clone(),
         },
         services,
         healthy: status == xds::WorkloadStatus::Healthy,

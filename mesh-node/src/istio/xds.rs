@@ -499,6 +499,7 @@ impl Source {
             services,
             policies,
             traffic: Arc::clone(&file.traffic),
+            networks: file.networks.clone(),
             zone: self.settings.zone.clone().or_else(|| file.zone.clone()),
             pending,
         }

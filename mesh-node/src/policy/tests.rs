@@ -20,6 +20,8 @@ fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
         node: "n1".to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     }
 }
 

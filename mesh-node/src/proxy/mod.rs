@@ -58,6 +58,8 @@ use crate::{
 /// Mesh identity settings shared by every connection.
 pub struct MeshTls {
     pub trust_domain: String,
+    /// Trust domains whose workloads are accepted as peers: the mesh's own and its aliases.
+    pub accepted_domains: Vec<String>,
     pub certs: CertManager,
     pub provider: Arc<CryptoProvider>,
     client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
@@ -67,6 +69,7 @@ impl MeshTls {
     #[must_use]
     pub fn new(trust_domain: String, certs: CertManager, provider: Arc<CryptoProvider>) -> Self {
         Self {
+            accepted_domains: vec![trust_domain.clone()],
             trust_domain,
             certs,
             provider,
@@ -74,11 +77,25 @@ impl MeshTls {
         }
     }
 
-    /// The SPIFFE identity of a workload.
+    /// Also accepts peers of `aliases` (other clusters' trust domains).
+    #[must_use]
+    pub fn with_aliases(mut self, aliases: &[String]) -> Self {
+        for alias in aliases {
+            if !self.accepted_domains.contains(alias) {
+                self.accepted_domains.push(alias.clone());
+            }
+        }
+        self
+    }
+
+    /// The SPIFFE identity of a workload (in its own trust domain, when it names one).
     #[must_use]
     pub fn identity(&self, workload: &Workload) -> Identity {
         Identity::new(
-            &self.trust_domain,
+            workload
+                .trust_domain
+                .as_deref()
+                .unwrap_or(&self.trust_domain),
             &workload.namespace,
             &workload.service_account,
         )
@@ -106,6 +123,10 @@ impl MeshTls {
 /// Settings and shared state of the proxy.
 pub struct Proxy {
     node: String,
+    /// This node's network (`network`).
+    network: String,
+    /// The other networks and their gateways, as the state last named them.
+    networks: RwLock<Arc<[crate::network::Network]>>,
     connect_timeout: Duration,
     /// Ports a connection may never be forwarded to (the daemon's own listeners).
     reserved_ports: [u16; 3],
@@ -150,6 +171,7 @@ pub struct PodContext {
 pub struct ProxyOptions {
     pub metrics: Arc<Metrics>,
     pub node: String,
+    pub network: String,
     pub handshake_timeout: Duration,
     pub max_connections: MaxConnections,
     pub liveness: Liveness,
@@ -161,6 +183,8 @@ impl Proxy {
     pub fn new(options: ProxyOptions, mesh: MeshTls) -> Self {
         Self {
             node: options.node,
+            network: options.network,
+            networks: RwLock::new(Arc::from(Vec::new())),
             connect_timeout: options.connect_timeout,
             reserved_ports: options.reserved_ports,
             mesh,
@@ -293,13 +317,17 @@ impl Proxy {
             &state.workloads,
             &state.traffic,
             &self.traffic,
-            node,
-            state.zone.as_deref(),
+            (node, state.zone.as_deref()),
+            &self.network,
         );
         *self
             .services
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        *self
+            .networks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::from(state.networks.clone());
     }
 
     /// The endpoints behind `dst`, if it is a service address.

@@ -105,7 +105,7 @@ impl Proxy {
             &self.mesh.provider,
             &self.mesh.certs,
             &identity,
-            &self.mesh.trust_domain,
+            &self.mesh.accepted_domains,
         )
         .map_err(std::io::Error::other)?;
         let inbound = Arc::new(tokio_listener(pod.inbound)?);

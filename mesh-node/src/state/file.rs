@@ -34,6 +34,7 @@ use super::{MeshState, Service, validate_services};
 use crate::{
     config::{Config, ConfigError, Origin},
     metrics::ReloadLabels,
+    network::{Network, validate_networks},
     policy::{PolicyDocument, PolicyStore},
     traffic::{TrafficDocument, TrafficSet},
     workload::{Workload, validate_workloads},
@@ -53,6 +54,8 @@ struct Sections {
     services: Vec<Service>,
     /// `TCPRoute`, `VirtualService`, `DestinationRule` and `FaultInjection` documents.
     traffic: Vec<TrafficDocument>,
+    /// Other networks and their east-west gateways.
+    networks: Vec<Network>,
 }
 
 /// A configuration file (or the embedded default) as the daemon reads it: its settings, and
@@ -77,6 +80,7 @@ impl Document {
             })?;
         validate_workloads(&sections.workloads)
             .and_then(|()| validate_services(&sections.services))
+            .and_then(|()| validate_networks(&sections.networks))
             .map_err(|(field, reason)| ConfigError::invalid(origin, text, field, reason))?;
         let policies = PolicyStore::new(&config.root_namespace, &sections.policies)
             .map_err(|error| ConfigError::policy(origin, text, error))?;
@@ -93,6 +97,7 @@ impl Document {
             services: sections.services,
             policies: Arc::new(policies),
             traffic: Arc::new(traffic),
+            networks: sections.networks,
             zone: config.zone.clone(),
             pending: None,
         };
@@ -118,6 +123,7 @@ impl Document {
             workloads: self.state.workloads.clone(),
             services: self.state.services.clone(),
             traffic: self.state.traffic.documents().to_vec(),
+            networks: self.state.networks.clone(),
         };
         let mut text = serde_yaml_ng::to_string(&self.config)?;
         text.push_str(&serde_yaml_ng::to_string(&sections)?);

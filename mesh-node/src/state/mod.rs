@@ -20,6 +20,8 @@ pub struct MeshState {
     /// Routes, destination rules and faults (`TCPRoute`, `VirtualService`, `DestinationRule`,
     /// `FaultInjection`).
     pub traffic: std::sync::Arc<crate::traffic::TrafficSet>,
+    /// The other networks and their gateways (`networks`).
+    pub networks: Vec<crate::network::Network>,
     /// This node's zone (for services preferring their zone), when known.
     pub zone: Option<String>,
     /// Why the state is not complete yet (a source has not synced): while set, the daemon

@@ -350,6 +350,8 @@ struct Candidate<'a> {
     zone: Option<String>,
     /// The workload's labels, when the endpoint is a known workload (for subsets).
     labels: Option<&'a BTreeMap<String, String>>,
+    /// On another network than this node's (reached through its gateway).
+    remote: bool,
 }
 
 /// What compiling a table needs at hand.
@@ -361,20 +363,23 @@ struct Builder<'a> {
     registry: &'a Registry,
     node: &'a str,
     zone: Option<&'a str>,
+    network: &'a str,
 }
 
 impl ServiceTable {
-    /// Compiles `services` for a proxy on `node` in `zone`; `workloads` resolve selectors,
-    /// subsets and the placement of endpoints, `traffic` adds routes, destination rules and
-    /// faults, and `registry` keeps endpoint health, pools and buckets across tables.
+    /// Compiles `services` for a proxy on `node` in `zone` and `network`; `workloads` resolve
+    /// selectors, subsets and the placement of endpoints, `traffic` adds routes, destination
+    /// rules and faults, and `registry` keeps endpoint health, pools and buckets across tables.
+    /// Endpoints on this node's network are preferred: a service's endpoints on other networks
+    /// take connections only while none of this network is ready.
     #[must_use]
     pub fn build(
         services: &[Service],
         workloads: &[Workload],
         traffic: &TrafficSet,
         registry: &Registry,
-        node: &str,
-        zone: Option<&str>,
+        (node, zone): (&str, Option<&str>),
+        network: &str,
     ) -> Self {
         let builder = Builder {
             services,
@@ -387,6 +392,7 @@ impl ServiceTable {
             registry,
             node,
             zone,
+            network,
         };
         let mut by_addr = HashMap::new();
         for service in services {
@@ -535,7 +541,9 @@ impl Builder<'_> {
                     })
             })
             .collect();
-        let mut endpoints = choose_locality(&family, service.load_balancing, self.node, self.zone);
+        let local: Vec<&Candidate<'_>> = family.iter().copied().filter(|c| !c.remote).collect();
+        let tier = if local.is_empty() { &family } else { &local };
+        let mut endpoints = choose_locality(tier, service.load_balancing, self.node, self.zone);
         endpoints.sort_unstable();
         Cluster::new(name, host, policy, &endpoints, self.registry)
     }
@@ -555,6 +563,7 @@ impl Builder<'_> {
                     node: Some(w.node.clone()),
                     zone: None,
                     labels: Some(&w.labels),
+                    remote: w.remote_network(self.network),
                 }));
             }
         }
@@ -570,6 +579,7 @@ impl Builder<'_> {
                 node: e.node.clone().or_else(|| workload.map(|w| w.node.clone())),
                 zone: e.zone.clone(),
                 labels: workload.map(|w| &w.labels),
+                remote: workload.is_some_and(|w| w.remote_network(self.network)),
             });
         }
         ready

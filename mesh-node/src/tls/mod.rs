@@ -90,15 +90,15 @@ impl ResolvesClientCert for IdentityCert {
     }
 }
 
-/// Server side of a pod's HBONE listener: presents `identity`, requires a client from
-/// `trust_domain`.
+/// Server side of a pod's HBONE listener: presents `identity`, requires a client from one of
+/// `trust_domains`.
 pub fn server_config(
     provider: &Arc<CryptoProvider>,
     certs: &CertManager,
     identity: &Identity,
-    trust_domain: &str,
+    trust_domains: &[String],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = PeerVerifier::client(provider, certs.clone(), trust_domain)?;
+    let verifier = PeerVerifier::client(provider, certs.clone(), trust_domains)?;
     let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))

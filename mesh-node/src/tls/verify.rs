@@ -64,8 +64,8 @@ impl Anchors {
 /// What the peer's identity must satisfy.
 #[derive(Debug)]
 enum Expect {
-    /// A client: any workload of this trust domain.
-    TrustDomain(String),
+    /// A client: any workload of these trust domains (the mesh's own and its aliases).
+    TrustDomains(Vec<String>),
     /// A server: exactly this workload identity.
     Exactly(Identity),
 }
@@ -109,16 +109,16 @@ impl PeerVerifier {
         Ok(Arc::clone(&cached.anchors))
     }
 
-    /// For a server: accept clients of `trust_domain`.
+    /// For a server: accept clients of `trust_domains`.
     pub fn client(
         provider: &Arc<CryptoProvider>,
         roots: impl RootStore + 'static,
-        trust_domain: &str,
+        trust_domains: &[String],
     ) -> Result<Self, TlsError> {
         Self::new(
             provider,
             roots,
-            Expect::TrustDomain(trust_domain.to_owned()),
+            Expect::TrustDomains(trust_domains.to_vec()),
         )
     }
 
@@ -154,14 +154,16 @@ impl PeerVerifier {
             Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })?;
         let ok = match &self.expect {
-            Expect::TrustDomain(td) => id.trust_domain == *td,
+            Expect::TrustDomains(tds) => tds.contains(&id.trust_domain),
             Expect::Exactly(expected) => id == *expected,
         };
         if ok {
             Ok(())
         } else {
             let wanted = match &self.expect {
-                Expect::TrustDomain(td) => format!("an identity in trust domain {td}"),
+                Expect::TrustDomains(tds) => {
+                    format!("an identity in trust domain {}", tds.join(" or "))
+                }
                 Expect::Exactly(id) => id.to_string(),
             };
             Err(Error::InvalidCertificate(CertificateError::Other(

@@ -92,6 +92,8 @@ pub fn workload(name: &str, ip: IpAddr, node: &str) -> Workload {
         node: node.to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     }
 }
 
@@ -300,6 +302,7 @@ fn options(node: &str, metrics: &Arc<Metrics>) -> ProxyOptions {
     ProxyOptions {
         metrics: Arc::clone(metrics),
         node: node.to_owned(),
+        network: String::new(),
         handshake_timeout: Duration::from_secs(5),
         max_connections: MaxConnections {
             total: 10_000,

@@ -494,7 +494,8 @@ async fn a_tls_server_built_before_a_root_was_added_accepts_a_client_of_that_roo
     let (server_id, client_id) = (id("server"), id("client"));
     certs.acquire(&server_id);
     certs.get(&server_id).await.expect("server certificate");
-    let server = tls::server_config(&provider, &certs, &server_id, TRUST_DOMAIN).expect("server");
+    let server = tls::server_config(&provider, &certs, &server_id, &[TRUST_DOMAIN.to_owned()])
+        .expect("server");
     // The rotation starts after the server's config was built: the client's chain ends at a
     // root the config did not know.
     istiod.rotate_to(&new);

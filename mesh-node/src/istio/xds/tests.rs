@@ -303,12 +303,15 @@ fn file_state() -> MeshState {
         node: "vm-host".to_owned(),
         netns: None,
         enrolled: false,
+        network: String::new(),
+        trust_domain: None,
     };
     MeshState {
         workloads: vec![vm],
         services: Vec::new(),
         policies: Arc::new(PolicyStore::default()),
         traffic: Arc::new(TrafficSet::default()),
+        networks: Vec::new(),
         zone: None,
         pending: None,
     }

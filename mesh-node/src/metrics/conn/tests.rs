@@ -39,6 +39,8 @@ fn workload(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Arc<Workloa
         node: "n1".to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     })
 }
 

@@ -17,6 +17,8 @@ fn workload(name: &str, labels: &[(&str, &str)]) -> Workload {
         node: "n1".to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     }
 }
 

@@ -92,6 +92,9 @@ pub fn workload(
         ips,
         node,
         netns: None,
+        // The cluster's own pods are on this node's network.
+        network: String::new(),
+        trust_domain: None,
     })
 }
 

@@ -406,6 +406,7 @@ impl Builder {
             services,
             policies,
             traffic,
+            networks: file.networks.clone(),
             zone: self.zone.clone(),
             pending: None,
         }

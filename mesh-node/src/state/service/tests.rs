@@ -10,6 +10,8 @@ fn workload(name: &str, ip: &str, node: &str, app: &str) -> Workload {
         node: node.into(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     }
 }
 
@@ -24,8 +26,8 @@ fn plain(
         workloads,
         &TrafficSet::default(),
         &Registry::default(),
-        node,
-        zone,
+        (node, zone),
+        "",
     )
 }
 
@@ -195,8 +197,8 @@ fn a_route_splits_by_weight_and_weight_zero_drains() {
         &workloads,
         &documents(&split_route(90, 10)),
         &registry,
-        "a",
-        None,
+        ("a", None),
+        "",
     );
     let n = 4000;
     let v2 = destinations(&table, &workloads, n)
@@ -211,8 +213,8 @@ fn a_route_splits_by_weight_and_weight_zero_drains() {
         &workloads,
         &documents(&split_route(0, 100)),
         &registry,
-        "a",
-        None,
+        ("a", None),
+        "",
     );
     let all = destinations(&drained, &workloads, 200);
     assert!(
@@ -224,8 +226,8 @@ fn a_route_splits_by_weight_and_weight_zero_drains() {
         &workloads,
         &documents(&split_route(0, 0)),
         &registry,
-        "a",
-        None,
+        ("a", None),
+        "",
     );
     let dst: SocketAddr = "198.19.1.1:80".parse().unwrap();
     let identity = Identity::new("cluster.local", "shop", "client");
@@ -250,8 +252,8 @@ fn virtual_service_subsets_select_by_label() {
         &workloads,
         &traffic,
         &Registry::default(),
-        "a",
-        None,
+        ("a", None),
+        "",
     );
     let dst: SocketAddr = "198.19.1.1:80".parse().unwrap();
     let identity = Identity::new("cluster.local", "shop", "client");
@@ -282,7 +284,7 @@ fn pool_limits_and_rate_limits_refuse_the_excess() {
         "- apiVersion: networking.istio.io/v1\n  kind: DestinationRule\n  metadata: {name: v1, namespace: shop}\n  spec:\n    host: echo-v1\n    trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}}}\n",
     );
     let registry = Registry::default();
-    let table = ServiceTable::build(&services, &workloads, &pool, &registry, "a", None);
+    let table = ServiceTable::build(&services, &workloads, &pool, &registry, ("a", None), "");
     let v1: SocketAddr = "198.19.1.2:80".parse().unwrap();
     let identity = Identity::new("cluster.local", "shop", "client");
     let source = client_source(&workloads, &identity);
@@ -296,7 +298,7 @@ fn pool_limits_and_rate_limits_refuse_the_excess() {
     );
     drop(first);
     // The pool is counted across state changes.
-    let rebuilt = ServiceTable::build(&services, &workloads, &pool, &registry, "a", None);
+    let rebuilt = ServiceTable::build(&services, &workloads, &pool, &registry, ("a", None), "");
     let third = rebuilt
         .lookup(v1)
         .unwrap()
@@ -338,8 +340,8 @@ fn faults_apply_to_their_sources_only() {
         &workloads,
         &faults,
         &Registry::default(),
-        "a",
-        None,
+        ("a", None),
+        "",
     );
     let identity = Identity::new("cluster.local", "shop", "client");
     let front: SocketAddr = "198.19.1.1:80".parse().unwrap();

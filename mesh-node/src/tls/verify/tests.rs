@@ -68,8 +68,12 @@ fn fixed(ca: &TestCa) -> Arc<[CertificateDer<'static>]> {
 }
 
 fn client_side(ca: &TestCa, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    let verifier =
-        PeerVerifier::client(&crate::tls::provider(), fixed(ca), "cluster.local").unwrap();
+    let verifier = PeerVerifier::client(
+        &crate::tls::provider(),
+        fixed(ca),
+        &["cluster.local".to_owned()],
+    )
+    .unwrap();
     verifier
         .verify_client_cert(cert, &[], UnixTime::now())
         .map(|_| ())
@@ -193,8 +197,12 @@ impl RootStore for Arc<Swappable> {
 fn a_verifier_reads_the_current_roots_at_each_handshake_and_parses_them_once_per_change() {
     let (old, new) = (test_ca(), test_ca());
     let store = Arc::new(Swappable(Mutex::new(fixed(&old))));
-    let verifier =
-        PeerVerifier::client(&crate::tls::provider(), Arc::clone(&store), "cluster.local").unwrap();
+    let verifier = PeerVerifier::client(
+        &crate::tls::provider(),
+        Arc::clone(&store),
+        &["cluster.local".to_owned()],
+    )
+    .unwrap();
     let verify =
         |cert: &CertificateDer<'_>| verifier.verify_client_cert(cert, &[], UnixTime::now());
     let (from_old, from_new) = (leaf(&old, &[B1]), leaf(&new, &[B1]));

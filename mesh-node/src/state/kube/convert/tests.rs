@@ -162,8 +162,8 @@ fn service_with_slices() {
         &[],
         &crate::traffic::TrafficSet::default(),
         &crate::traffic::runtime::Registry::default(),
-        "node-x",
-        None,
+        ("node-x", None),
+        "",
     );
     let b = table.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
     assert_eq!(b.pick().unwrap().to_string(), "10.0.0.5:8080");
@@ -407,6 +407,8 @@ fn an_unreadable_policy_object_fails_closed_for_what_it_selects() {
         node: "n".to_owned(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
     };
     let conn = ConnInfo {
         src_ip: "198.18.2.2".parse().unwrap(),
