@@ -109,6 +109,52 @@ fn locality_preferences() {
 }
 
 #[test]
+fn the_local_network_is_preferred_and_other_networks_take_over_when_none_is_ready() {
+    let mut remote = workload("web-west", "198.18.9.2", "west-node", "web");
+    remote.network = "west".into();
+    let mut here = workload("web-here", "198.18.1.2", "a", "web");
+    here.network = "east".into();
+    let unnamed = workload("web-unnamed", "198.18.1.3", "b", "web");
+    let table_for = |workloads: &[Workload], network: &str| {
+        let s = service(
+            "{name: web, namespace: shop, addresses: [198.19.0.10], ports: [{port: 80}], selector: {app: web}}",
+        );
+        ServiceTable::build(
+            &[s],
+            workloads,
+            &TrafficSet::default(),
+            &Registry::default(),
+            ("a", None),
+            network,
+        )
+    };
+    let endpoints = |table: &ServiceTable| {
+        let b = table.lookup("198.19.0.10:80".parse().unwrap()).unwrap();
+        let mut all: Vec<String> = (0..b.len())
+            .map(|_| b.pick().unwrap().ip().to_string())
+            .collect();
+        all.sort();
+        all
+    };
+    // This node is on `east`: its own network's endpoints (named, or naming none) only.
+    let all = [remote.clone(), here.clone(), unnamed.clone()];
+    assert_eq!(
+        endpoints(&table_for(&all, "east")),
+        ["198.18.1.2", "198.18.1.3"]
+    );
+    // No local endpoint: the other network's.
+    assert_eq!(
+        endpoints(&table_for(std::slice::from_ref(&remote), "east")),
+        ["198.18.9.2"]
+    );
+    // Seen from `west`, the roles swap: `here` is remote, and the unnamed one is local.
+    assert_eq!(
+        endpoints(&table_for(&[here, remote], "west")),
+        ["198.18.9.2"]
+    );
+}
+
+#[test]
 fn no_ready_endpoint_picks_nothing() {
     let s =
         service("{name: s, addresses: [198.19.0.13], ports: [{port: 80}], selector: {app: none}}");
