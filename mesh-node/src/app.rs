@@ -20,6 +20,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+mod gateway;
+
 use crate::{
     admin::{self, AdminState, Readiness},
     config::Config,
@@ -72,6 +74,12 @@ pub enum AppError {
     },
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("serving the gateway on {address}")]
+    Gateway {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("serializing the configuration")]
     Serialize(#[source] serde_json::Error),
     #[cfg(feature = "kubernetes")]
@@ -105,25 +113,17 @@ pub async fn run(
         "mesh-node starting"
     );
 
-    Descriptors::raise_limit();
-    let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
-    // Before anything listens or touches the kernel: a bad CA (or, with istiod, an unreadable
-    // root file) fails the start at once.
-    let ca = cert_source(&config).map_err(AppError::Ca)?;
-
-    // Readiness answers 503 until the state is loaded, the programs attached and every
-    // enrolled pod served.
-    let readiness = Arc::new(Readiness::default());
-    readiness.set(false, "starting");
-    let ready_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_READINESS));
-    let readiness_server =
-        admin::spawn_readiness(ready_addr, Arc::clone(&readiness)).map_err(|e| {
-            AppError::Listen {
-                address: ready_addr,
-                source: e,
-            }
-        })?;
+    let started = Started::new(&config)?;
+    if config.gateway.enabled {
+        return gateway::run(config, from_file, config_file, log, started).await;
+    }
+    let Started {
+        ca,
+        readiness,
+        readiness_server,
+        mut sigterm,
+        mut sigint,
+    } = started;
 
     let cgroup = match &config.redirect.cgroup {
         Some(dir) => dir.clone(),
@@ -146,23 +146,7 @@ pub async fn run(
         })?;
     let attachment = programs.attach_cgroup(&cgroup)?;
     let orig_dst = programs.take_orig_dst_table()?;
-    let provider = tls::provider();
-    // Libraries that build TLS configurations without naming a provider (the Kubernetes
-    // client) use the process default: the same one.
-    let _ = rustls::crypto::CryptoProvider::install_default(rustls::crypto::CryptoProvider::clone(
-        &provider,
-    ));
-    let certs = CertManager::new(
-        ca,
-        Duration::from_secs(config.identity.cert_lifetime_seconds),
-        Arc::clone(&provider),
-    );
-    let (metrics, admin_state, _endpoints) = serve_observability(&config, &certs, log)?;
-    let proxy = Arc::new(Proxy::new(
-        proxy_options(&config, &metrics),
-        MeshTls::new(config.identity.trust_domain.clone(), certs, provider)
-            .with_aliases(&config.identity.trust_domain_aliases),
-    ));
+    let (proxy, metrics, admin_state, _endpoints) = build_proxy(&config, ca, log)?;
     let mut inpod = InPod::new(
         config.node.clone(),
         programs,
@@ -220,6 +204,73 @@ pub async fn run(
     )
     .await;
     Ok(())
+}
+
+/// What every role starts with, before it serves anything: the signal handlers, the
+/// certificate source, and the readiness endpoint (answering 503 until the role is ready).
+struct Started {
+    ca: Arc<dyn CertSource>,
+    readiness: Arc<Readiness>,
+    readiness_server: tokio::task::JoinHandle<()>,
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl Started {
+    fn new(config: &Config) -> Result<Self, AppError> {
+        Descriptors::raise_limit();
+        let sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+        let sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+        // Before anything listens or touches the kernel: a bad CA (or, with istiod, an
+        // unreadable root file) fails the start at once.
+        let ca = cert_source(config).map_err(AppError::Ca)?;
+        // Readiness answers 503 until the state is loaded, the programs attached and every
+        // enrolled pod served (a gateway: its state synced and its certificate issued).
+        let readiness = Arc::new(Readiness::default());
+        readiness.set(false, "starting");
+        let ready_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_READINESS));
+        let readiness_server =
+            admin::spawn_readiness(ready_addr, Arc::clone(&readiness)).map_err(|e| {
+                AppError::Listen {
+                    address: ready_addr,
+                    source: e,
+                }
+            })?;
+        Ok(Self {
+            ca,
+            readiness,
+            readiness_server,
+            sigterm,
+            sigint,
+        })
+    }
+}
+
+/// The proxy with its certificates from `ca`, and the observability endpoints serving its
+/// metrics and admin API.
+fn build_proxy(
+    config: &Config,
+    ca: Arc<dyn CertSource>,
+    log: LogHandle,
+) -> Result<(Arc<Proxy>, Arc<Metrics>, Arc<AdminState>, Endpoints), AppError> {
+    let provider = tls::provider();
+    // Libraries that build TLS configurations without naming a provider (the Kubernetes
+    // client) use the process default: the same one.
+    let _ = rustls::crypto::CryptoProvider::install_default(rustls::crypto::CryptoProvider::clone(
+        &provider,
+    ));
+    let certs = CertManager::new(
+        ca,
+        Duration::from_secs(config.identity.cert_lifetime_seconds),
+        Arc::clone(&provider),
+    );
+    let (metrics, admin_state, endpoints) = serve_observability(config, &certs, log)?;
+    let proxy = Arc::new(Proxy::new(
+        proxy_options(config, &metrics),
+        MeshTls::new(config.identity.trust_domain.clone(), certs, provider)
+            .with_aliases(&config.identity.trust_domain_aliases),
+    ));
+    Ok((proxy, metrics, admin_state, endpoints))
 }
 
 /// Serves until SIGTERM or SIGINT (returns which): applies each new state, retries failed
@@ -498,12 +549,11 @@ async fn drain(proxy: &Proxy, deadline: Duration) {
     }
 }
 
+/// The tasks serving `/metrics` and the admin API.
+type Endpoints = [tokio::task::JoinHandle<()>; 2];
+
 /// The metrics registry, the admin state, and the tasks serving them.
-type Observability = (
-    Arc<Metrics>,
-    Arc<AdminState>,
-    [tokio::task::JoinHandle<()>; 2],
-);
+type Observability = (Arc<Metrics>, Arc<AdminState>, Endpoints);
 
 /// Starts `/metrics` (`metrics.bindAddress`, 15020) and the admin API (127.0.0.1:15000).
 fn serve_observability(
@@ -561,11 +611,7 @@ fn apply(
     }
     inpod.reconcile(&state.workloads);
     proxy.set_services(state, inpod.node());
-    for (document, note) in state.traffic.notes() {
-        if warned.insert((document.clone(), note.clone())) {
-            warn!(document = %document, note = %note, "traffic rule is applied at the node as noted");
-        }
-    }
+    warn_notes(state, warned);
     let enrolled = i64::try_from(inpod.enrolled()).unwrap_or(i64::MAX);
     observers.metrics.enrolled_workloads.set(enrolled);
     let found = inpod.audit();
@@ -582,12 +628,22 @@ fn apply(
         "enrolled": inpod.enrolled_pods(),
         "failed": inpod.failed(),
     });
+    proxy.set_policies(Arc::clone(&state.policies));
+}
+
+/// Reports, once each, the traffic rules and policies the daemon applies differently from
+/// what they say (attributes it cannot see).
+fn warn_notes(state: &MeshState, warned: &mut HashSet<(String, String)>) {
+    for (document, note) in state.traffic.notes() {
+        if warned.insert((document.clone(), note.clone())) {
+            warn!(document = %document, note = %note, "traffic rule is applied at the node as noted");
+        }
+    }
     for (policy, note) in state.policies.notes() {
         if warned.insert((policy.clone(), note.clone())) {
             warn!(policy = %policy, note = %note, "policy is enforced at the node as noted");
         }
     }
-    proxy.set_policies(Arc::clone(&state.policies));
 }
 
 /// Readiness from the enrollments and the last kernel-state audit: ready when every enrolled

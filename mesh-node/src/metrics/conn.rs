@@ -107,6 +107,9 @@ pub enum Path {
     Passthrough,
     /// Plaintext into a pod of this node (captured on 15006).
     Plaintext,
+    /// Through this east-west gateway: an HBONE stream from another network forwarded, unread,
+    /// to an endpoint's 15008.
+    Gateway,
 }
 
 impl Path {
@@ -117,6 +120,7 @@ impl Path {
             Path::SameNode => "same-node",
             Path::Passthrough => "passthrough",
             Path::Plaintext => "plaintext",
+            Path::Gateway => "gateway",
         }
     }
 }
@@ -372,6 +376,8 @@ pub struct ConnRecord {
     pub sent: ByteCount,
     reported_failure: bool,
     traffic: Option<Box<TrafficNote>>,
+    /// The network the destination was reached on, when the connection crossed networks.
+    network: Option<Arc<str>>,
 }
 
 /// A byte count that also feeds a Prometheus counter.
@@ -431,6 +437,7 @@ impl ConnRecord {
             security,
             reported_failure: false,
             traffic: None,
+            network: None,
         }
     }
 
@@ -446,6 +453,13 @@ impl ConnRecord {
     #[must_use]
     pub fn with_traffic(mut self, note: TrafficNote) -> Self {
         self.traffic = Some(Box::new(note));
+        self
+    }
+
+    /// Notes the network the destination is reached on, for the access log.
+    #[must_use]
+    pub fn with_network(mut self, network: Arc<str>) -> Self {
+        self.network = Some(network);
         self
     }
 
@@ -497,6 +511,7 @@ impl ConnRecord {
             security: Some(self.security),
             flags: self.flags,
             traffic: self.traffic.as_deref(),
+            network: self.network.as_deref(),
             reason,
         });
     }
@@ -524,6 +539,7 @@ impl ConnRecord {
             security: None,
             flags: flag,
             traffic: Some(traffic),
+            network: None,
             reason,
         });
     }
@@ -541,6 +557,8 @@ struct AccessLine<'a> {
     security: Option<Security>,
     flags: &'static str,
     traffic: Option<&'a TrafficNote>,
+    /// The destination's network, when the connection crossed networks.
+    network: Option<&'a str>,
     reason: &'a str,
 }
 
@@ -576,6 +594,7 @@ fn access_line(line: &AccessLine<'_>) {
         backend = text(|t| t.backend.as_deref()),
         attempts = traffic.map_or(1, |t| t.attempts),
         fault = text(|t| t.fault.as_deref()),
+        network = line.network.unwrap_or(""),
         reason = line.reason,
         "connection complete"
     );

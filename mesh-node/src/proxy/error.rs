@@ -28,6 +28,9 @@ pub enum BadConnect {
     NotThisWorkload,
     #[error("reserved port")]
     ReservedPort,
+    /// An address authority at an east-west gateway, which forwards to services only.
+    #[error("authority is an address, not a service hostname")]
+    AddressAuthority,
 }
 
 impl BadConnect {
@@ -39,6 +42,7 @@ impl BadConnect {
             BadConnect::BadAuthority => "bad_request_authority",
             BadConnect::NotThisWorkload => "bad_request_workload",
             BadConnect::ReservedPort => "reserved_port",
+            BadConnect::AddressAuthority => "bad_request_address",
         }
     }
 }
@@ -64,6 +68,9 @@ pub enum Error {
     /// A service address without a ready endpoint.
     #[error("no ready endpoint for the service {service}")]
     NoEndpoint { service: Arc<str> },
+    /// A hostname no service of this gateway's state has (on that port).
+    #[error("no service {hostname}")]
+    UnknownService { hostname: Arc<str> },
     /// A captured outbound connection whose original destination the kernel did not record.
     #[error("no original destination recorded for the captured connection")]
     NoOriginalDst,
@@ -111,6 +118,7 @@ impl Error {
             Error::FaultAbort { .. } => "fault_abort",
             Error::RateLimited { .. } => "rate_limit",
             Error::PoolFull { .. } => "pool_limit",
+            Error::UnknownService { .. } => "unknown_service",
             Error::NoOriginalDst => "no_original_destination",
             Error::ReservedPort(_) => "reserved_port",
             Error::BadRequest(bad) => bad.reason(),
@@ -145,7 +153,7 @@ impl Error {
             Error::FaultAbort { .. } => "FI",
             Error::RateLimited { .. } => "RL",
             Error::NoEndpoint { .. } => "UH",
-            Error::NoOriginalDst => "NR",
+            Error::NoOriginalDst | Error::UnknownService { .. } => "NR",
             Error::ReservedPort(_) | Error::BadRequest(_) => "DPE",
             Error::Upstream { .. }
             | Error::NoCertificate { .. }
@@ -172,6 +180,7 @@ impl Error {
             Error::NoOriginalDst => {
                 "no original destination recorded for a captured connection; closing it"
             }
+            Error::UnknownService { .. } => "no service of that hostname (503)",
             Error::ReservedPort(_) => "connection to a reserved port refused",
             Error::BadRequest(_) => "HBONE request rejected (400)",
             Error::Limit(_) => "connection limit reached; refusing the connection",

@@ -21,6 +21,7 @@ mod admission;
 mod descriptors;
 mod error;
 mod forward;
+mod gateway;
 mod inbound;
 mod limits;
 mod outbound;
@@ -37,6 +38,7 @@ use std::{
 pub use admission::{Admission, Admissions};
 pub use descriptors::{Budget, Descriptors, accept};
 pub use error::{BadConnect, Error};
+pub use gateway::{GatewayServing, check_gateway_connect};
 pub use inbound::check_connect;
 pub use limits::{Active, Limits, MaxConnections, Unit};
 use rustls::crypto::CryptoProvider;

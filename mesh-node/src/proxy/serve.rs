@@ -50,12 +50,7 @@ impl PodServing {
     /// place of a previous enrollment of the same workload. Done once its kernel state is in
     /// place.
     pub fn publish(&self) {
-        self.proxy
-            .directory
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .local
-            .insert(self.ctx.workload.uid(), Arc::clone(&self.ctx));
+        self.proxy.publish(&self.ctx);
     }
 }
 
@@ -64,26 +59,43 @@ impl Drop for PodServing {
         for task in &self.tasks {
             task.abort();
         }
+        self.proxy.withdraw(&self.ctx);
+    }
+}
+
+impl Proxy {
+    /// Makes a served workload known to the rest of the proxy, in place of a previous one
+    /// of the same name.
+    pub(super) fn publish(&self, ctx: &Arc<PodContext>) {
+        self.directory
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .local
+            .insert(ctx.workload.uid(), Arc::clone(ctx));
+    }
+
+    /// Forgets a served workload (unless a newer one of the same name replaced it) and
+    /// releases its certificate.
+    pub(super) fn withdraw(&self, ctx: &Arc<PodContext>) {
         let mut directory = self
-            .proxy
             .directory
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let uid = self.ctx.workload.uid();
+        let uid = ctx.workload.uid();
         // A newer enrollment of the same workload (a replacement) may already be served.
         if directory
             .local
             .get(&uid)
-            .is_some_and(|ctx| Arc::ptr_eq(ctx, &self.ctx))
+            .is_some_and(|served| Arc::ptr_eq(served, ctx))
         {
             directory.local.remove(&uid);
         }
         drop(directory);
-        self.proxy.mesh.certs.release(&self.ctx.identity);
+        self.mesh.certs.release(&ctx.identity);
     }
 }
 
-fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+pub(super) fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
 }
@@ -122,50 +134,12 @@ impl Proxy {
         let settings = Arc::new(self.hbone_settings());
         for listener in pod.hbone {
             let listener = Arc::new(tokio_listener(listener)?);
-            let acceptor = TlsAcceptor::from(Arc::clone(&server));
-            let (handler, settings) = (Arc::clone(&handler), Arc::clone(&settings));
-            let (this, pod_ctx) = (Arc::clone(self), Arc::clone(&ctx));
-            let identity = identity.clone();
-            serving.tasks.push(tokio::spawn(self.accept_loop(
+            serving.tasks.push(tokio::spawn(self.hbone_accept_loop(
                 listener,
-                Unit::HboneConnection,
+                TlsAcceptor::from(Arc::clone(&server)),
+                Arc::clone(&settings),
                 Arc::clone(&ctx),
-                move |tcp, peer, active| {
-                    let (acceptor, handler) = (acceptor.clone(), Arc::clone(&handler));
-                    let (settings, this) = (Arc::clone(&settings), Arc::clone(&this));
-                    let (identity, pod) = (identity.clone(), Arc::clone(&pod_ctx));
-                    tokio::spawn(async move {
-                        // The pod's first certificate may still be on its way from the CA (a
-                        // peer can connect as soon as the listener is bound): the handshake
-                        // waits for it, within its deadline, rather than fail.
-                        let certificate = this.mesh.certs.get(&identity);
-                        let waited = settings.handshake_timeout;
-                        let source = match tokio::time::timeout(waited, certificate).await {
-                            Ok(Ok(_)) => {
-                                hbone::serve_connection(acceptor, tcp, peer, &settings, handler)
-                                    .await;
-                                drop(active);
-                                return;
-                            }
-                            Ok(Err(source)) => source,
-                            Err(_) => CertError::Pending {
-                                identity: identity.to_string(),
-                                waited,
-                            },
-                        };
-                        let uid = pod.workload.uid();
-                        let context = Context {
-                            direction: Direction::Inbound,
-                            workload: &uid,
-                            client: peer,
-                            dst: None,
-                            peer_identity: None,
-                        };
-                        let error = Error::NoCertificate { identity, source };
-                        this.report("hbone", &error, None, &context);
-                        drop(active);
-                    });
-                },
+                Arc::clone(&handler),
             )));
         }
         for listener in pod.outbound {
@@ -199,8 +173,63 @@ impl Proxy {
         Ok(serving)
     }
 
+    /// Accepts HBONE connections for `ctx` (a pod, or this gateway) on `listener` until
+    /// aborted: each is counted against the limits, waits (within the handshake deadline) for
+    /// `ctx`'s certificate, and is served with `handler` handling its streams.
+    pub(super) fn hbone_accept_loop<H: hbone::Handler>(
+        self: &Arc<Self>,
+        listener: Arc<TcpListener>,
+        acceptor: TlsAcceptor,
+        settings: Arc<hbone::ServerSettings>,
+        ctx: Arc<PodContext>,
+        handler: Arc<H>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (this, pod) = (Arc::clone(self), Arc::clone(&ctx));
+        self.accept_loop(
+            listener,
+            Unit::HboneConnection,
+            ctx,
+            move |tcp, peer, active| {
+                let (acceptor, handler) = (acceptor.clone(), Arc::clone(&handler));
+                let (settings, this) = (Arc::clone(&settings), Arc::clone(&this));
+                let pod = Arc::clone(&pod);
+                tokio::spawn(async move {
+                    // The first certificate may still be on its way from the CA (a peer can
+                    // connect as soon as the listener is bound): the handshake waits for it,
+                    // within its deadline, rather than fail.
+                    let identity = pod.identity.clone();
+                    let certificate = this.mesh.certs.get(&identity);
+                    let waited = settings.handshake_timeout;
+                    let source = match tokio::time::timeout(waited, certificate).await {
+                        Ok(Ok(_)) => {
+                            hbone::serve_connection(acceptor, tcp, peer, &settings, handler).await;
+                            drop(active);
+                            return;
+                        }
+                        Ok(Err(source)) => source,
+                        Err(_) => CertError::Pending {
+                            identity: identity.to_string(),
+                            waited,
+                        },
+                    };
+                    let uid = pod.workload.uid();
+                    let context = Context {
+                        direction: Direction::Inbound,
+                        workload: &uid,
+                        client: peer,
+                        dst: None,
+                        peer_identity: None,
+                    };
+                    let error = Error::NoCertificate { identity, source };
+                    this.report("hbone", &error, None, &context);
+                    drop(active);
+                });
+            },
+        )
+    }
+
     /// How the pods' HBONE servers bound their connections.
-    fn hbone_settings(&self) -> hbone::ServerSettings {
+    pub(super) fn hbone_settings(&self) -> hbone::ServerSettings {
         hbone::ServerSettings {
             handshake_timeout: self.handshake_timeout,
             liveness: self.liveness,

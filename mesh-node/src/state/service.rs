@@ -446,6 +446,20 @@ impl ServiceTable {
     pub fn is_empty(&self) -> bool {
         self.by_addr.is_empty()
     }
+
+    /// The endpoints of the service named `hostname` (`name.namespace.svc.cluster.local`,
+    /// any case) on its port `port`: those compiled for an IPv4 service address when it has
+    /// one (they are the same endpoints for each address of a family).
+    #[must_use]
+    pub fn lookup_hostname(&self, hostname: &str, port: u16) -> Option<&Arc<Backends>> {
+        self.by_addr
+            .iter()
+            .filter(|(addr, b)| {
+                addr.port() == port && b.service.hostname.eq_ignore_ascii_case(hostname)
+            })
+            .min_by_key(|(addr, _)| (addr.is_ipv6(), **addr))
+            .map(|(_, b)| b)
+    }
 }
 
 impl Builder<'_> {
