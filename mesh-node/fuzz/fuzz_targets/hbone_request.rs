@@ -1,5 +1,5 @@
-//! HBONE request handling from untrusted peers: the method and `:authority` checks, and the
-//! SPIFFE identity parser applied to URI SANs.
+//! HBONE request handling from untrusted peers: the method and `:authority` checks (address
+//! and hostname authorities), and the SPIFFE identity parser applied to URI SANs.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -15,5 +15,26 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         assert!(ips.contains(&dst.ip()));
         assert!(![15001, 15006, 15008].contains(&dst.port()));
     }
+    // A hostname authority (double HBONE): only the service's port, to this endpoint.
+    if let Ok((dst, _)) = mesh_node::proxy::check_connect_to(
+        &method,
+        Some(authority),
+        &ips,
+        &[15001, 15006, 15008],
+        &HOSTS,
+    ) {
+        assert!(ips.contains(&dst.ip()));
+        assert!(![15001, 15006, 15008].contains(&dst.port()));
+    }
     let _ = authority.parse::<mesh_node::identity::Identity>();
 });
+
+/// `echo.default.svc.cluster.local:8080` → 10.0.0.1:7000.
+static HOSTS: std::sync::LazyLock<mesh_node::state::service::HostIndex> =
+    std::sync::LazyLock::new(|| {
+        let service: mesh_node::state::service::Service = serde_yaml_ng::from_str(
+            "{name: echo, addresses: [10.96.0.1], ports: [{port: 8080, targetPort: 7000}], endpoints: [{address: 10.0.0.1}]}",
+        )
+        .expect("service");
+        mesh_node::state::service::HostIndex::build(&[service], &[])
+    });

@@ -9,6 +9,7 @@
 mod abuse;
 mod headers;
 mod liveness;
+pub mod nested;
 mod pipe;
 mod pool;
 mod server;

@@ -105,6 +105,13 @@ pub struct Stream {
 /// Counts a stream on its pooled connection while alive.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
+impl StreamGuard {
+    /// A guard that counts on no pool (a stream of a connection of its own).
+    pub(super) fn unpooled() -> Self {
+        Self(Arc::new(AtomicUsize::new(1)))
+    }
+}
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -149,6 +156,19 @@ impl Pool {
         &self,
         key: &PoolKey,
         (authority, headers): (SocketAddr, &http::HeaderMap),
+        dialer: &dyn Dialer,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Stream, HboneError> {
+        self.connect_to(key, (&authority.to_string(), headers), dialer, tls)
+            .await
+    }
+
+    /// As [`Pool::connect`], to an `:authority` that need not be an address (through an
+    /// east-west gateway: `<service hostname>:<port>`).
+    pub async fn connect_to(
+        &self,
+        key: &PoolKey,
+        (authority, headers): (&str, &http::HeaderMap),
         dialer: &dyn Dialer,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Stream, HboneError> {
@@ -247,11 +267,7 @@ impl Pool {
             .tls_handshake_seconds
             .get_or_create(&crate::metrics::RoleLabels { role: "client" })
             .observe(handshake_started.elapsed().as_secs_f64());
-        let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .enable_push(false)
+        let (send, mut connection) = client_builder()
             .handshake::<_, Bytes>(tls_stream)
             .await
             .map_err(|source| HboneError::H2 { address, source })?;
@@ -337,16 +353,28 @@ async fn drive(
 /// How often a client connection checks whether it has been idle for [`IDLE_TIMEOUT`].
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 
-async fn request(
+/// The HTTP/2 client settings of every HBONE connection (pooled or nested).
+pub(super) fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .enable_push(false);
+    builder
+}
+
+/// Sends one `CONNECT` to `authority` on `send` and waits for its 200.
+pub(super) async fn request(
     send: SendRequest<Bytes>,
-    (authority, headers): (SocketAddr, &http::HeaderMap),
+    (authority, headers): (&str, &http::HeaderMap),
     address: SocketAddr,
 ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
     let h2_err = |source| HboneError::H2 { address, source };
     let mut send = send.ready().await.map_err(h2_err)?;
     let mut request = Request::builder()
         .method(Method::CONNECT)
-        .uri(authority.to_string())
+        .uri(authority)
         .body(())
         .map_err(|_| HboneError::Status {
             address,

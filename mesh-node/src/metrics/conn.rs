@@ -110,6 +110,9 @@ pub enum Path {
     /// Through this east-west gateway: an HBONE stream from another network forwarded, unread,
     /// to an endpoint's 15008.
     Gateway,
+    /// To another network through its east-west gateway: an inner HBONE connection to the
+    /// destination inside an HBONE stream to the gateway (double HBONE).
+    DoubleHbone,
 }
 
 impl Path {
@@ -121,6 +124,7 @@ impl Path {
             Path::Passthrough => "passthrough",
             Path::Plaintext => "plaintext",
             Path::Gateway => "gateway",
+            Path::DoubleHbone => "double-hbone",
         }
     }
 }
@@ -378,6 +382,16 @@ pub struct ConnRecord {
     traffic: Option<Box<TrafficNote>>,
     /// The network the destination was reached on, when the connection crossed networks.
     network: Option<Arc<str>>,
+    /// The east-west gateway the connection went through (double HBONE).
+    gateway: Option<Box<GatewayHop>>,
+}
+
+/// The east-west gateway a connection crossed to its destination's network.
+#[derive(Clone, Debug)]
+pub struct GatewayHop {
+    pub address: SocketAddr,
+    /// The identity the gateway's certificate showed.
+    pub identity: Identity,
 }
 
 /// A byte count that also feeds a Prometheus counter.
@@ -438,6 +452,7 @@ impl ConnRecord {
             reported_failure: false,
             traffic: None,
             network: None,
+            gateway: None,
         }
     }
 
@@ -460,6 +475,13 @@ impl ConnRecord {
     #[must_use]
     pub fn with_network(mut self, network: Arc<str>) -> Self {
         self.network = Some(network);
+        self
+    }
+
+    /// Notes the east-west gateway the connection goes through, for the access log.
+    #[must_use]
+    pub fn with_gateway(mut self, hop: GatewayHop) -> Self {
+        self.gateway = Some(Box::new(hop));
         self
     }
 
@@ -512,6 +534,7 @@ impl ConnRecord {
             flags: self.flags,
             traffic: self.traffic.as_deref(),
             network: self.network.as_deref(),
+            gateway: self.gateway.as_deref(),
             reason,
         });
     }
@@ -540,6 +563,7 @@ impl ConnRecord {
             flags: flag,
             traffic: Some(traffic),
             network: None,
+            gateway: None,
             reason,
         });
     }
@@ -559,6 +583,7 @@ struct AccessLine<'a> {
     traffic: Option<&'a TrafficNote>,
     /// The destination's network, when the connection crossed networks.
     network: Option<&'a str>,
+    gateway: Option<&'a GatewayHop>,
     reason: &'a str,
 }
 
@@ -595,6 +620,8 @@ fn access_line(line: &AccessLine<'_>) {
         attempts = traffic.map_or(1, |t| t.attempts),
         fault = text(|t| t.fault.as_deref()),
         network = line.network.unwrap_or(""),
+        gateway = line.gateway.map(|g| g.address.to_string()).unwrap_or_default(),
+        gateway_identity = line.gateway.map(|g| g.identity.to_string()).unwrap_or_default(),
         reason = line.reason,
         "connection complete"
     );

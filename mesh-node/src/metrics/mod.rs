@@ -20,7 +20,9 @@ use prometheus_client::{
 };
 
 pub use collect::NodeCollector;
-pub use conn::{ByteCount, ConnRecord, Direction, Endpoint, NoMtls, Path, Security, TrafficNote};
+pub use conn::{
+    ByteCount, ConnRecord, Direction, Endpoint, GatewayHop, NoMtls, Path, Security, TrafficNote,
+};
 
 /// The `OpenMetrics` exposition in the Prometheus text format (0.0.4), for scrapers and tools
 /// that do not ask for `OpenMetrics`: counters are described under their `_total` sample name,

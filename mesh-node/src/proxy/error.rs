@@ -71,6 +71,13 @@ pub enum Error {
     /// A hostname no service of this gateway's state has (on that port).
     #[error("no service {hostname}")]
     UnknownService { hostname: Arc<str> },
+    /// An endpoint on another network whose network names no gateway to reach it by.
+    #[error("no east-west gateway for the network {network}")]
+    NoGateway { network: Arc<str> },
+    /// A workload of another network addressed by its IP: only a service (whose hostname the
+    /// gateway resolves) can be reached across networks.
+    #[error("{dst} is a workload of the network {network}, reachable only through a service")]
+    RemoteAddress { dst: SocketAddr, network: Arc<str> },
     /// A captured outbound connection whose original destination the kernel did not record.
     #[error("no original destination recorded for the captured connection")]
     NoOriginalDst,
@@ -119,6 +126,8 @@ impl Error {
             Error::RateLimited { .. } => "rate_limit",
             Error::PoolFull { .. } => "pool_limit",
             Error::UnknownService { .. } => "unknown_service",
+            Error::NoGateway { .. } => "no_gateway",
+            Error::RemoteAddress { .. } => "remote_network_address",
             Error::NoOriginalDst => "no_original_destination",
             Error::ReservedPort(_) => "reserved_port",
             Error::BadRequest(bad) => bad.reason(),
@@ -152,7 +161,8 @@ impl Error {
             Error::Limit(_) | Error::PoolFull { .. } => "UO",
             Error::FaultAbort { .. } => "FI",
             Error::RateLimited { .. } => "RL",
-            Error::NoEndpoint { .. } => "UH",
+            Error::NoEndpoint { .. } | Error::NoGateway { .. } => "UH",
+            Error::RemoteAddress { .. } => "NR",
             Error::NoOriginalDst | Error::UnknownService { .. } => "NR",
             Error::ReservedPort(_) | Error::BadRequest(_) => "DPE",
             Error::Upstream { .. }
@@ -181,6 +191,12 @@ impl Error {
                 "no original destination recorded for a captured connection; closing it"
             }
             Error::UnknownService { .. } => "no service of that hostname (503)",
+            Error::NoGateway { .. } => {
+                "endpoint on another network without an east-west gateway; closing the connection"
+            }
+            Error::RemoteAddress { .. } => {
+                "workload of another network addressed by IP (only services cross networks); closing the connection"
+            }
             Error::ReservedPort(_) => "connection to a reserved port refused",
             Error::BadRequest(_) => "HBONE request rejected (400)",
             Error::Limit(_) => "connection limit reached; refusing the connection",
@@ -202,7 +218,7 @@ impl Error {
     #[must_use]
     pub fn endpoint_failed(&self) -> bool {
         match self {
-            Error::Upstream { .. } => true,
+            Error::Upstream { .. } | Error::NoGateway { .. } => true,
             Error::Hbone(e) => match e {
                 HboneError::Connect { .. }
                 | HboneError::TlsTimeout { .. }

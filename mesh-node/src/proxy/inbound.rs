@@ -18,6 +18,7 @@ use crate::{
     hbone::{self, Incoming, ServerError},
     identity::Identity,
     metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security, peer::Peer},
+    state::service::HostIndex,
 };
 
 /// Validates a request's method and authority against the listening workload: the target
@@ -41,6 +42,37 @@ pub fn check_connect(
         return Err(BadConnect::ReservedPort);
     }
     Ok(dst)
+}
+
+/// As [`check_connect`], and a hostname authority too (`<service hostname>:<port>`, the
+/// inner `CONNECT` of double HBONE): the service must have that port and count the
+/// listening workload among its endpoints; the target is the workload's address and the
+/// port's target port for it. Returns the target and, for a hostname, the service's
+/// hostname. Pure, so it is fuzzed directly.
+pub fn check_connect_to(
+    method: &Method,
+    authority: Option<&str>,
+    workload_ips: &[std::net::IpAddr],
+    reserved_ports: &[u16],
+    hosts: &HostIndex,
+) -> Result<(SocketAddr, Option<Arc<str>>), BadConnect> {
+    let Some(host_port) = authority.filter(|a| a.parse::<SocketAddr>().is_err()) else {
+        return check_connect(method, authority, workload_ips, reserved_ports).map(|d| (d, None));
+    };
+    if method != Method::CONNECT {
+        return Err(BadConnect::NotConnect);
+    }
+    let (host, port) = host_port.rsplit_once(':').ok_or(BadConnect::BadAuthority)?;
+    let port = port.parse::<u16>().map_err(|_| BadConnect::BadAuthority)?;
+    let entry = hosts.get(host).ok_or(BadConnect::BadAuthority)?;
+    let dst = workload_ips
+        .iter()
+        .find_map(|ip| entry.target(*ip, port).map(|t| SocketAddr::new(*ip, t)))
+        .ok_or(BadConnect::BadAuthority)?;
+    if reserved_ports.contains(&dst.port()) {
+        return Err(BadConnect::ReservedPort);
+    }
+    Ok((dst, Some(Arc::clone(&entry.hostname))))
 }
 
 /// The proxy's handler of one pod's HBONE streams.
@@ -131,25 +163,31 @@ impl Proxy {
             dst: None,
             peer_identity: Some(&identity),
         };
-        let dst = match check_connect(
+        let services = self.service_table();
+        let (dst, service) = match check_connect_to(
             stream.method(),
             stream.authority(),
             &pod.workload.ips,
             &self.reserved_ports,
+            services.hosts(),
         ) {
-            Ok(dst) => dst,
+            Ok(target) => target,
             Err(bad) => {
                 let error = Error::BadRequest(bad);
                 self.report("hbone", &error, None, &context);
                 return stream.reject(error.status());
             }
         };
+        drop(services);
         context.dst = Some(dst);
         let record = ConnRecord::open(
             &self.metrics,
             (Direction::Inbound, Path::Hbone),
             self.peer_endpoint(peer, Some(&identity), Some(stream.headers())),
-            Self::local_endpoint(pod, dst),
+            Endpoint {
+                service,
+                ..Self::local_endpoint(pod, dst)
+            },
             Security::MutualTls,
         );
         let (admission, upstream) = match self
@@ -234,5 +272,117 @@ impl Proxy {
                 forward::reset(client);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+
+    use super::{BadConnect, HostIndex, check_connect_to};
+    use crate::state::service::Service;
+
+    const RESERVED: [u16; 3] = [15001, 15006, 15008];
+
+    /// `echo` (8080 → 7000, 9090 → 9090) with the endpoints 10.0.0.1 (its own 8080 → 7100) and
+    /// 10.0.0.2, and a not-ready 10.0.0.3; `admin` whose port targets a reserved port.
+    fn hosts() -> HostIndex {
+        let services: Vec<Service> = serde_yaml_ng::from_str(
+            "- {name: echo, addresses: [10.96.0.1], ports: [{port: 8080, targetPort: 7000}, {port: 9090}], endpoints: [{address: 10.0.0.1, ports: {8080: 7100}}, {address: 10.0.0.2}, {address: 10.0.0.3, ready: false}]}\n\
+             - {name: admin, addresses: [10.96.0.2], ports: [{port: 80, targetPort: 15008}], endpoints: [{address: 10.0.0.2}]}\n",
+        )
+        .unwrap();
+        HostIndex::build(&services, &[])
+    }
+
+    fn check(authority: &str, pod: &str) -> Result<(String, Option<String>), BadConnect> {
+        check_connect_to(
+            &Method::CONNECT,
+            Some(authority),
+            &[pod.parse().unwrap()],
+            &RESERVED,
+            &hosts(),
+        )
+        .map(|(dst, host)| (dst.to_string(), host.map(|h| h.to_string())))
+    }
+
+    #[test]
+    fn a_hostname_authority_resolves_to_the_target_port_of_this_endpoint() {
+        let echo = Some("echo.default.svc.cluster.local".to_owned());
+        assert_eq!(
+            check("echo.default.svc.cluster.local:8080", "10.0.0.2"),
+            Ok(("10.0.0.2:7000".to_owned(), echo.clone()))
+        );
+        // The endpoint's own port mapping; any case.
+        assert_eq!(
+            check("ECHO.default.svc.cluster.local:8080", "10.0.0.1"),
+            Ok(("10.0.0.1:7100".to_owned(), echo.clone()))
+        );
+        assert_eq!(
+            check("echo.default.svc.cluster.local:9090", "10.0.0.1"),
+            Ok(("10.0.0.1:9090".to_owned(), echo))
+        );
+        // An address authority is checked as before, without a service.
+        assert_eq!(
+            check("10.0.0.1:7000", "10.0.0.1"),
+            Ok(("10.0.0.1:7000".to_owned(), None))
+        );
+    }
+
+    #[test]
+    fn other_hostname_authorities_are_bad_requests() {
+        for (authority, pod, why) in [
+            (
+                "echo.default.svc.cluster.local:8080",
+                "10.0.0.9",
+                BadConnect::BadAuthority,
+            ),
+            (
+                "echo.default.svc.cluster.local:8080",
+                "10.0.0.3",
+                BadConnect::BadAuthority,
+            ),
+            (
+                "echo.default.svc.cluster.local:7000",
+                "10.0.0.1",
+                BadConnect::BadAuthority,
+            ),
+            (
+                "other.default.svc.cluster.local:8080",
+                "10.0.0.1",
+                BadConnect::BadAuthority,
+            ),
+            (
+                "echo.default.svc.cluster.local",
+                "10.0.0.1",
+                BadConnect::BadAuthority,
+            ),
+            (
+                "echo.default.svc.cluster.local:",
+                "10.0.0.1",
+                BadConnect::BadAuthority,
+            ),
+            (
+                "echo.default.svc.cluster.local:99999",
+                "10.0.0.1",
+                BadConnect::BadAuthority,
+            ),
+            ("", "10.0.0.1", BadConnect::BadAuthority),
+            (
+                "admin.default.svc.cluster.local:80",
+                "10.0.0.2",
+                BadConnect::ReservedPort,
+            ),
+        ] {
+            assert_eq!(check(authority, pod), Err(why), "{authority} at {pod}");
+        }
+        let get = check_connect_to(
+            &Method::GET,
+            Some("echo.default.svc.cluster.local:8080"),
+            &["10.0.0.2".parse().unwrap()],
+            &RESERVED,
+            &hosts(),
+        );
+        assert_eq!(get, Err(BadConnect::NotConnect));
     }
 }

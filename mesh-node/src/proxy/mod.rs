@@ -18,6 +18,7 @@
 //! ones let the path run on loopback in tests).
 
 mod admission;
+mod crossing;
 mod descriptors;
 mod error;
 mod forward;
@@ -39,7 +40,7 @@ pub use admission::{Admission, Admissions};
 pub use descriptors::{Budget, Descriptors, accept};
 pub use error::{BadConnect, Error};
 pub use gateway::{GatewayServing, check_gateway_connect};
-pub use inbound::check_connect;
+pub use inbound::{check_connect, check_connect_to};
 pub use limits::{Active, Limits, MaxConnections, Unit};
 use rustls::crypto::CryptoProvider;
 pub use seams::{KnownDestinations, OriginalDst, PlainSockets, SocketFactory};
@@ -65,6 +66,8 @@ pub struct MeshTls {
     pub certs: CertManager,
     pub provider: Arc<CryptoProvider>,
     client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
+    /// Inner (double HBONE) client configs: a source and the identities a server may show.
+    any_of_configs: Mutex<HashMap<(Identity, Vec<Identity>), Arc<rustls::ClientConfig>>>,
 }
 
 impl MeshTls {
@@ -76,6 +79,7 @@ impl MeshTls {
             certs,
             provider,
             client_configs: Mutex::new(HashMap::new()),
+            any_of_configs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -120,6 +124,26 @@ impl MeshTls {
         configs.insert(key, Arc::clone(&config));
         Ok(config)
     }
+
+    /// A client config from `source` to a server showing any one of `destinations` (sorted
+    /// and deduplicated by the caller, so equal sets share a config).
+    fn client_config_any(
+        &self,
+        source: &Identity,
+        destinations: &[Identity],
+    ) -> Result<Arc<rustls::ClientConfig>, tls::TlsError> {
+        let key = (source.clone(), destinations.to_vec());
+        let mut configs = self
+            .any_of_configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(config) = configs.get(&key) {
+            return Ok(Arc::clone(config));
+        }
+        let config = tls::client_config_any(&self.provider, &self.certs, source, destinations)?;
+        configs.insert(key, Arc::clone(&config));
+        Ok(config)
+    }
 }
 
 /// Settings and shared state of the proxy.
@@ -129,6 +153,8 @@ pub struct Proxy {
     network: String,
     /// The other networks and their gateways, as the state last named them.
     networks: RwLock<Arc<[crate::network::Network]>>,
+    /// Turns of the gateway choice (round robin across a network's gateways).
+    gateway_turn: AtomicUsize,
     connect_timeout: Duration,
     /// Ports a connection may never be forwarded to (the daemon's own listeners).
     reserved_ports: [u16; 3],
@@ -187,6 +213,7 @@ impl Proxy {
             node: options.node,
             network: options.network,
             networks: RwLock::new(Arc::from(Vec::new())),
+            gateway_turn: AtomicUsize::new(0),
             connect_timeout: options.connect_timeout,
             reserved_ports: options.reserved_ports,
             mesh,
@@ -330,6 +357,11 @@ impl Proxy {
             .networks
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::from(state.networks.clone());
+    }
+
+    /// The service table in force.
+    fn service_table(&self) -> Arc<ServiceTable> {
+        Arc::clone(&self.services.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The endpoints behind `dst`, if it is a service address.

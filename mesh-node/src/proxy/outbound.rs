@@ -8,7 +8,9 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{Active, Error, PodContext, Proxy, SocketFactory, error::Context, forward};
+use super::{
+    Active, Error, PodContext, Proxy, SocketFactory, crossing::Crossing, error::Context, forward,
+};
 use crate::{
     hbone::{self, BoxFuture, Dialer, PoolKey},
     metrics::{ConnRecord, Direction, Endpoint, NoMtls, Path, Security, TrafficNote},
@@ -48,6 +50,15 @@ enum Route {
     SameNode(Arc<PodContext>),
     /// Out of the mesh (or to a pod of this node not served yet: its own capture takes it).
     Passthrough(Option<Arc<Workload>>),
+    /// To an endpoint on another network, through its gateway (double HBONE).
+    Gateway(Box<Crossing>),
+    /// To a workload on another network that cannot be reached: its network has no gateway,
+    /// or it was addressed by IP rather than through a service (`by_address`).
+    Unreachable {
+        workload: Arc<Workload>,
+        network: Arc<str>,
+        by_address: bool,
+    },
 }
 
 impl Route {
@@ -56,12 +67,13 @@ impl Route {
             Route::Hbone(_) => Path::Hbone,
             Route::SameNode(_) => Path::SameNode,
             Route::Passthrough(_) => Path::Passthrough,
+            Route::Gateway(_) | Route::Unreachable { .. } => Path::DoubleHbone,
         }
     }
 
     fn security(&self) -> Security {
         match self {
-            Route::Hbone(_) => Security::MutualTls,
+            Route::Hbone(_) | Route::Gateway(_) | Route::Unreachable { .. } => Security::MutualTls,
             Route::SameNode(_) => Security::None(NoMtls::SameNode),
             Route::Passthrough(_) => Security::None(NoMtls::DestinationNotInMesh),
         }
@@ -72,14 +84,25 @@ impl Route {
             Route::Hbone(w) => Some(Arc::clone(w)),
             Route::SameNode(pod) => Some(Arc::clone(&pod.workload)),
             Route::Passthrough(w) => w.clone(),
+            Route::Gateway(c) => Some(Arc::clone(&c.workload)),
+            Route::Unreachable { workload, .. } => Some(Arc::clone(workload)),
+        }
+    }
+
+    /// The destination's network, when it is another one.
+    fn network(&self) -> Option<Arc<str>> {
+        match self {
+            Route::Gateway(c) => Some(Arc::clone(&c.network)),
+            Route::Unreachable { network, .. } => Some(Arc::clone(network)),
+            _ => None,
         }
     }
 }
 
 /// Dials the TCP connections of a pod's pooled HBONE connections through its sockets.
-struct PodDialer<'a> {
-    proxy: &'a Proxy,
-    sockets: &'a dyn SocketFactory,
+pub(super) struct PodDialer<'a> {
+    pub proxy: &'a Proxy,
+    pub sockets: &'a dyn SocketFactory,
 }
 
 impl Dialer for PodDialer<'_> {
@@ -113,7 +136,7 @@ impl Proxy {
         let accepted = Instant::now();
         let Some(backends) = self.service_at(dst) else {
             // Not a service address: straight to where the application was going.
-            let route = self.route(dst);
+            let route = self.route(dst, None);
             let result = self.establish(ctx, &route, (peer, dst)).await;
             return self
                 .carry(
@@ -165,7 +188,7 @@ impl Proxy {
         }
         let outcome = self
             .connect_with_failover(
-                (ctx, peer),
+                (ctx, peer, dst.port()),
                 &plan.cluster,
                 &service,
                 &mut note,
@@ -191,11 +214,12 @@ impl Proxy {
 
     /// Connects to an endpoint of `cluster`. Failover: an endpoint that fails before any byte
     /// reached the application is counted against it (outlier detection) and another is
-    /// tried, up to [`MAX_ATTEMPTS`], each attempt within the connect timeout. `None`: no
-    /// endpoint to try.
+    /// tried, up to [`MAX_ATTEMPTS`], each attempt within the connect timeout (through a
+    /// gateway: a failed gateway or a 503 from it counts against the endpoint). `port` is the
+    /// service port. `None`: no endpoint to try.
     async fn connect_with_failover(
         &self,
-        (ctx, peer): (&PodContext, SocketAddr),
+        (ctx, peer, port): (&PodContext, SocketAddr, u16),
         cluster: &Cluster,
         service: &Arc<str>,
         note: &mut TrafficNote,
@@ -214,7 +238,7 @@ impl Proxy {
             let endpoint = lease.addr;
             context.dst = Some(endpoint);
             note.attempts += 1;
-            let route = self.route(endpoint);
+            let route = self.route(endpoint, Some((cluster, port)));
             debug!(service = %service, endpoint = %endpoint, attempt = note.attempts, "service endpoint chosen");
             let result =
                 match tokio::time::timeout(timeout, self.establish(ctx, &route, (peer, endpoint)))
@@ -352,6 +376,23 @@ impl Proxy {
                 .await
                 .map(|upstream| Established::Tcp(upstream, None))
                 .map_err(|source| Error::Upstream { dst, source }),
+            Route::Gateway(crossing) => Box::pin(self.open_crossing(ctx, (peer, dst), crossing))
+                .await
+                .map(Established::Hbone),
+            Route::Unreachable {
+                network,
+                by_address,
+                ..
+            } => Err(if *by_address {
+                Error::RemoteAddress {
+                    dst,
+                    network: Arc::clone(network),
+                }
+            } else {
+                Error::NoGateway {
+                    network: Arc::clone(network),
+                }
+            }),
         }
     }
 
@@ -401,6 +442,12 @@ impl Proxy {
         if let Some(started) = managed.started {
             record = record.started_at(started);
         }
+        if let Some(network) = route.network() {
+            record = record.with_network(network);
+        }
+        if let Route::Gateway(crossing) = &route {
+            record = record.with_gateway(crossing.hop());
+        }
         if let Some(note) = managed.note {
             record = record.with_traffic(note);
         }
@@ -423,9 +470,26 @@ impl Proxy {
         }
     }
 
-    /// How a connection to `dst` is carried.
-    fn route(&self, dst: SocketAddr) -> Route {
+    /// How a connection to `dst` is carried: as an endpoint of `service` (its cluster and
+    /// port) when the application dialled a service address, which is what lets a workload on
+    /// another network be reached.
+    fn route(&self, dst: SocketAddr, service: Option<(&Cluster, u16)>) -> Route {
         match self.workload_at(dst.ip()).filter(|w| w.enrolled) {
+            Some(w) if w.remote_network(&self.network) => match service {
+                Some((cluster, port)) => match self.crossing(Arc::clone(&w), cluster, port) {
+                    Ok(crossing) => Route::Gateway(Box::new(crossing)),
+                    Err(network) => Route::Unreachable {
+                        workload: w,
+                        network,
+                        by_address: false,
+                    },
+                },
+                None => Route::Unreachable {
+                    network: w.network.as_str().into(),
+                    workload: w,
+                    by_address: true,
+                },
+            },
             Some(w) if w.node == self.node => match self.local_pod(&w.uid()) {
                 Some(pod) => Route::SameNode(pod),
                 // Enrolled here but not (yet) served: let its capture take it.
@@ -479,7 +543,7 @@ impl Proxy {
 }
 
 /// The source pod's address of the destination's family (what the destination would see).
-fn source_ip(source: &Workload, dst: SocketAddr) -> std::net::IpAddr {
+pub(super) fn source_ip(source: &Workload, dst: SocketAddr) -> std::net::IpAddr {
     source
         .ips
         .iter()

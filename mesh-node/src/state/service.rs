@@ -15,6 +15,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
+mod hosts;
+pub use hosts::{HostEntry, HostIndex};
+
 use crate::{
     identity::Identity,
     traffic::{
@@ -341,6 +344,8 @@ fn matches(m: &Match, source: &Source<'_>, dst: SocketAddr) -> bool {
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_addr: HashMap<SocketAddr, Arc<Backends>>,
+    /// The services by hostname (inner `CONNECT`s of double HBONE name them).
+    hosts: HostIndex,
 }
 
 /// A ready endpoint before the locality choice.
@@ -432,7 +437,16 @@ impl ServiceTable {
             }
         }
         registry.sweep();
-        Self { by_addr }
+        Self {
+            by_addr,
+            hosts: HostIndex::build(services, workloads),
+        }
+    }
+
+    /// The services by hostname.
+    #[must_use]
+    pub fn hosts(&self) -> &HostIndex {
+        &self.hosts
     }
 
     /// The endpoints behind a service address, if `dst` is one.

@@ -5,7 +5,8 @@
 //!   requires a client certificate that chains to the mesh roots and carries a URI SAN in the
 //!   mesh's trust domain; the verified peer identity is handed to the authorizer.
 //! - The client presents the source workload's certificate and accepts only a server chain to
-//!   the mesh roots whose URI SAN is the destination workload's identity.
+//!   the mesh roots whose URI SAN is the destination workload's identity (through a gateway:
+//!   one of the identities of the service's endpoints there, [`client_config_any`]).
 //!
 //! Chains are validated by webpki against the mesh roots (`verify.rs`), the certificate
 //! source's current ones at each handshake (a config built before a root rotation trusts the
@@ -119,6 +120,28 @@ pub fn client_config(
     expected: &Identity,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = PeerVerifier::server(provider, certs.clone(), expected.clone())?;
+    client_with(provider, certs, source, verifier)
+}
+
+/// Client side of an HBONE connection from `source` to a peer that may be any one of
+/// `expected` (the inner connection of double HBONE: whichever endpoint of the service the
+/// gateway chose).
+pub fn client_config_any(
+    provider: &Arc<CryptoProvider>,
+    certs: &CertManager,
+    source: &Identity,
+    expected: &[Identity],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = PeerVerifier::server_any_of(provider, certs.clone(), expected.to_vec())?;
+    client_with(provider, certs, source, verifier)
+}
+
+fn client_with(
+    provider: &Arc<CryptoProvider>,
+    certs: &CertManager,
+    source: &Identity,
+    verifier: PeerVerifier,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(Arc::clone(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

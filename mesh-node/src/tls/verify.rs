@@ -68,6 +68,9 @@ enum Expect {
     TrustDomains(Vec<String>),
     /// A server: exactly this workload identity.
     Exactly(Identity),
+    /// A server: any one of these workload identities (a service's endpoints behind a
+    /// gateway, any of which may answer).
+    AnyOf(Vec<Identity>),
 }
 
 /// Verifies peer chains against the mesh roots and checks the SPIFFE identity.
@@ -131,6 +134,15 @@ impl PeerVerifier {
         Self::new(provider, roots, Expect::Exactly(identity))
     }
 
+    /// For a client: accept a server with any one of `identities` (none: no server).
+    pub fn server_any_of(
+        provider: &Arc<CryptoProvider>,
+        roots: impl RootStore + 'static,
+        identities: Vec<Identity>,
+    ) -> Result<Self, TlsError> {
+        Self::new(provider, roots, Expect::AnyOf(identities))
+    }
+
     fn verify_chain(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -156,6 +168,7 @@ impl PeerVerifier {
         let ok = match &self.expect {
             Expect::TrustDomains(tds) => tds.contains(&id.trust_domain),
             Expect::Exactly(expected) => id == *expected,
+            Expect::AnyOf(expected) => expected.contains(&id),
         };
         if ok {
             Ok(())
@@ -165,6 +178,13 @@ impl PeerVerifier {
                     format!("an identity in trust domain {}", tds.join(" or "))
                 }
                 Expect::Exactly(id) => id.to_string(),
+                Expect::AnyOf(ids) => format!(
+                    "one of [{}]",
+                    ids.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             };
             Err(Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(WrongIdentity {

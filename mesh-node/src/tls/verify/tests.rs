@@ -229,3 +229,47 @@ fn a_verifier_reads_the_current_roots_at_each_handshake_and_parses_them_once_per
         "fails closed on unparsable roots"
     );
 }
+
+#[test]
+fn an_any_of_server_verifier_accepts_each_listed_identity_and_nothing_else() {
+    let ca = test_ca();
+    let b2 = "spiffe://cluster.local/ns/default/sa/b2";
+    let verifier = PeerVerifier::server_any_of(
+        &crate::tls::provider(),
+        fixed(&ca),
+        vec![B1.parse().unwrap(), b2.parse().unwrap()],
+    )
+    .unwrap();
+    let verify = |verifier: &PeerVerifier, san: &str| {
+        verifier.verify_server_cert(
+            &leaf(&ca, &[san]),
+            &[],
+            &ServerName::try_from("ignored.invalid").unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+    };
+    assert!(verify(&verifier, B1).is_ok());
+    assert!(verify(&verifier, b2).is_ok());
+    let refused = verify(&verifier, "spiffe://cluster.local/ns/default/sa/b3")
+        .expect_err("an identity not listed");
+    assert!(refused.to_string().contains("one of ["), "{refused}");
+    assert!(verify(&verifier, EVIL).is_err());
+    // From another CA, a listed identity is refused all the same.
+    let other = test_ca();
+    assert!(
+        verifier
+            .verify_server_cert(
+                &leaf(&other, &[B1]),
+                &[],
+                &ServerName::try_from("ignored.invalid").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_err()
+    );
+    // An empty list accepts no server.
+    let none =
+        PeerVerifier::server_any_of(&crate::tls::provider(), fixed(&ca), Vec::new()).unwrap();
+    assert!(verify(&none, B1).is_err());
+}

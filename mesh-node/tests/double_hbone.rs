@@ -1,0 +1,355 @@
+//! Double HBONE without root (the rootless tier): a client's daemon reaches a service endpoint
+//! on another network through an east-west gateway. The gateway here is the smallest one the
+//! wire allows, built in the test from `hbone::serve_connection`: it accepts the outer
+//! `CONNECT` and forwards its bytes, unread, over TCP to the destination's 15008, keeping a
+//! copy of everything it forwarded. Real parts otherwise (`support`).
+
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use mesh_node::{
+    hbone::{self, Incoming, ServerError, ServerSettings},
+    identity::Identity,
+    network::{Network, NetworkGateway},
+    policy::PolicyStore,
+    state::{MeshState, service::Service},
+    tls,
+    traffic::TrafficSet,
+};
+use support::{ECHO, Mesh, TRUST_DOMAIN, principal, round_trip};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+
+const MESH: u8 = 41;
+/// The service port of the test services (target port: the echo application's).
+const PORT: u16 = 8080;
+/// Bytes the application sends, which must never appear in what the gateway forwarded.
+const SECRET: &[u8] = b"the-application-bytes-stay-inside-the-inner-tls";
+
+/// What the in-test gateway saw.
+#[derive(Default)]
+struct Seen {
+    /// Every byte forwarded, both ways.
+    bytes: Vec<u8>,
+    /// The outer `CONNECT`s' authorities and the peer identities.
+    requests: Vec<(String, String)>,
+}
+
+/// A minimal east-west gateway: each outer stream is forwarded to `to` (the destination's
+/// HBONE listener), from the gateway's own address.
+struct Gateway {
+    ip: IpAddr,
+    to: SocketAddr,
+    seen: Mutex<Seen>,
+}
+
+impl hbone::Handler for Gateway {
+    fn stream(self: &Arc<Self>, stream: Incoming) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let authority = stream.authority().unwrap_or_default().to_owned();
+            this.lock()
+                .requests
+                .push((authority, stream.identity.to_string()));
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket.bind(SocketAddr::new(this.ip, 0)).expect("bind");
+            let Ok(tcp) = socket.connect(this.to).await else {
+                return stream.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+            };
+            let Ok(tunnel) = stream.accept() else { return };
+            this.forward(tunnel, tcp).await;
+        });
+    }
+
+    fn error(&self, _peer: SocketAddr, _identity: Option<&Identity>, _error: &ServerError) {}
+}
+
+impl Gateway {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Copies both ways, keeping a copy; half-closes pass through.
+    async fn forward(&self, tunnel: hbone::Tunnel, tcp: TcpStream) {
+        let hbone::Tunnel {
+            mut send,
+            mut recv,
+            slot,
+        } = tunnel;
+        let (mut read, mut write) = tcp.into_split();
+        let down = async {
+            while let Some(Ok(data)) = recv.data().await {
+                self.lock().bytes.extend_from_slice(&data);
+                let _ = recv.flow_control().release_capacity(data.len());
+                if write.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = write.shutdown().await;
+        };
+        let up = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                self.lock().bytes.extend_from_slice(&buf[..n]);
+                let mut chunk = Bytes::copy_from_slice(&buf[..n]);
+                while !chunk.is_empty() {
+                    send.reserve_capacity(chunk.len());
+                    let Some(Ok(granted)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                    else {
+                        return;
+                    };
+                    let part = chunk.split_to(granted.min(chunk.len()));
+                    if send.send_data(part, false).is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = send.send_data(Bytes::new(), true);
+        };
+        tokio::join!(down, up);
+        drop(slot);
+    }
+}
+
+/// The gateway's identity (the default of `networks[].gateways[]`).
+fn gateway_identity() -> Identity {
+    format!("spiffe://{TRUST_DOMAIN}/ns/istio-system/sa/istio-eastwestgateway")
+        .parse()
+        .unwrap()
+}
+
+/// Starts a gateway at `ip:15008` forwarding to `to`, with its certificate from `mesh`'s CA.
+async fn start_gateway(
+    mesh: &Mesh,
+    ip: IpAddr,
+    to: SocketAddr,
+) -> (Arc<Gateway>, tokio::task::JoinHandle<()>) {
+    let node = &mesh.nodes[0];
+    let certs = node.proxy.certs().clone();
+    let identity = gateway_identity();
+    certs.acquire(&identity);
+    certs
+        .get(&identity)
+        .await
+        .expect("the gateway's certificate");
+    let server = tls::server_config(&tls::provider(), &certs, &identity, &[TRUST_DOMAIN.into()])
+        .expect("server config");
+    let (draining, watch) = tokio::sync::watch::channel(false);
+    let settings = Arc::new(ServerSettings {
+        handshake_timeout: Duration::from_secs(5),
+        liveness: hbone::Liveness::default(),
+        draining: watch,
+        metrics: Arc::clone(&node.metrics),
+    });
+    let gateway = Arc::new(Gateway {
+        ip,
+        to,
+        seen: Mutex::default(),
+    });
+    let listener = TcpListener::bind((ip, hbone::PORT)).await.expect("bind");
+    let handler = Arc::clone(&gateway);
+    let task = tokio::spawn(async move {
+        let _draining = draining;
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&server));
+            let (settings, handler) = (Arc::clone(&settings), Arc::clone(&handler));
+            tokio::spawn(async move {
+                hbone::serve_connection(acceptor, tcp, peer, &settings, handler).await;
+            });
+        }
+    });
+    (gateway, task)
+}
+
+fn ip(node: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, MESH, node, host))
+}
+
+fn network(name: &str, gateway: IpAddr) -> Network {
+    Network {
+        name: name.to_owned(),
+        gateways: vec![NetworkGateway {
+            address: SocketAddr::new(gateway, hbone::PORT),
+            namespace: "istio-system".to_owned(),
+            service_account: "istio-eastwestgateway".to_owned(),
+            trust_domain: None,
+        }],
+    }
+}
+
+/// A service at `vip:8080` (target port: the echo's) with these endpoints listed.
+fn service(name: &str, vip: IpAddr, endpoints: &[IpAddr]) -> Service {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{address: '{e}'}}"))
+        .collect();
+    serde_yaml_ng::from_str(&format!(
+        "{{name: {name}, addresses: ['{vip}'], ports: [{{port: {PORT}, targetPort: {ECHO}}}], endpoints: [{}]}}",
+        endpoints.join(", ")
+    ))
+    .expect("service YAML")
+}
+
+/// `from`'s application connects to `vip:8080`.
+async fn dial_service(mesh: &Mesh, from: &str, vip: IpAddr) -> std::io::Result<TcpStream> {
+    let pod = mesh.pod(from);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(pod.ip, 0))?;
+    pod.destinations
+        .outbound_from(socket.local_addr()?, SocketAddr::new(vip, PORT));
+    socket.connect(SocketAddr::new(pod.ip, 15001)).await
+}
+
+async fn echoes(stream: std::io::Result<TcpStream>, data: &[u8]) -> bool {
+    let Ok(mut stream) = stream else {
+        return false;
+    };
+    round_trip(&mut stream, data)
+        .await
+        .is_ok_and(|back| back == data)
+}
+
+fn deny_a1() -> String {
+    format!(
+        "- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata: {{name: deny-a1, namespace: default}}\n  spec:\n    selector: {{matchLabels: {{app: b1}}}}\n    action: DENY\n    rules: [{{from: [{{source: {{principals: [\"{}\"]}}}}]}}]\n",
+        principal("a1").trim_start_matches("spiffe://")
+    )
+}
+
+/// `value` of the first exposition line of `metric` containing all of `labels`.
+fn metric(mesh: &Mesh, node: &str, metric: &str, labels: &[&str]) -> u64 {
+    mesh.node(node)
+        .metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(metric) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_on_another_network_is_reached_through_its_gateway_end_to_end() {
+    let mut mesh = Mesh::new(
+        MESH,
+        &[
+            ("node-a", &["a1", "a2"]),
+            ("node-b", &["b1"]),
+            ("node-c", &["c1"]),
+        ],
+    )
+    .await;
+    let (b1, c1) = (mesh.pod("b1").ip, mesh.pod("c1").ip);
+    for w in &mut mesh.workloads {
+        match w.name.as_str() {
+            "b1" => w.network = "west".to_owned(),
+            "c1" => w.network = "east".to_owned(),
+            _ => {}
+        }
+    }
+    let (west_gw, east_gw) = (ip(90, 1), ip(91, 1));
+    let (gateway, _task) = start_gateway(&mesh, west_gw, SocketAddr::new(b1, hbone::PORT)).await;
+    let (west, both) = (ip(50, 1), ip(50, 2));
+    let state = MeshState {
+        workloads: mesh.workloads.clone(),
+        services: vec![
+            service("echo-west", west, &[b1]),
+            service("echo-both", both, &[b1, c1]),
+        ],
+        policies: Arc::new(PolicyStore::default()),
+        traffic: Arc::new(TrafficSet::default()),
+        // East's gateway is dead: nothing listens there.
+        networks: vec![network("west", west_gw), network("east", east_gw)],
+        zone: None,
+        pending: None,
+    };
+    for node in &mesh.nodes {
+        node.proxy.set_workloads(&state.workloads);
+        node.proxy.set_services(&state, &node.name);
+    }
+
+    // Client → outer (to the gateway) → inner (to b1) → the application, and back.
+    let data: Vec<u8> = SECRET.iter().copied().cycle().take(256 * 1024).collect();
+    assert!(
+        echoes(dial_service(&mesh, "a1", west).await, &data).await,
+        "256 KiB through the gateway, half-closed both ways"
+    );
+    {
+        let seen = gateway.lock();
+        assert_eq!(
+            seen.requests,
+            [(
+                format!("echo-west.default.svc.cluster.local:{PORT}"),
+                principal("a1")
+            )],
+            "one outer CONNECT, to the service hostname, from a1"
+        );
+        assert!(
+            seen.bytes.len() > data.len() * 2,
+            "the gateway forwarded the inner connection ({} bytes)",
+            seen.bytes.len()
+        );
+        assert!(
+            !seen.bytes.windows(SECRET.len()).any(|w| w == SECRET),
+            "the gateway saw the application's bytes: the inner TLS is not end to end"
+        );
+    }
+
+    // The destination authorizes the original client: a DENY on a1 holds, a2 passes.
+    mesh.set_policies("node-b", &deny_a1());
+    assert!(!echoes(dial_service(&mesh, "a1", west).await, SECRET).await);
+    assert!(echoes(dial_service(&mesh, "a2", west).await, SECRET).await);
+    assert_eq!(mesh.errors("node-b", "hbone", "policy_denied"), 1);
+    assert_eq!(mesh.errors("node-a", "outbound", "hbone_denied"), 1);
+    mesh.set_policies("node-b", "[]");
+
+    // A workload of another network addressed by its IP: refused, never passed through.
+    assert!(!echoes(mesh.dial("a1", "b1", ECHO).await, SECRET).await);
+    assert_eq!(
+        mesh.errors("node-a", "outbound", "remote_network_address"),
+        1
+    );
+
+    // East's gateway is down: its endpoint fails and the connection goes to the other one.
+    for _ in 0..4 {
+        assert!(echoes(dial_service(&mesh, "a2", both).await, SECRET).await);
+    }
+    assert!(
+        metric(
+            &mesh,
+            "node-a",
+            "mesh_traffic_decisions",
+            &["decision=\"retry\"", "echo-both"]
+        ) >= 1,
+        "the dead gateway's endpoint was tried and another one taken"
+    );
+    assert_eq!(
+        metric(
+            &mesh,
+            "node-a",
+            "istio_tcp_connections_opened_total",
+            &["destination_workload=\"c1\""]
+        ),
+        metric(
+            &mesh,
+            "node-a",
+            "istio_tcp_connections_closed_total",
+            &["destination_workload=\"c1\"", "response_flags=\"UF\""]
+        ),
+        "every try through the dead gateway failed"
+    );
+}
