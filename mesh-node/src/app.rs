@@ -246,13 +246,16 @@ impl Started {
     }
 }
 
+/// The proxy, its metrics and admin state, and the tasks serving them.
+type Built = (Arc<Proxy>, Arc<Metrics>, Arc<AdminState>, Endpoints);
+
 /// The proxy with its certificates from `ca`, and the observability endpoints serving its
 /// metrics and admin API.
 fn build_proxy(
     config: &Config,
     ca: Arc<dyn CertSource>,
     log: LogHandle,
-) -> Result<(Arc<Proxy>, Arc<Metrics>, Arc<AdminState>, Endpoints), AppError> {
+) -> Result<Built, AppError> {
     let provider = tls::provider();
     // Libraries that build TLS configurations without naming a provider (the Kubernetes
     // client) use the process default: the same one.

@@ -30,7 +30,7 @@ const CERT_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The gateway as a workload: what its policies select and its identity is made of.
 #[must_use]
-pub fn gateway_workload(config: &Config) -> Workload {
+pub(super) fn gateway_workload(config: &Config) -> Workload {
     let gateway = &config.gateway;
     Workload {
         name: gateway.name.clone(),

@@ -162,8 +162,9 @@ impl Error {
             Error::FaultAbort { .. } => "FI",
             Error::RateLimited { .. } => "RL",
             Error::NoEndpoint { .. } | Error::NoGateway { .. } => "UH",
-            Error::RemoteAddress { .. } => "NR",
-            Error::NoOriginalDst | Error::UnknownService { .. } => "NR",
+            Error::NoOriginalDst | Error::UnknownService { .. } | Error::RemoteAddress { .. } => {
+                "NR"
+            }
             Error::ReservedPort(_) | Error::BadRequest(_) => "DPE",
             Error::Upstream { .. }
             | Error::NoCertificate { .. }

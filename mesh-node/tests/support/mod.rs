@@ -298,7 +298,8 @@ fn octet(i: usize) -> u8 {
     u8::try_from(i + 1).expect("a small mesh")
 }
 
-fn options(node: &str, metrics: &Arc<Metrics>) -> ProxyOptions {
+/// The proxy options of the tests' nodes: generous limits, short timeouts.
+pub fn options(node: &str, metrics: &Arc<Metrics>) -> ProxyOptions {
     ProxyOptions {
         metrics: Arc::clone(metrics),
         node: node.to_owned(),
