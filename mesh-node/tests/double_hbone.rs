@@ -22,13 +22,12 @@ use mesh_node::{
     tls,
     traffic::TrafficSet,
 };
-use support::{ECHO, Mesh, TRUST_DOMAIN, principal, round_trip};
+use support::{ECHO, Mesh, RESET, TRUST_DOMAIN, principal, round_trip};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
-const MESH: u8 = 41;
 /// The service port of the test services (target port: the echo application's).
 const PORT: u16 = 8080;
 /// Bytes the application sends, which must never appear in what the gateway forwarded.
@@ -176,8 +175,8 @@ async fn start_gateway(
     (gateway, task)
 }
 
-fn ip(node: u8, host: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, MESH, node, host))
+fn ip(mesh: u8, node: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, mesh, node, host))
 }
 
 fn network(name: &str, gateway: IpAddr) -> Network {
@@ -192,14 +191,14 @@ fn network(name: &str, gateway: IpAddr) -> Network {
     }
 }
 
-/// A service at `vip:8080` (target port: the echo's) with these endpoints listed.
-fn service(name: &str, vip: IpAddr, endpoints: &[IpAddr]) -> Service {
+/// A service at `vip:8080` (target port: `target`) with these endpoints listed.
+fn service(name: &str, (vip, target): (IpAddr, u16), endpoints: &[IpAddr]) -> Service {
     let endpoints: Vec<String> = endpoints
         .iter()
         .map(|e| format!("{{address: '{e}'}}"))
         .collect();
     serde_yaml_ng::from_str(&format!(
-        "{{name: {name}, addresses: ['{vip}'], ports: [{{port: {PORT}, targetPort: {ECHO}}}], endpoints: [{}]}}",
+        "{{name: {name}, addresses: ['{vip}'], ports: [{{port: {PORT}, targetPort: {target}}}], endpoints: [{}]}}",
         endpoints.join(", ")
     ))
     .expect("service YAML")
@@ -242,10 +241,40 @@ fn metric(mesh: &Mesh, node: &str, metric: &str, labels: &[&str]) -> u64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_on_another_network_is_reached_through_its_gateway_end_to_end() {
+/// The services of the tests (`vip:8080`).
+struct Vips {
+    /// `b1` on network west, behind the live gateway.
+    west: IpAddr,
+    /// `b1` (west) and `c1` (east, whose gateway is dead).
+    both: IpAddr,
+    /// `b1`'s application that resets every connection.
+    resets: IpAddr,
+    /// `c1` only.
+    east: IpAddr,
+    /// `c1` and `a2` (this network, on the client's node).
+    mixed: IpAddr,
+}
+
+/// Nodes a (`a1`, `a2`: the clients' network), b (`b1`, network west, behind a live
+/// gateway) and c (`c1`, network east, whose gateway is dead: nothing listens there).
+struct Fixture {
+    mesh: Mesh,
+    gateway: Arc<Gateway>,
+    vips: Vips,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn fixture(id: u8) -> Fixture {
     let mut mesh = Mesh::new(
-        MESH,
+        id,
         &[
             ("node-a", &["a1", "a2"]),
             ("node-b", &["b1"]),
@@ -256,19 +285,24 @@ async fn a_service_on_another_network_is_reached_through_its_gateway_end_to_end(
     let (b1, c1) = (mesh.pod("b1").ip, mesh.pod("c1").ip);
     for w in &mut mesh.workloads {
         match w.name.as_str() {
-            "b1" => w.network = "west".to_owned(),
-            "c1" => w.network = "east".to_owned(),
+            "b1" => "west".clone_into(&mut w.network),
+            "c1" => "east".clone_into(&mut w.network),
             _ => {}
         }
     }
-    let (west_gw, east_gw) = (ip(90, 1), ip(91, 1));
-    let (gateway, _task) = start_gateway(&mesh, west_gw, SocketAddr::new(b1, hbone::PORT)).await;
-    let (west, both) = (ip(50, 1), ip(50, 2));
+    let (west_gw, east_gw) = (ip(id, 90, 1), ip(id, 91, 1));
+    let (gateway, task) = start_gateway(&mesh, west_gw, SocketAddr::new(b1, hbone::PORT)).await;
+    let vip = |host| ip(id, 50, host);
+    let (west, both, resets, east, mixed) = (vip(1), vip(2), vip(3), vip(4), vip(5));
+    let a2 = mesh.pod("a2").ip;
     let state = MeshState {
         workloads: mesh.workloads.clone(),
         services: vec![
-            service("echo-west", west, &[b1]),
-            service("echo-both", both, &[b1, c1]),
+            service("echo-west", (west, ECHO), &[b1]),
+            service("echo-both", (both, ECHO), &[b1, c1]),
+            service("reset-west", (resets, RESET), &[b1]),
+            service("echo-east", (east, ECHO), &[c1]),
+            service("echo-mixed", (mixed, ECHO), &[c1, a2]),
         ],
         policies: Arc::new(PolicyStore::default()),
         traffic: Arc::new(TrafficSet::default()),
@@ -282,10 +316,30 @@ async fn a_service_on_another_network_is_reached_through_its_gateway_end_to_end(
         node.proxy.set_services(&state, &node.name);
     }
 
+    Fixture {
+        mesh,
+        gateway,
+        vips: Vips {
+            west,
+            both,
+            resets,
+            east,
+            mixed,
+        },
+        _task: AbortOnDrop(task),
+    }
+}
+
+/// Client → outer (to the gateway) → inner (to b1) → the application, and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_both_tunnels_and_the_gateway_sees_only_ciphertext() {
+    let fixture = fixture(41).await;
+    let (mesh, gateway) = (&fixture.mesh, &fixture.gateway);
+    let Vips { west, resets, .. } = fixture.vips;
     // Client → outer (to the gateway) → inner (to b1) → the application, and back.
     let data: Vec<u8> = SECRET.iter().copied().cycle().take(256 * 1024).collect();
     assert!(
-        echoes(dial_service(&mesh, "a1", west).await, &data).await,
+        echoes(dial_service(mesh, "a1", west).await, &data).await,
         "256 KiB through the gateway, half-closed both ways"
     );
     {
@@ -309,10 +363,48 @@ async fn a_service_on_another_network_is_reached_through_its_gateway_end_to_end(
         );
     }
 
+    // Counted as carried: the application's bytes, not the tunnels' (the inner TLS, the
+    // gateway's framing).
+    let carried = |metric_name| {
+        metric(
+            mesh,
+            "node-a",
+            metric_name,
+            &[
+                "destination_workload=\"b1\"",
+                "connection_security_policy=\"mutual_tls\"",
+            ],
+        )
+    };
+    let size = u64::try_from(data.len()).unwrap();
+    assert_eq!(
+        (
+            carried("istio_tcp_received_bytes_total"),
+            carried("istio_tcp_sent_bytes_total")
+        ),
+        (size, size)
+    );
+    // The application's reset reaches the client as a reset, through both tunnels.
+    let mut stream = dial_service(mesh, "a1", resets).await.expect("connect");
+    stream.write_all(b"x").await.expect("write");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    assert!(
+        matches!(&read, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "reset, not a clean end: {read:?}"
+    );
+}
+
+/// The destination's policies see the client's identity; an IP of another network is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_authorizes_the_original_client_and_addresses_do_not_cross() {
+    let fixture = fixture(42).await;
+    let mesh = &fixture.mesh;
+    let west = fixture.vips.west;
     // The destination authorizes the original client: a DENY on a1 holds, a2 passes.
     mesh.set_policies("node-b", &deny_a1());
-    assert!(!echoes(dial_service(&mesh, "a1", west).await, SECRET).await);
-    assert!(echoes(dial_service(&mesh, "a2", west).await, SECRET).await);
+    assert!(!echoes(dial_service(mesh, "a1", west).await, SECRET).await);
+    assert!(echoes(dial_service(mesh, "a2", west).await, SECRET).await);
     assert_eq!(mesh.errors("node-b", "hbone", "policy_denied"), 1);
     assert_eq!(mesh.errors("node-a", "outbound", "hbone_denied"), 1);
     mesh.set_policies("node-b", "[]");
@@ -323,33 +415,45 @@ async fn a_service_on_another_network_is_reached_through_its_gateway_end_to_end(
         mesh.errors("node-a", "outbound", "remote_network_address"),
         1
     );
+}
 
+/// Endpoints behind a dead gateway fail and others are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gateway_fails_its_endpoints_over() {
+    let fixture = fixture(43).await;
+    let mesh = &fixture.mesh;
+    let Vips {
+        both, east, mixed, ..
+    } = fixture.vips;
     // East's gateway is down: its endpoint fails and the connection goes to the other one.
     for _ in 0..4 {
-        assert!(echoes(dial_service(&mesh, "a2", both).await, SECRET).await);
+        assert!(echoes(dial_service(mesh, "a2", both).await, SECRET).await);
     }
     assert!(
         metric(
-            &mesh,
+            mesh,
             "node-a",
             "mesh_traffic_decisions",
             &["decision=\"retry\"", "echo-both"]
         ) >= 1,
         "the dead gateway's endpoint was tried and another one taken"
     );
+    // With a ready endpoint on this network, the dead gateway's is not used at all.
+    let failed = mesh.errors("node-a", "outbound", "hbone_connect");
+    for _ in 0..4 {
+        assert!(echoes(dial_service(mesh, "a1", mixed).await, SECRET).await);
+    }
+    assert_eq!(mesh.errors("node-a", "outbound", "hbone_connect"), failed);
     assert_eq!(
         metric(
-            &mesh,
+            mesh,
             "node-a",
-            "istio_tcp_connections_opened_total",
-            &["destination_workload=\"c1\""]
+            "mesh_traffic_decisions",
+            &["decision=\"retry\"", "echo-mixed"]
         ),
-        metric(
-            &mesh,
-            "node-a",
-            "istio_tcp_connections_closed_total",
-            &["destination_workload=\"c1\"", "response_flags=\"UF\""]
-        ),
-        "every try through the dead gateway failed"
+        0
     );
+    // Only behind the dead gateway: refused, the client's connection reset.
+    assert!(!echoes(dial_service(mesh, "a2", east).await, SECRET).await);
+    assert!(mesh.errors("node-a", "outbound", "hbone_connect") >= 1);
 }

@@ -620,8 +620,8 @@ fn access_line(line: &AccessLine<'_>) {
         attempts = traffic.map_or(1, |t| t.attempts),
         fault = text(|t| t.fault.as_deref()),
         network = line.network.unwrap_or(""),
-        gateway = line.gateway.map(|g| g.address.to_string()).unwrap_or_default(),
-        gateway_identity = line.gateway.map(|g| g.identity.to_string()).unwrap_or_default(),
+        gateway = %line.gateway.map(|g| g.address.to_string()).unwrap_or_default(),
+        gateway_identity = %line.gateway.map(|g| g.identity.to_string()).unwrap_or_default(),
         reason = line.reason,
         "connection complete"
     );

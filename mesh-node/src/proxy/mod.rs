@@ -58,6 +58,9 @@ use crate::{
     workload::Workload,
 };
 
+/// TLS client configs, by what they were built for.
+type ConfigCache<K> = Mutex<HashMap<K, Arc<rustls::ClientConfig>>>;
+
 /// Mesh identity settings shared by every connection.
 pub struct MeshTls {
     pub trust_domain: String,
@@ -67,7 +70,7 @@ pub struct MeshTls {
     pub provider: Arc<CryptoProvider>,
     client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
     /// Inner (double HBONE) client configs: a source and the identities a server may show.
-    any_of_configs: Mutex<HashMap<(Identity, Vec<Identity>), Arc<rustls::ClientConfig>>>,
+    any_of_configs: ConfigCache<(Identity, Vec<Identity>)>,
 }
 
 impl MeshTls {

@@ -297,3 +297,81 @@ fn connections_with_different_baggage_get_their_own_label_sets() {
         record.close("completed");
     }
 }
+
+/// Collects what a log subscriber writes.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The access-log lines `f` writes.
+fn access_lines(f: impl FnOnce()) -> String {
+    let capture = Capture::default();
+    let buffer = Arc::clone(&capture.0);
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || capture.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buffer.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn a_connection_through_a_gateway_names_the_network_and_the_hop() {
+    let metrics = metrics("gateway-hop", "east");
+    let gateway = Identity::new("cluster.local", "istio-system", "istio-eastwestgateway");
+    let line = access_lines(|| {
+        ConnRecord::open(
+            &metrics,
+            (Direction::Outbound, Path::DoubleHbone),
+            Endpoint::default(),
+            Endpoint {
+                service: Some(Arc::from("echo.default.svc.cluster.local")),
+                ..Endpoint::default()
+            },
+            Security::MutualTls,
+        )
+        .with_network(Arc::from("west"))
+        .with_gateway(super::GatewayHop {
+            address: "198.51.100.7:15008".parse().unwrap(),
+            identity: gateway.clone(),
+        })
+        .close("completed");
+    });
+    for field in [
+        "path=\"double-hbone\"",
+        "network=\"west\"",
+        "gateway=198.51.100.7:15008",
+        &format!("gateway_identity={gateway}"),
+        "dst_service=\"echo.default.svc.cluster.local\"",
+    ] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    let text = metrics.encode();
+    assert!(
+        text.contains("direction=\"outbound\",path=\"double-hbone\""),
+        "the path label: {text}"
+    );
+    // Without a gateway, the fields are there and empty.
+    let direct = access_lines(|| {
+        ConnRecord::open(
+            &metrics,
+            (Direction::Outbound, Path::Hbone),
+            Endpoint::default(),
+            Endpoint::default(),
+            Security::MutualTls,
+        )
+        .close("completed");
+    });
+    assert!(direct.contains("gateway= "), "{direct}");
+}
