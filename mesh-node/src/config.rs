@@ -26,6 +26,9 @@ pub const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
 
 /// Environment variable overriding [`Config::node`] (Kubernetes sets it from `spec.nodeName`).
 pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
+/// Environment variable overriding [`Config::network`] (a Helm value or the cluster's
+/// `topology.istio.io/network`, as ztunnel's `NETWORK`).
+pub const ENV_NETWORK: &str = "MESH_NETWORK";
 /// Environment variable overriding [`LogConfig::filter`].
 pub const ENV_LOG: &str = "MESH_LOG";
 
@@ -525,6 +528,9 @@ impl Config {
         }
         if let Some(filter) = env(ENV_LOG).filter(|v| !v.is_empty()) {
             self.log.filter = filter;
+        }
+        if let Some(network) = env(ENV_NETWORK).filter(|v| !v.is_empty()) {
+            self.network = network;
         }
         if self.node.is_empty() {
             self.node = nix::unistd::gethostname()

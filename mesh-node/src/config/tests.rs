@@ -22,9 +22,11 @@ fn env_overrides_apply() {
     let env = |key: &str| match key {
         ENV_NODE_NAME => Some("node-7".to_owned()),
         ENV_LOG => Some("debug".to_owned()),
+        ENV_NETWORK => Some("west".to_owned()),
         _ => None,
     };
     let config = Config::load(None, env).expect("config");
+    assert_eq!(config.network, "west");
     assert_eq!(config.node, "node-7");
     assert_eq!(config.log.filter, "debug");
 }

@@ -9,13 +9,14 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use prost::Message as _;
 
 use super::proto::workload::{self as xds, address};
 use crate::{
+    network::{Network, NetworkGateway},
     state::service::{Locality, Service, ServicePort},
     workload::Workload,
 };
@@ -112,9 +113,12 @@ pub struct MeshWorkload {
     /// Status `HEALTHY`.
     pub healthy: bool,
     pub zone: Option<String>,
-    /// A trust domain other than the mesh's, if istiod says so (the workload is kept: its
-    /// certificate is checked against the mesh's trust domain, which it fails).
+    /// A trust domain other than the mesh's, if istiod says so (the workload's identity is
+    /// in it: peers accept it only when it is one of `identity.trustDomainAliases`).
     pub foreign_trust_domain: Option<String>,
+    /// The HBONE address of the east-west gateway in front of the workload's network, when
+    /// istiod names one by address (`network_gateway`).
+    pub network_gateway: Option<SocketAddr>,
 }
 
 /// A service without its endpoints (the workloads naming it provide them).
@@ -261,6 +265,7 @@ fn workload(w: &xds::Workload, cx: &Context<'_>) -> Result<Address, ConvertError
     }
     let foreign_trust_domain = (!w.trust_domain.is_empty() && w.trust_domain != cx.trust_domain)
         .then(|| w.trust_domain.clone());
+    let network_gateway = gateway_address(w.network_gateway.as_ref(), || at("network_gateway"))?;
     Ok(Address::Workload(Box::new(MeshWorkload {
         workload: Workload {
             name: w.name.clone(),
@@ -281,7 +286,29 @@ fn workload(w: &xds::Workload, cx: &Context<'_>) -> Result<Address, ConvertError
         healthy: status == xds::WorkloadStatus::Healthy,
         zone: (!locality.zone.is_empty()).then_some(locality.zone),
         foreign_trust_domain,
+        network_gateway,
     })))
+}
+
+/// A gateway named by address: its HBONE address (port 15008 when istiod leaves it 0). A
+/// gateway named by hostname is not resolved (`None`: the network is reached through the
+/// gateways other workloads or the file name).
+fn gateway_address(
+    gateway: Option<&xds::GatewayAddress>,
+    field: impl Fn() -> String,
+) -> Result<Option<SocketAddr>, ConvertError> {
+    let Some(gateway) = gateway else {
+        return Ok(None);
+    };
+    let Some(xds::gateway_address::Destination::Address(address)) = &gateway.destination else {
+        return Ok(None);
+    };
+    let ip = ip(&address.address, || format!("{}.address.address", field()))?;
+    let port = match gateway.hbone_mtls_port {
+        0 => crate::hbone::PORT,
+        p => port(p, || format!("{}.hbone_mtls_port", field()))?,
+    };
+    Ok(Some(SocketAddr::new(ip, port)))
 }
 
 fn service(s: &xds::Service) -> Result<Address, ConvertError> {
@@ -416,6 +443,50 @@ pub fn services_with_endpoints<'a>(
         out.push(service);
     }
     out
+}
+
+/// The networks istiod's workloads name gateways for (`network_gateway` by address), each
+/// gateway with the identity of the workload at its address (else Istio's default east-west
+/// gateway identity); a network the file lists is the file's.
+pub fn networks(workloads: &[&MeshWorkload], file: &[Network]) -> Vec<Network> {
+    let mut networks: Vec<Network> = file.to_vec();
+    for w in workloads {
+        let (Some(address), network) = (w.network_gateway, &w.workload.network) else {
+            continue;
+        };
+        if network.is_empty() || file.iter().any(|n| n.name == *network) {
+            continue;
+        }
+        let at_address = workloads
+            .iter()
+            .find(|g| g.workload.ips.contains(&address.ip()));
+        let mut gateway = NetworkGateway {
+            address,
+            namespace: "istio-system".to_owned(),
+            service_account: "istio-eastwestgateway".to_owned(),
+            trust_domain: None,
+        };
+        if let Some(g) = at_address {
+            gateway.namespace.clone_from(&g.workload.namespace);
+            gateway
+                .service_account
+                .clone_from(&g.workload.service_account);
+            gateway.trust_domain.clone_from(&g.workload.trust_domain);
+        }
+        match networks.iter_mut().find(|n| n.name == *network) {
+            Some(n) if n.gateways.iter().any(|g| g.address == address) => {}
+            Some(n) => n.gateways.push(gateway),
+            None => networks.push(Network {
+                name: network.clone(),
+                gateways: vec![gateway],
+            }),
+        }
+    }
+    for n in &mut networks {
+        n.gateways.sort_by_key(|g| g.address);
+    }
+    networks.sort_by(|a, b| a.name.cmp(&b.name));
+    networks
 }
 
 #[cfg(test)]

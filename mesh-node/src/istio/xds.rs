@@ -340,7 +340,7 @@ impl Source {
                                     if let Address::Workload(w) = &address
                                         && let Some(td) = &w.foreign_trust_domain
                                     {
-                                        warn!(workload = %w.workload.uid(), trust_domain = %td, "istiod names a trust domain other than the mesh's; its certificate is checked against the mesh's, which it fails");
+                                        debug!(workload = %w.workload.uid(), trust_domain = %td, "istiod names a trust domain other than the mesh's: the workload is accepted as a peer only if identity.trustDomainAliases lists it");
                                     }
                                     held.version = resource.version;
                                     held.good = Some(address);
@@ -444,6 +444,7 @@ impl Source {
                 || last.services != state.services
                 || last.pending != state.pending
                 || last.zone != state.zone
+                || last.networks != state.networks
                 || !Arc::ptr_eq(&last.policies, &state.policies)
                 || !Arc::ptr_eq(&last.traffic, &state.traffic)
         };
@@ -470,6 +471,7 @@ impl Source {
             }
         }
         let services = convert::services_with_endpoints(mesh_services, &mesh_workloads);
+        let networks = convert::networks(&mesh_workloads, &file.networks);
         let mut workloads: Vec<Workload> =
             mesh_workloads.iter().map(|w| w.workload.clone()).collect();
         self.netns = attach_netns(
@@ -499,7 +501,7 @@ impl Source {
             services,
             policies,
             traffic: Arc::clone(&file.traffic),
-            networks: file.networks.clone(),
+            networks,
             zone: self.settings.zone.clone().or_else(|| file.zone.clone()),
             pending,
         }

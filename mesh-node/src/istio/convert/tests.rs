@@ -469,3 +469,76 @@ fn load_balancing_to_locality() {
 }
 
 mod authorization;
+
+#[test]
+fn network_gateways_become_networks_with_the_gateway_workloads_identity() {
+    let mut remote = xds_workload("echo-1", "shop", &["10.2.0.5"]);
+    remote.network = "west".to_owned();
+    remote.network_gateway = Some(wl::GatewayAddress {
+        destination: Some(wl::gateway_address::Destination::Address(
+            wl::NetworkAddress {
+                network: "west".to_owned(),
+                address: octets("192.0.2.7"),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    });
+    let remote = convert_workload(remote);
+    assert_eq!(
+        remote.network_gateway,
+        Some("192.0.2.7:15008".parse().unwrap())
+    );
+    assert_eq!(remote.workload.network, "west");
+    let mut gateway = xds_workload("ew-1", "istio-gw", &["192.0.2.7"]);
+    gateway.network = "west".to_owned();
+    gateway.service_account = "ew".to_owned();
+    let gateway = convert_workload(gateway);
+
+    let found = networks(&[&remote, &gateway], &[]);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].name, "west");
+    assert_eq!(
+        found[0].gateways[0].identity("cluster.local").to_string(),
+        "spiffe://cluster.local/ns/istio-gw/sa/ew"
+    );
+    // Without the gateway's workload: Istio's default east-west gateway identity.
+    let found = networks(&[&remote], &[]);
+    assert_eq!(
+        found[0].gateways[0].identity("cluster.local").to_string(),
+        "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway"
+    );
+    // A network the file lists is the file's.
+    let file = [Network {
+        name: "west".to_owned(),
+        gateways: vec![NetworkGateway {
+            address: "198.51.100.1:15008".parse().unwrap(),
+            namespace: "a".to_owned(),
+            service_account: "b".to_owned(),
+            trust_domain: None,
+        }],
+    }];
+    assert_eq!(networks(&[&remote], &file), file);
+    // A gateway by hostname is not resolved; a bad address is an error naming the field.
+    let mut by_name = xds_workload("echo-2", "shop", &["10.2.0.6"]);
+    by_name.network_gateway = Some(wl::GatewayAddress {
+        destination: Some(wl::gateway_address::Destination::Hostname(
+            wl::NamespacedHostname::default(),
+        )),
+        hbone_mtls_port: 15008,
+    });
+    assert_eq!(convert_workload(by_name.clone()).network_gateway, None);
+    by_name.network_gateway = Some(wl::GatewayAddress {
+        destination: Some(wl::gateway_address::Destination::Address(
+            wl::NetworkAddress {
+                network: String::new(),
+                address: vec![1, 2, 3],
+            },
+        )),
+        hbone_mtls_port: 0,
+    });
+    assert!(
+        workload_error(by_name)
+            .to_string()
+            .contains("workload.network_gateway.address.address"),
+    );
+}
