@@ -457,3 +457,69 @@ async fn a_dead_gateway_fails_its_endpoints_over() {
     assert!(!echoes(dial_service(mesh, "a2", east).await, SECRET).await);
     assert!(mesh.errors("node-a", "outbound", "hbone_connect") >= 1);
 }
+
+/// The daemon's own gateway role (`Proxy::serve_gateway`) in the middle: node b's proxy
+/// serves it besides b1, on network west as b's state sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_gateway_role_carries_double_hbone() {
+    let mesh = Mesh::new(44, &[("node-a", &["a1"]), ("node-b", &["b1"])]).await;
+    let b1 = mesh.pod("b1").ip;
+    let (gateway, vip) = (ip(44, 90, 1), ip(44, 50, 1));
+    let state = |b1_network: &str| {
+        let mut workloads = mesh.workloads.clone();
+        for w in &mut workloads {
+            if w.name == "b1" {
+                b1_network.clone_into(&mut w.network);
+            }
+        }
+        MeshState {
+            workloads,
+            services: vec![service("echo-west", (vip, ECHO), &[b1])],
+            policies: Arc::new(PolicyStore::default()),
+            traffic: Arc::new(TrafficSet::default()),
+            networks: vec![network("west", gateway)],
+            zone: None,
+            pending: None,
+        }
+    };
+    // To node a, b1 is on network west; to node b (and its gateway), on its own network.
+    for (node, view) in [("node-a", state("west")), ("node-b", state(""))] {
+        let proxy = &mesh.node(node).proxy;
+        proxy.set_workloads(&view.workloads);
+        proxy.set_services(&view, node);
+    }
+    let role = mesh_node::workload::Workload {
+        name: "istio-eastwestgateway".to_owned(),
+        namespace: "istio-system".to_owned(),
+        service_account: "istio-eastwestgateway".to_owned(),
+        labels: [("istio".to_owned(), "eastwestgateway".to_owned())].into(),
+        ips: vec![gateway],
+        node: "node-b".to_owned(),
+        netns: None,
+        enrolled: false,
+        network: String::new(),
+        trust_domain: None,
+    };
+    let listener = std::net::TcpListener::bind((gateway, hbone::PORT)).expect("bind");
+    let serving = mesh
+        .node("node-b")
+        .proxy
+        .serve_gateway(role, listener)
+        .expect("gateway role");
+    assert_eq!(serving.identity(), &gateway_identity());
+    let data: Vec<u8> = SECRET.iter().copied().cycle().take(64 * 1024).collect();
+    assert!(
+        echoes(dial_service(&mesh, "a1", vip).await, &data).await,
+        "through the daemon's gateway"
+    );
+    assert_eq!(mesh.node("node-a").proxy.hbone_connections_opened(), 1);
+    assert!(
+        metric(
+            &mesh,
+            "node-b",
+            "istio_tcp_connections_opened_total",
+            &["destination_workload=\"b1\"", "source_workload=\"a1\""]
+        ) >= 1,
+        "b1's inbound saw a1 (the inner connection's identity)"
+    );
+}
