@@ -292,9 +292,28 @@ async fn addresses_malformed_authorities_and_denied_sources_are_refused() {
     );
     assert_eq!(setup.errors("bad_request_address"), 1);
     assert_eq!(setup.status("echo_1.svc:80").await, StatusCode::BAD_REQUEST);
+    // An open stream, then a policy that denies its source: the stream is reset.
+    let mesh_node::hbone::Stream {
+        send: _open_send,
+        mut recv,
+        ..
+    } = setup.connect(&format!("{HOST}:{PORT}")).await.expect("200");
+    let tag = recv
+        .data()
+        .await
+        .expect("the endpoint's tag")
+        .expect("data");
+    assert_eq!(&tag[..], b"echo-2\n");
     // The policies selecting the gateway's workload decide the source identity.
     setup.set_policies(
         "- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata: {name: no-client, namespace: istio-system}\n  spec:\n    selector: {matchLabels: {istio: eastwestgateway}}\n    action: DENY\n    rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]}]\n",
+    );
+    let revoked = tokio::time::timeout(Duration::from_secs(5), recv.data())
+        .await
+        .expect("revoked within 5 s");
+    assert!(
+        matches!(revoked, Some(Err(_))),
+        "a reset, not a clean end: {revoked:?}"
     );
     assert_eq!(
         setup.status(&format!("{HOST}:{PORT}")).await,

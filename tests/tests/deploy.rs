@@ -71,7 +71,14 @@ fn assert_caught(overlay: &str, mutations: &[(&str, Mutation)]) {
 fn the_overlays_and_capabilities_are_the_documented_ones() {
     assert_eq!(
         overlays(),
-        ["base", "default", "istio", "monitoring", "uninstall"],
+        [
+            "base",
+            "default",
+            "gateway",
+            "istio",
+            "monitoring",
+            "uninstall"
+        ],
         "deploy/ overlays changed: update this test, docs/operations.md and README.md"
     );
     let root = deploy_dir().parent().unwrap().to_owned();
@@ -497,4 +504,76 @@ fn the_checks_reject_wrong_manifests() {
         }),
     ];
     assert_caught("default", mutations);
+}
+
+/// The gateway overlay's requirements are checked: each of these mistakes, made on its
+/// rendering, is caught.
+#[test]
+fn the_gateway_checks_reject_wrong_manifests() {
+    fn gateway_pod(values: &mut [Value]) -> &mut Value {
+        &mut object(values, "Deployment", "mesh-eastwestgateway")["spec"]["template"]["spec"]
+    }
+    fn gateway_config(values: &mut [Value], from: &str, to: &str) {
+        let map = object(values, "ConfigMap", "mesh-eastwestgateway-config");
+        let data = &mut map["data"][CONFIG_KEY];
+        let text = data.as_str().unwrap().to_owned();
+        assert!(text.contains(from), "{from}");
+        *data = Value::String(text.replace(from, to));
+    }
+    let mutations: &[(&str, Mutation)] = &[
+        ("the node role instead of the gateway's", |v| {
+            gateway_config(v, "enabled: true\n  listen", "enabled: false\n  listen");
+        }),
+        ("an identity other than the pods' service account", |v| {
+            gateway_config(
+                v,
+                "serviceAccount: mesh-eastwestgateway",
+                "serviceAccount: istio-eastwestgateway",
+            );
+        }),
+        ("another listen port", |v| {
+            gateway_config(v, "[::]:15008", "[::]:15009");
+        }),
+        ("a ClusterIP Service", |v| {
+            object(v, "Service", "mesh-eastwestgateway")["spec"]["type"] = "ClusterIP".into();
+        }),
+        ("the Service on another port", |v| {
+            object(v, "Service", "mesh-eastwestgateway")["spec"]["ports"][0]["targetPort"] =
+                15009.into();
+        }),
+        ("running as root", |v| {
+            gateway_pod(v)["containers"][0]["securityContext"]["runAsUser"] = 0.into();
+        }),
+        ("a capability", |v| {
+            gateway_pod(v)["containers"][0]["securityContext"]["capabilities"]["add"] =
+                serde_json::json!(["NET_ADMIN"]);
+        }),
+        ("the host's PID namespace", |v| {
+            gateway_pod(v)["hostPID"] = true.into();
+        }),
+        ("a host path", |v| {
+            gateway_pod(v)["volumes"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"name": "proc", "hostPath": {"path": "/proc", "type": "Directory"}}));
+        }),
+        ("the CA from another Secret", |v| {
+            named(&mut gateway_pod(v)["volumes"], "ca")["secret"]["secretName"] = "other".into();
+        }),
+        ("a single replica", |v| {
+            object(v, "Deployment", "mesh-eastwestgateway")["spec"]["replicas"] = 1.into();
+        }),
+        ("a grace period shorter than the drain", |v| {
+            gateway_pod(v)["terminationGracePeriodSeconds"] = 10.into();
+        }),
+        ("the role bound to another account", |v| {
+            object(v, "ClusterRoleBinding", "mesh-eastwestgateway")["subjects"][0]["name"] =
+                "mesh-node".into();
+        }),
+        ("write access", |v| {
+            object(v, "ClusterRole", "mesh-eastwestgateway")["rules"][0]["verbs"] =
+                serde_json::json!(["list", "watch", "update"]);
+        }),
+    ];
+    assert_caught("gateway", mutations);
 }

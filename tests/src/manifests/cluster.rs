@@ -63,23 +63,39 @@ impl Rendered {
     /// Read-only access to exactly what the Kubernetes source reads, bound to the daemon's
     /// service account; with istiod, no access at all.
     pub(super) fn check_rbac(&self) -> anyhow::Result<()> {
+        if !self.istio() {
+            let ds = self.daemonset(DAEMON)?;
+            let account = ds
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|p| p.service_account_name.clone());
+            return self.check_read_only_role(account.as_deref(), ds.metadata.namespace.as_deref());
+        }
+        let rbac: Vec<&str> = self
+            .objects
+            .iter()
+            .filter(|o| matches!(o, Object::ClusterRole(_) | Object::ClusterRoleBinding(_)))
+            .map(|o| o.metadata().name.as_deref().unwrap_or("?"))
+            .collect();
+        ensure!(
+            rbac.is_empty(),
+            "with istiod the daemon reads nothing from the API server: no RBAC, found {rbac:?}"
+        );
+        Ok(())
+    }
+
+    /// One read-only `ClusterRole` granting exactly what the Kubernetes source reads, bound to
+    /// the service account `account` of `namespace` (the pods' that run the source).
+    pub(super) fn check_read_only_role(
+        &self,
+        account: Option<&str>,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<()> {
         let roles = self.all(|o| match o {
             Object::ClusterRole(r) => Some(r),
             _ => None,
         });
-        if self.istio() {
-            let rbac: Vec<&str> = self
-                .objects
-                .iter()
-                .filter(|o| matches!(o, Object::ClusterRole(_) | Object::ClusterRoleBinding(_)))
-                .map(|o| o.metadata().name.as_deref().unwrap_or("?"))
-                .collect();
-            ensure!(
-                rbac.is_empty(),
-                "with istiod the daemon reads nothing from the API server: no RBAC, found {rbac:?}"
-            );
-            return Ok(());
-        }
         let [role] = roles[..] else {
             bail!("expected one ClusterRole, found {}", roles.len());
         };
@@ -149,21 +165,15 @@ impl Rendered {
             "the binding must refer to the ClusterRole: {:?}",
             binding.role_ref
         );
-        let ds = self.daemonset(DAEMON)?;
-        let account = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .and_then(|p| p.service_account_name.clone());
         let subjects = binding.subjects.clone().unwrap_or_default();
         let [subject] = &subjects[..] else {
             bail!("expected one subject, found {}", subjects.len());
         };
         ensure!(
             subject.kind == "ServiceAccount"
-                && Some(&subject.name) == account.as_ref()
-                && subject.namespace == ds.metadata.namespace,
-            "the binding's subject {subject:?} must be the DaemonSet's service account"
+                && Some(subject.name.as_str()) == account
+                && subject.namespace.as_deref() == namespace,
+            "the binding's subject {subject:?} must be the pods' service account"
         );
         Ok(())
     }

@@ -272,7 +272,7 @@ impl Rendered {
 /// A liveness probe that a daemon that is merely not ready passes (`/healthz/live`, not the
 /// readiness path) and whose failures take longer than the termination grace period (the
 /// health port closes when a draining daemon gets SIGTERM).
-fn check_liveness(container: &Container, pod: &PodSpec) -> anyhow::Result<()> {
+pub(super) fn check_liveness(container: &Container, pod: &PodSpec) -> anyhow::Result<()> {
     let probe = container
         .liveness_probe
         .as_ref()
@@ -299,7 +299,7 @@ fn check_liveness(container: &Container, pod: &PodSpec) -> anyhow::Result<()> {
 /// container's, or the pod's), a read-only root, every capability dropped but exactly `add`,
 /// spelled without `CAP_` (the API server refuses `allowPrivilegeEscalation: false` next to
 /// `CAP_SYS_ADMIN`).
-fn check_security_context(
+pub(super) fn check_security_context(
     pod: &PodSpec,
     container: &Container,
     add: &[&str],

@@ -13,6 +13,7 @@
 
 mod cluster;
 mod daemon;
+mod gateway;
 mod istio;
 
 use std::{
@@ -24,7 +25,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
@@ -92,6 +93,15 @@ fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
             kinds
         }
         "uninstall" => vec!["Namespace", "ConfigMap", "DaemonSet"],
+        // Installed next to deploy/default: its namespace and CA Secret are the daemon's.
+        "gateway" => vec![
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+        ],
         _ => return None,
     })
 }
@@ -155,6 +165,7 @@ enum Object {
     ClusterRoleBinding(ClusterRoleBinding),
     ConfigMap(ConfigMap),
     DaemonSet(Box<DaemonSet>),
+    Deployment(Box<Deployment>),
     Service(Box<Service>),
     Crd(Box<CustomResourceDefinition>),
     ServiceMonitor(Box<ServiceMonitor>),
@@ -169,6 +180,7 @@ impl Object {
             Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
             Object::ConfigMap(_) => "ConfigMap",
             Object::DaemonSet(_) => "DaemonSet",
+            Object::Deployment(_) => "Deployment",
             Object::Service(_) => "Service",
             Object::Crd(_) => "CustomResourceDefinition",
             Object::ServiceMonitor(_) => "ServiceMonitor",
@@ -183,6 +195,7 @@ impl Object {
             Object::ClusterRoleBinding(o) => &o.metadata,
             Object::ConfigMap(o) => &o.metadata,
             Object::DaemonSet(o) => &o.metadata,
+            Object::Deployment(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::Crd(o) => &o.metadata,
             Object::ServiceMonitor(o) => &o.metadata,
@@ -257,6 +270,7 @@ fn parse(value: &Value) -> anyhow::Result<Object> {
             typed(value).map(Object::ClusterRoleBinding)
         }
         ("apps/v1", "DaemonSet") => typed(value).map(|d| Object::DaemonSet(Box::new(d))),
+        ("apps/v1", "Deployment") => typed(value).map(|d| Object::Deployment(Box::new(d))),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             typed(value).map(|c| Object::Crd(Box::new(c)))
         }
@@ -326,6 +340,9 @@ impl Rendered {
         let mut expected = expected;
         expected.sort_unstable();
         ensure!(kinds == expected, "kinds {kinds:?}, expected {expected:?}");
+        if self.overlay == "gateway" {
+            return self.check_gateway();
+        }
         self.check_namespaces()?;
         if self.overlay == "uninstall" {
             return self.check_uninstall();
