@@ -261,6 +261,8 @@ struct Fixture {
     mesh: Mesh,
     gateway: Arc<Gateway>,
     vips: Vips,
+    /// The state every node has.
+    state: MeshState,
     _task: AbortOnDrop,
 }
 
@@ -326,6 +328,7 @@ async fn fixture(id: u8) -> Fixture {
             east,
             mixed,
         },
+        state,
         _task: AbortOnDrop(task),
     }
 }
@@ -456,6 +459,25 @@ async fn a_dead_gateway_fails_its_endpoints_over() {
     // Only behind the dead gateway: refused, the client's connection reset.
     assert!(!echoes(dial_service(mesh, "a2", east).await, SECRET).await);
     assert!(mesh.errors("node-a", "outbound", "hbone_connect") >= 1);
+    // A network the state names no gateway for: refused as well, never passed through.
+    let all = &fixture.state;
+    let state = MeshState {
+        workloads: all.workloads.clone(),
+        services: all.services.clone(),
+        policies: Arc::clone(&all.policies),
+        traffic: Arc::clone(&all.traffic),
+        networks: all
+            .networks
+            .iter()
+            .filter(|n| n.name != "east")
+            .cloned()
+            .collect(),
+        zone: None,
+        pending: None,
+    };
+    mesh.node("node-a").proxy.set_services(&state, "node-a");
+    assert!(!echoes(dial_service(mesh, "a2", east).await, SECRET).await);
+    assert_eq!(mesh.errors("node-a", "outbound", "no_gateway"), 1);
 }
 
 /// The daemon's own gateway role (`Proxy::serve_gateway`) in the middle: node b's proxy
