@@ -27,6 +27,11 @@ pub const PORT_ADMIN: u16 = 15000;
 pub const PORT_METRICS: u16 = 15020;
 /// Node readiness endpoint.
 pub const PORT_READINESS: u16 = 15021;
+/// The daemon's own endpoints. When the daemon's own network namespace is enrolled (a VM or
+/// bare-metal host whose processes are the workload), `sk_lookup` leaves connections to these
+/// ports in that namespace to the regular lookup: they are the daemon's, not the workload's
+/// (Istio's sidecar excludes its 15020/15021 from inbound capture the same way).
+pub const DAEMON_PORTS: [u16; 3] = [PORT_ADMIN, PORT_METRICS, PORT_READINESS];
 
 /// `AF_INET`, as stored in [`SockAddr::family`] and [`PodAddrKey::family`].
 pub const FAMILY_V4: u16 = 2;

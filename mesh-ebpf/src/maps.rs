@@ -50,6 +50,10 @@ static MESH_HBONE_PORT: u16 = mesh_common::PORT_INBOUND_HBONE;
 /// helper that names their netns).
 #[unsafe(no_mangle)]
 static MESH_NETNS_COOKIE: u64 = 0;
+/// Cookie of the daemon's own network namespace (load-time global): when it is enrolled (a VM
+/// enrolling itself), its `sk_lookup` leaves the daemon's own ports alone.
+#[unsafe(no_mangle)]
+static MESH_DAEMON_NETNS: u64 = 0;
 
 /// Reads a load-time global. The volatile read stops the compiler from folding the default.
 macro_rules! global {
@@ -77,6 +81,11 @@ pub fn hbone_port() -> u16 {
 #[inline(always)]
 pub fn netns_cookie() -> u64 {
     global!(MESH_NETNS_COOKIE)
+}
+
+#[inline(always)]
+pub fn daemon_netns() -> u64 {
+    global!(MESH_DAEMON_NETNS)
 }
 
 #[inline(always)]

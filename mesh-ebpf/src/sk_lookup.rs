@@ -18,7 +18,10 @@
 //!   from a pod to its own non-loopback address showed the pod's `eth0` there, not `lo`;
 //! - port 15008 on an address where the daemon's HBONE listener is bound. On any other
 //!   address 15008 is dropped: it would reach whatever the application bound there, around
-//!   mTLS.
+//!   mTLS;
+//! - in the daemon's own namespace (a VM or bare-metal host that enrolls itself), the daemon's
+//!   own endpoints (`DAEMON_PORTS`: admin, metrics, readiness): they belong to the daemon, not
+//!   to the workload, so a scraper reaches them whatever the workload's peer authentication.
 //!
 //! A namespace without a listener means the daemon is absent: the connection is dropped
 //! rather than delivered around the mesh (fail closed).
@@ -28,9 +31,9 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::{ADDR_HBONE, Counter, SockAddr};
+use mesh_common::{ADDR_HBONE, Counter, DAEMON_PORTS, SockAddr};
 
-use crate::maps::{INBOUND, count, hbone_port, lookup_pod_addr, netns_cookie};
+use crate::maps::{INBOUND, count, daemon_netns, hbone_port, lookup_pod_addr, netns_cookie};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -83,6 +86,10 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<(), ()> {
         }
     };
     let netns = netns_cookie();
+    if netns == daemon_netns() && DAEMON_PORTS.contains(&port) {
+        count(Counter::LookupBypassed);
+        return Ok(());
+    }
     if remote.is_loopback() || remote.same_ip(&local) || lookup_pod_addr(netns, &remote).is_some() {
         count(Counter::LookupBypassed);
         return Ok(());

@@ -36,7 +36,7 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
         * 1024
 }
-pub use testbed::{CmdOutput, Node, Pod, Proc, Testbed, Topology};
+pub use testbed::{CmdOutput, Host, Node, Pod, Proc, Testbed, Topology};
 
 /// Environment variable that lets a namespaced test skip (pass without running) when the
 /// machine cannot run it. `cargo xtask test` and CI never set it, so there a test that cannot

@@ -101,6 +101,8 @@ pub struct NodeSettings {
     /// More fields of the `proxy:` section, as `key: value` lines, e.g.
     /// `"pingIntervalMs: 1000\nhboneIdleTimeoutMs: 1500"`.
     pub proxy: String,
+    /// More `workloads:` items (YAML) after the testbed's pods, e.g. a VM's entry.
+    pub workloads: String,
 }
 
 impl Default for NodeSettings {
@@ -114,12 +116,15 @@ impl Default for NodeSettings {
             traffic: String::new(),
             wrapper: Vec::new(),
             proxy: String::new(),
+            workloads: String::new(),
         }
     }
 }
 
 /// The YAML configuration of `node`, listing every pod of the testbed as a workload (with its
-/// service account named after the pod) and enrolling the pods named in `enrolled`.
+/// service account named after the pod) and enrolling the pods named in `enrolled`, then
+/// `settings.workloads`. `node` may be a standalone host: its `redirect.cgroup` is the host's
+/// application cgroup, and its own workload entry is one of `settings.workloads`.
 pub fn config_yaml(
     bed: &Testbed,
     node: &str,
@@ -127,14 +132,18 @@ pub fn config_yaml(
     settings: &NodeSettings,
     enrolled: &[&str],
 ) -> anyhow::Result<String> {
-    let n = bed.node(node);
+    // A standalone host's daemon (a VM) captures its application cgroup.
+    let cgroup = match bed.hosts().iter().find(|h| h.name() == node) {
+        Some(host) => host.app_cgroup(),
+        None => bed.node(node).cgroup(),
+    };
     let bpffs = bed.bpffs_dir()?.join(node);
     let mut yaml = format!(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
          redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n{}\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
          caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}services:\n{}traffic:\n{}workloads:\n",
-        n.cgroup().display(),
+        cgroup.display(),
         bpffs.display(),
         settings.handshake_timeout_ms,
         settings.max_connections_per_workload,
@@ -174,6 +183,7 @@ pub fn config_yaml(
             enrolled = enrolled.contains(&pod.name()),
         )?;
     }
+    yaml.push_str(&settings.workloads);
     Ok(yaml)
 }
 
@@ -247,7 +257,7 @@ impl Daemon {
         let config_str = config.to_str().context("non-UTF-8 path")?;
         let mut argv: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         argv.extend([exe_str, "run", "--config", config_str]);
-        let mut proc = bed.node(node).spawn(&argv)?;
+        let mut proc = bed.spawn_on(node, &argv)?;
         proc.wait_for_output("\"message\":\"ready\"", Duration::from_secs(15))
             .with_context(|| format!("mesh-node on {node}"))?;
         Ok(Self {

@@ -292,7 +292,7 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14) of a socket made in the calling thread's namespace.
-fn current_netns_cookie() -> io::Result<u64> {
+pub(super) fn current_netns_cookie() -> io::Result<u64> {
     let sock = Socket::new(Domain::UNIX, Type::DGRAM, None)?;
     let mut cookie: u64 = 0;
     let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");

@@ -65,6 +65,11 @@ pub enum RedirectError {
     NotBpffs { path: PathBuf },
     #[error("loading the kernel programs")]
     Load(#[source] aya::EbpfError),
+    #[error("reading the cookie of the daemon's own network namespace")]
+    DaemonNetns {
+        #[source]
+        source: io::Error,
+    },
     #[error("program `{name}` is not in the kernel object")]
     MissingProgram { name: &'static str },
     #[error("map `{name}` is not in the kernel object")]
@@ -136,6 +141,8 @@ pub enum Attachment {
 pub struct Programs {
     ebpf: Ebpf,
     options: LoadOptions,
+    /// Cookie of the daemon's own netns (see `MESH_DAEMON_NETNS` in the kernel programs).
+    daemon_netns: u64,
     /// Keeps `bpf_stats` (run count and time per program) enabled while the daemon runs.
     _stats: Option<std::os::fd::OwnedFd>,
     bpffs: PathBuf,
@@ -198,7 +205,10 @@ impl Programs {
             return Err(RedirectError::NotBpffs { path: bpffs });
         }
         raise_memlock_limit();
-        let ebpf = load_object(options, 0)?;
+        // Every thread but the namespace workers' lives in the daemon's own netns.
+        let daemon_netns = super::netns::current_netns_cookie()
+            .map_err(|source| RedirectError::DaemonNetns { source })?;
+        let ebpf = load_object(options, daemon_netns, 0)?;
         let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -209,6 +219,7 @@ impl Programs {
         Ok(Self {
             ebpf,
             options: options.clone(),
+            daemon_netns,
             _stats: stats,
             bpffs,
             cgroup_links: Vec::new(),
@@ -323,7 +334,7 @@ impl Programs {
         })?;
         // The instance's maps are the pinned ones; only its program outlives this function,
         // held by the pinned link.
-        let mut instance = load_object(&self.options, cookie)?;
+        let mut instance = load_object(&self.options, self.daemon_netns, cookie)?;
         let name = SK_LOOKUP_PROGRAM;
         let program: &mut SkLookup = instance
             .program_mut(name)
@@ -591,15 +602,20 @@ fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<()
     }
 }
 
-/// Loads the embedded object with the node's globals (and, for an `sk_lookup` instance, its
-/// netns cookie), reusing the maps pinned under `options.bpffs`.
-fn load_object(options: &LoadOptions, netns_cookie: u64) -> Result<Ebpf, RedirectError> {
+/// Loads the embedded object with the node's globals (the daemon's own netns cookie and, for
+/// an `sk_lookup` instance, its netns cookie), reusing the maps pinned under `options.bpffs`.
+fn load_object(
+    options: &LoadOptions,
+    daemon_netns: u64,
+    netns_cookie: u64,
+) -> Result<Ebpf, RedirectError> {
     EbpfLoader::new()
         .default_map_pin_directory(options.bpffs.join("maps"))
         .override_global("MESH_DAEMON_MARK", &options.mark, true)
         .override_global("MESH_OUTBOUND_PORT", &options.outbound_port, true)
         .override_global("MESH_HBONE_PORT", &options.hbone_port, true)
         .override_global("MESH_NETNS_COOKIE", &netns_cookie, true)
+        .override_global("MESH_DAEMON_NETNS", &daemon_netns, true)
         .load(OBJECT)
         .map_err(RedirectError::Load)
 }

@@ -7,7 +7,10 @@
 //!   and one veth per pod; it forwards and routes to the other nodes' pod ranges;
 //! - each *pod* is a netns with `eth0` wired to its node (`198.18.<n>.<p>/32`,
 //!   `fd6d:0:<n>::<p>/128`, default routes via the node), and a cgroup v2 directory that the
-//!   processes it runs are placed in.
+//!   processes it runs are placed in;
+//! - each *host* (a VM or bare-metal machine outside the cluster) is a netns of its own with
+//!   `eth0` on the same bridge (`198.19.0.<254 - i>/24`, `fd6d:0:ffff::<254 - i>/64`), routes to
+//!   every node's pod range, and a cgroup with an `app` cgroup below it for its applications.
 //!
 //! Every name carries a per-testbed id (`mt-<pid>-<seq>`) so that tests run in parallel, and
 //! [`Testbed`]'s `Drop` kills every process and removes every namespace, cgroup, bpffs
@@ -15,6 +18,7 @@
 //! process that was killed outright are swept by the next testbed (see `sweep`).
 
 mod cgroup;
+mod host;
 mod net;
 mod process;
 mod sweep;
@@ -27,6 +31,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub use host::Host;
 pub use process::{CmdOutput, Proc};
 
 /// Where a testbed places processes and which namespace they run in.
@@ -41,6 +46,7 @@ struct Place {
 #[derive(Clone, Debug, Default)]
 pub struct Topology {
     nodes: Vec<(String, Vec<String>)>,
+    hosts: Vec<String>,
 }
 
 impl Topology {
@@ -60,12 +66,22 @@ impl Topology {
         self
     }
 
+    /// Adds a standalone host (a VM) on the inter-node link, outside every node. Same naming
+    /// rules as nodes.
+    #[must_use]
+    pub fn host(mut self, name: &str) -> Self {
+        self.hosts.push(name.to_owned());
+        self
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
-        if self.nodes.is_empty() || self.nodes.len() > 250 {
-            bail!("a topology needs 1 to 250 nodes");
+        if self.nodes.is_empty() || self.nodes.len() + self.hosts.len() > 250 {
+            bail!("a topology needs 1 to 250 nodes and hosts");
         }
         let mut seen = std::collections::HashSet::new();
-        for (node, pods) in &self.nodes {
+        let hosts = self.hosts.iter().map(|h| (h, &[][..]));
+        let nodes = self.nodes.iter().map(|(n, pods)| (n, &pods[..]));
+        for (node, pods) in nodes.chain(hosts) {
             if pods.len() > 250 {
                 bail!("node {node}: at most 250 pods");
             }
@@ -112,6 +128,7 @@ pub struct Testbed {
     id: String,
     fabric_netns: String,
     nodes: Vec<Node>,
+    hosts: Vec<Host>,
     cgroup: PathBuf,
     bpffs: PathBuf,
     tmp: PathBuf,
@@ -149,6 +166,7 @@ impl Testbed {
             bpffs: PathBuf::from("/sys/fs/bpf").join(&id),
             tmp: std::env::temp_dir().join(&id),
             nodes: Vec::new(),
+            hosts: Vec::new(),
             id,
         };
         // From here on, `bed`'s Drop cleans up whatever part exists.
@@ -188,11 +206,19 @@ impl Testbed {
                 pods,
             });
         }
+        for (i, name) in topology.hosts.iter().enumerate() {
+            let index = u8::try_from(254 - i).context("too many hosts")?;
+            self.hosts.push(Host::new(self, name, index));
+        }
         for node in &self.nodes {
             cgroup::create(&node.place.cgroup)?;
             for pod in &node.pods {
                 cgroup::create(&pod.place.cgroup)?;
             }
+        }
+        for host in &self.hosts {
+            cgroup::create(&host.place.cgroup)?;
+            cgroup::create(host.app_cgroup())?;
         }
         net::build(self)
     }
@@ -224,6 +250,30 @@ impl Testbed {
         self.pods()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name:?} in the testbed"))
+    }
+
+    /// The standalone hosts, in topology order.
+    #[must_use]
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The host called `name`.
+    #[must_use]
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name:?} in the testbed"))
+    }
+
+    /// Starts a long-lived process on the node or host called `name` (in its netns and
+    /// cgroup), e.g. a daemon.
+    pub fn spawn_on(&self, name: &str, argv: &[&str]) -> anyhow::Result<Proc> {
+        match self.hosts.iter().find(|h| h.name == name) {
+            Some(host) => host.spawn(argv),
+            None => self.node(name).spawn(argv),
+        }
     }
 
     /// Every pod, node by node.
@@ -272,6 +322,7 @@ impl Testbed {
             names.push(node.place.netns.clone());
             names.extend(node.pods.iter().map(|p| p.place.netns.clone()));
         }
+        names.extend(self.hosts.iter().map(|h| h.place.netns.clone()));
         names
     }
 }

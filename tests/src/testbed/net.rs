@@ -65,7 +65,37 @@ pub fn build(bed: &Testbed) -> anyhow::Result<()> {
              link set n{n} master br0\nlink set n{n} up"
         )?;
     }
+    for host in &bed.hosts {
+        writeln!(
+            fabric,
+            "link add h{i} type veth peer name eth0 netns {ns}\n\
+             link set h{i} master br0\nlink set h{i} up",
+            i = host.index,
+            ns = host.place.netns,
+        )?;
+    }
     batch(Some(fab), &fabric)?;
+
+    for host in &bed.hosts {
+        let mut script = format!(
+            "link set lo up\nlink set eth0 up\n\
+             addr add {}/24 dev eth0\naddr add {}/64 dev eth0 nodad\n",
+            node_ipv4(host.index),
+            node_ipv6(host.index)
+        );
+        for node in &bed.nodes {
+            let m = node.index;
+            writeln!(
+                script,
+                "route add {}/24 via {}\nroute add {}/64 via {}",
+                pod_ipv4(m, 0),
+                node_ipv4(m),
+                pod_ipv6(m, 0),
+                node_ipv6(m)
+            )?;
+        }
+        batch(Some(&host.place.netns), &script)?;
+    }
 
     for node in &bed.nodes {
         let n = node.index;
