@@ -418,6 +418,17 @@ async fn the_destination_authorizes_the_original_client_and_addresses_do_not_cro
         mesh.errors("node-a", "outbound", "remote_network_address"),
         1
     );
+    // Not enrolled either: still not passed through (c1's application would answer).
+    let mut workloads = fixture.state.workloads.clone();
+    for w in workloads.iter_mut().filter(|w| w.name == "c1") {
+        w.enrolled = false;
+    }
+    mesh.node("node-a").proxy.set_workloads(&workloads);
+    assert!(!echoes(mesh.dial("a1", "c1", ECHO).await, SECRET).await);
+    assert_eq!(
+        mesh.errors("node-a", "outbound", "remote_network_address"),
+        2
+    );
 }
 
 /// Endpoints behind a dead gateway fail and others are taken.

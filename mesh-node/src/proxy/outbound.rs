@@ -474,7 +474,10 @@ impl Proxy {
     /// port) when the application dialled a service address, which is what lets a workload on
     /// another network be reached.
     fn route(&self, dst: SocketAddr, service: Option<(&Cluster, u16)>) -> Route {
-        match self.workload_at(dst.ip()).filter(|w| w.enrolled) {
+        // Another network's workload is never passed through, enrolled or not: its network is
+        // reached only through a gateway (which refuses what it cannot carry).
+        let known = self.workload_at(dst.ip());
+        match known.filter(|w| w.enrolled || w.remote_network(&self.network)) {
             Some(w) if w.remote_network(&self.network) => match service {
                 Some((cluster, port)) => match self.crossing(Arc::clone(&w), cluster, port) {
                     Ok(crossing) => Route::Gateway(Box::new(crossing)),
