@@ -23,6 +23,10 @@ libfuzzer_sys::fuzz_target!(|text: &str| {
         node: "n".into(),
         netns: None,
         enrolled: true,
+        network: String::new(),
+        trust_domain: None,
+        network: String::new(),
+        trust_domain: None,
     };
     let id = Identity::new("cluster.local", "default", "client");
     for identity in [None, Some(&id)] {
