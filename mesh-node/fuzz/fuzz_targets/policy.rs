@@ -25,8 +25,6 @@ libfuzzer_sys::fuzz_target!(|text: &str| {
         enrolled: true,
         network: String::new(),
         trust_domain: None,
-        network: String::new(),
-        trust_domain: None,
     };
     let id = Identity::new("cluster.local", "default", "client");
     for identity in [None, Some(&id)] {
