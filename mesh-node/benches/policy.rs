@@ -91,18 +91,21 @@ fn main() {
             src_identity: Some(&allowed_client),
             dst_ip: "10.7.0.9".parse().unwrap(),
             dst_port: 8003,
+            trust_aliases: &[],
         },
         ConnInfo {
             src_ip: "10.9.1.2".parse().unwrap(),
             src_identity: Some(&other_client),
             dst_ip: "10.7.0.9".parse().unwrap(),
             dst_port: 8003,
+            trust_aliases: &[],
         },
         ConnInfo {
             src_ip: "10.3.1.2".parse().unwrap(),
             src_identity: None,
             dst_ip: "10.7.0.9".parse().unwrap(),
             dst_port: 9999,
+            trust_aliases: &[],
         },
     ];
 

@@ -33,6 +33,7 @@ libfuzzer_sys::fuzz_target!(|text: &str| {
             src_identity: identity,
             dst_ip: "10.0.0.1".parse().unwrap(),
             dst_port: 8080,
+            trust_aliases: &[],
         };
         let _ = store.authorize(&workload, &conn);
         let _ = store.mtls_mode(&workload, 8080);

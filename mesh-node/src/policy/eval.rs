@@ -61,6 +61,15 @@ impl Patterns {
         let hit = |list: &[Pattern]| value.is_some_and(|v| list.iter().any(|p| p.matches(v)));
         (self.any_of.is_empty() || hit(&self.any_of)) && !hit(&self.none_of)
     }
+
+    /// As [`Patterns::matches`] for a value known by several equivalent forms (a principal
+    /// in each of the trust domains that are aliases of each other): an entry matched by any
+    /// form counts, positive or negative (as Istio expands policies to the aliases). No form:
+    /// no value.
+    fn matches_forms(&self, forms: &[String]) -> bool {
+        let hit = |list: &[Pattern]| forms.iter().any(|v| list.iter().any(|p| p.matches(v)));
+        (self.any_of.is_empty() || hit(&self.any_of)) && !hit(&self.none_of)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -455,26 +464,37 @@ fn compile_rule(
     Ok((CompiledRule { from, to, when }, invisible))
 }
 
-/// Istio's principal form: the SPIFFE id without `spiffe://`.
-fn principal(conn: &ConnInfo<'_>) -> Option<String> {
-    conn.src_identity.map(|id| {
-        format!(
-            "{}/ns/{}/sa/{}",
-            id.trust_domain, id.namespace, id.service_account
-        )
-    })
+/// Istio's principal form (the SPIFFE id without `spiffe://`) of the peer: in its own trust
+/// domain and, when that is one of `conn.trust_aliases`, in each of them (a policy naming a
+/// principal of the mesh's trust domain applies to the same workload of an alias). None in
+/// plaintext.
+fn principals(conn: &ConnInfo<'_>) -> Vec<String> {
+    let Some(id) = conn.src_identity else {
+        return Vec::new();
+    };
+    let form = |td: &str| format!("{td}/ns/{}/sa/{}", id.namespace, id.service_account);
+    let mut forms = vec![form(&id.trust_domain)];
+    if conn.trust_aliases.contains(&id.trust_domain) {
+        forms.extend(
+            conn.trust_aliases
+                .iter()
+                .filter(|td| **td != id.trust_domain)
+                .map(|td| form(td)),
+        );
+    }
+    forms
 }
 
 impl CompiledRule {
     fn matches(&self, conn: &ConnInfo<'_>) -> bool {
-        let principal = principal(conn);
+        let principals = principals(conn);
         let namespace = conn.src_identity.map(|id| id.namespace.as_str());
         let service_account = conn
             .src_identity
             .map(|id| (id.namespace.as_str(), id.service_account.as_str()));
         let from = self.from.is_empty()
             || self.from.iter().any(|s| {
-                s.principals.matches(principal.as_deref())
+                s.principals.matches_forms(&principals)
                     && s.namespaces.matches(namespace)
                     && s.service_accounts.matches(service_account)
                     && s.ips.matches(conn.src_ip)
@@ -484,7 +504,7 @@ impl CompiledRule {
             && self.when.iter().all(|w| match w {
                 When::SourceIp(b) => b.matches(conn.src_ip),
                 When::SourceNamespace(p) => p.matches(namespace),
-                When::SourcePrincipal(p) => p.matches(principal.as_deref()),
+                When::SourcePrincipal(p) => p.matches_forms(&principals),
                 When::SourceServiceAccount(a) => a.matches(service_account),
                 When::DestinationIp(b) => b.matches(conn.dst_ip),
                 When::DestinationPort(p) => p.matches(conn.dst_port),

@@ -35,6 +35,10 @@ pub struct ConnInfo<'a> {
     pub src_identity: Option<&'a Identity>,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// Trust domains that are aliases of each other (the mesh's own and
+    /// `identity.trustDomainAliases`): a peer of one of them matches principals written in
+    /// any of them. Empty: the peer's own trust domain only.
+    pub trust_aliases: &'a [String],
 }
 
 /// The outcome of an authorization.

@@ -40,6 +40,7 @@ fn allowed(store: &PolicyStore, w: &Workload, src: &str, ip: &str, port: u16) ->
         src_identity: identity.as_ref(),
         dst_ip: "10.0.0.9".parse().unwrap(),
         dst_port: port,
+        trust_aliases: &[],
     };
     store.authorize(w, &conn).allowed
 }
@@ -192,6 +193,7 @@ fn dry_run_policies_are_reported_not_enforced() {
         src_identity: None,
         dst_ip: "10.0.0.9".parse().unwrap(),
         dst_port: 80,
+        trust_aliases: &[],
     };
     let d = s.authorize(&w, &conn);
     assert!(d.allowed);
@@ -421,4 +423,41 @@ fn invalid_policies_name_the_document_and_field() {
         err.contains("AuthorizationPolicy foo/bad") && err.contains("spec.mtls"),
         "{err}"
     );
+}
+
+#[test]
+fn principals_match_across_trust_domain_aliases_only() {
+    let web = workload("shop", "web", &[("app", "web")]);
+    let deny = store(&ap(
+        "shop",
+        "deny-client",
+        "selector: {matchLabels: {app: web}}\naction: DENY\nrules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]",
+    ));
+    let allow_not = store(&ap(
+        "shop",
+        "allow-not-client",
+        "selector: {matchLabels: {app: web}}\naction: ALLOW\nrules: [{from: [{source: {notPrincipals: [cluster.local/ns/shop/sa/client]}}]}]",
+    ));
+    let decide = |store: &PolicyStore, td: &str, aliases: &[String]| {
+        let identity = Identity::new(td, "shop", "client");
+        let conn = ConnInfo {
+            src_ip: "10.0.0.1".parse().unwrap(),
+            src_identity: Some(&identity),
+            dst_ip: "10.0.0.9".parse().unwrap(),
+            dst_port: 80,
+            trust_aliases: aliases,
+        };
+        store.authorize(&web, &conn).allowed
+    };
+    let aliases = ["cluster.local".to_owned(), "west.example".to_owned()];
+    // The same workload in an alias trust domain is the same principal, for DENY and for
+    // notPrincipals alike.
+    assert!(!decide(&deny, "west.example", &aliases));
+    assert!(!decide(&allow_not, "west.example", &aliases));
+    assert!(!decide(&deny, "cluster.local", &aliases));
+    // A trust domain that is not an alias is another principal.
+    assert!(decide(&deny, "east.example", &aliases));
+    assert!(decide(&allow_not, "east.example", &aliases));
+    // Without aliases, only the exact trust domain matches.
+    assert!(decide(&deny, "west.example", &[]));
 }

@@ -113,6 +113,7 @@ impl Proxy {
             src_identity,
             dst_ip: dst.ip(),
             dst_port: dst.port(),
+            trust_aliases: &self.mesh.accepted_domains,
         };
         let decision = policies.authorize(destination, &conn);
         log_dry_run(&decision, &uid, src_identity, src_ip, dst);
@@ -179,6 +180,7 @@ impl Proxy {
                 src_identity: admitted.src_identity.as_ref(),
                 dst_ip: admitted.dst.ip(),
                 dst_port: admitted.dst.port(),
+                trust_aliases: &self.mesh.accepted_domains,
             };
             let strict = admitted.src_identity.is_none()
                 && policies.mtls_mode(&destination, admitted.dst.port()) == MtlsMode::Strict;

@@ -264,6 +264,7 @@ fn port_allowed(state: &MeshState, name: &str, port: u16) -> bool {
                 src_identity: Some(&id),
                 dst_ip: w.ips[0],
                 dst_port: port,
+                trust_aliases: &[],
             },
         )
         .allowed

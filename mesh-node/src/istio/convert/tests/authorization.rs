@@ -86,6 +86,7 @@ fn allowed(
                 src_identity: identity.as_ref(),
                 dst_ip: dst_ip.parse().unwrap(),
                 dst_port: port,
+                trust_aliases: &[],
             },
         )
         .allowed

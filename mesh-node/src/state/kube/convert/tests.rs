@@ -415,6 +415,7 @@ fn an_unreadable_policy_object_fails_closed_for_what_it_selects() {
         src_identity: None,
         dst_ip: "198.18.1.2".parse().unwrap(),
         dst_port: 80,
+        trust_aliases: &[],
     };
     // An ALLOW with a typo: left out, it would leave `web` with no ALLOW at all (allow
     // everything).
