@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{Proc, Testbed};
+use crate::{Pod, Proc, Testbed};
 
 /// A `mesh-node` process on one testbed node.
 pub struct Daemon {
@@ -103,6 +103,24 @@ pub struct NodeSettings {
     pub proxy: String,
     /// More `workloads:` items (YAML) after the testbed's pods, e.g. a VM's entry.
     pub workloads: String,
+    /// The testbed pods listed as workloads, `None` for all. A cluster's daemons list their
+    /// own cluster's pods; another cluster's go to `workloads`, with their network
+    /// ([`pod_workload`]).
+    pub pods: Option<Vec<String>>,
+    /// The daemon's `network:`, empty for none.
+    pub network: String,
+    /// The `networks:` list (YAML items: the other networks and their gateways), empty for
+    /// none.
+    pub networks: String,
+    /// Fields of the `gateway:` section, as YAML lines relative to it (`"enabled: true"`),
+    /// empty for none.
+    pub gateway: String,
+    /// More fields of the `identity:` section, as YAML lines relative to it, e.g.
+    /// `"trustBundleFiles: [/tmp/ca2/ca-cert.pem]"`.
+    pub identity: String,
+    /// The CA directory the daemon issues certificates from (a cluster's own CA); `None` for
+    /// the testbed's ([`ca_dir`]).
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for NodeSettings {
@@ -117,6 +135,12 @@ impl Default for NodeSettings {
             wrapper: Vec::new(),
             proxy: String::new(),
             workloads: String::new(),
+            pods: None,
+            network: String::new(),
+            networks: String::new(),
+            gateway: String::new(),
+            identity: String::new(),
+            ca: None,
         }
     }
 }
@@ -142,7 +166,7 @@ pub fn config_yaml(
         "node: {node}\nlog:\n  format: json\n  filter: info,mesh_node=debug\n\
          redirect:\n  cgroup: {}\n  bpffs: {}\nproxy:\n  connectTimeoutMs: 3000\n  handshakeTimeoutMs: {}\n  maxConnectionsPerWorkload: {}\n{}\
          identity:\n  trustDomain: {TRUST_DOMAIN}\n  caCertFile: {ca}/ca-cert.pem\n  \
-         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\npolicies:\n{}services:\n{}traffic:\n{}workloads:\n",
+         caKeyFile: {ca}/ca-key.pem\n  certLifetimeSeconds: {}\n{}policies:\n{}services:\n{}traffic:\n{}workloads:\n",
         cgroup.display(),
         bpffs.display(),
         settings.handshake_timeout_ms,
@@ -152,6 +176,7 @@ pub fn config_yaml(
             out
         }),
         settings.cert_lifetime_seconds,
+        indented(&settings.identity),
         if settings.policies.trim().is_empty() {
             "  []\n"
         } else {
@@ -169,22 +194,55 @@ pub fn config_yaml(
         },
         ca = ca.display(),
     );
-    for pod in bed.pods() {
-        writeln!(
-            yaml,
-            "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  \
-             labels: {{app: {name}}}\n  \
-             ips: [{v4}, \"{v6}\"]\n  node: {node}\n  netns: {netns}\n  enrolled: {enrolled}",
-            name = pod.name(),
-            v4 = pod.ipv4(),
-            v6 = pod.ipv6(),
-            node = pod.node(),
-            netns = pod.netns_path().display(),
-            enrolled = enrolled.contains(&pod.name()),
-        )?;
+    let listed = |pod: &Pod| {
+        settings
+            .pods
+            .as_ref()
+            .is_none_or(|pods| pods.iter().any(|p| p == pod.name()))
+    };
+    for pod in bed.pods().filter(|p| listed(p)) {
+        yaml.push_str(&pod_workload(pod, "", enrolled.contains(&pod.name())));
     }
     yaml.push_str(&settings.workloads);
+    if !settings.network.is_empty() {
+        writeln!(yaml, "network: {}", settings.network)?;
+    }
+    if !settings.networks.trim().is_empty() {
+        writeln!(yaml, "networks:\n{}", settings.networks.trim_end())?;
+    }
+    if !settings.gateway.trim().is_empty() {
+        write!(yaml, "gateway:\n{}", indented(&settings.gateway))?;
+    }
     Ok(yaml)
+}
+
+/// The `workloads:` item of the testbed pod `pod` (service account and `app` label named after
+/// it), as [`config_yaml`] lists the pods. With a `network`, the item names it and leaves out
+/// the netns: how a cluster's daemons list another cluster's pods (whose daemons own them).
+#[must_use]
+pub fn pod_workload(pod: &Pod, network: &str, enrolled: bool) -> String {
+    let place = if network.is_empty() {
+        format!("netns: {}", pod.netns_path().display())
+    } else {
+        format!("network: {network}")
+    };
+    format!(
+        "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  \
+         labels: {{app: {name}}}\n  \
+         ips: [{v4}, \"{v6}\"]\n  node: {node}\n  {place}\n  enrolled: {enrolled}\n",
+        name = pod.name(),
+        v4 = pod.ipv4(),
+        v6 = pod.ipv6(),
+        node = pod.node(),
+    )
+}
+
+/// `lines`, each indented by two spaces (the fields of a section), ending in a line break.
+fn indented(lines: &str) -> String {
+    lines.lines().fold(String::new(), |mut out, line| {
+        let _ = writeln!(out, "  {line}");
+        out
+    })
 }
 
 /// The value of one sample (`name{labels}` exactly as exposed) of the metrics endpoint of the
@@ -212,6 +270,23 @@ pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `node`'s first configuration file; the CA directory and the file.
+fn write_first_config(
+    bed: &Testbed,
+    node: &str,
+    exe: &Path,
+    settings: &NodeSettings,
+    enrolled: &[&str],
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let ca = match &settings.ca {
+        Some(dir) => dir.clone(),
+        None => ca_dir(bed, exe)?,
+    };
+    let config = bed.tmp_dir().join(format!("{node}.yaml"));
+    write_atomically(&config, &config_yaml(bed, node, &ca, settings, enrolled)?)?;
+    Ok((ca, config))
+}
+
 impl Daemon {
     /// Writes `node`'s configuration and starts `exe run` in the node's netns and cgroup;
     /// returns once it logged `ready`.
@@ -227,12 +302,39 @@ impl Daemon {
         enrolled: &[&str],
         settings: &NodeSettings,
     ) -> anyhow::Result<Self> {
-        let ca = ca_dir(bed, exe)?;
-        let config = bed.tmp_dir().join(format!("{node}.yaml"));
-        write_atomically(&config, &config_yaml(bed, node, &ca, settings, enrolled)?)?;
+        let (ca, config) = write_first_config(bed, node, exe, settings, enrolled)?;
         let mut daemon = Self::spawn(bed, node, exe, &config, &settings.wrapper)?;
+        daemon.ca = ca;
         daemon.settings = settings.clone();
         daemon.enrolled = enrolled.iter().map(|s| (*s).to_owned()).collect();
+        Ok(daemon)
+    }
+
+    /// Writes `node`'s configuration (`settings.gateway` enables the east-west gateway role;
+    /// `enrolled`: the pods of the gateway's cluster that are in the mesh) and starts `exe run`
+    /// in the node's netns; returns once its readiness endpoint answers 200 (15 s at most).
+    pub fn start_gateway(
+        bed: &Testbed,
+        node: &str,
+        exe: &Path,
+        enrolled: &[&str],
+        settings: &NodeSettings,
+    ) -> anyhow::Result<Self> {
+        let (ca, config) = write_first_config(bed, node, exe, settings, enrolled)?;
+        let mut daemon = Self::spawn_unready(bed, node, exe, &config, &settings.wrapper)?;
+        daemon.ca = ca;
+        daemon.settings = settings.clone();
+        daemon.enrolled = enrolled.iter().map(|s| (*s).to_owned()).collect();
+        let ready = crate::helpers::within(Duration::from_secs(15), || {
+            crate::helpers::readiness(bed, node).0 == "200" || !daemon.proc.is_running()
+        });
+        if ready.is_none() || !daemon.proc.is_running() {
+            bail!(
+                "gateway on {node} not ready: {:?}; log:\n{}",
+                crate::helpers::readiness(bed, node),
+                daemon.proc.stderr()
+            );
+        }
         Ok(daemon)
     }
 
@@ -253,13 +355,26 @@ impl Daemon {
         config: &Path,
         wrapper: &[String],
     ) -> anyhow::Result<Self> {
+        let daemon = Self::spawn_unready(bed, node, exe, config, wrapper)?;
+        let mut proc = daemon.proc;
+        proc.wait_for_output("\"message\":\"ready\"", Duration::from_secs(15))
+            .with_context(|| format!("mesh-node on {node}"))?;
+        Ok(Self { proc, ..daemon })
+    }
+
+    /// Starts `exe run` without waiting for anything.
+    fn spawn_unready(
+        bed: &Testbed,
+        node: &str,
+        exe: &Path,
+        config: &Path,
+        wrapper: &[String],
+    ) -> anyhow::Result<Self> {
         let exe_str = exe.to_str().context("non-UTF-8 path")?;
         let config_str = config.to_str().context("non-UTF-8 path")?;
         let mut argv: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         argv.extend([exe_str, "run", "--config", config_str]);
-        let mut proc = bed.spawn_on(node, &argv)?;
-        proc.wait_for_output("\"message\":\"ready\"", Duration::from_secs(15))
-            .with_context(|| format!("mesh-node on {node}"))?;
+        let proc = bed.spawn_on(node, &argv)?;
         Ok(Self {
             proc,
             node: node.to_owned(),
@@ -291,6 +406,21 @@ impl Daemon {
     pub fn set_enrolled(&mut self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
         self.enrolled = enrolled.iter().map(|s| (*s).to_owned()).collect();
         self.write_config(bed, enrolled)
+    }
+
+    /// Rewrites the configuration with `settings` (the same enrolled pods and CA) and waits, at
+    /// most `timeout`, until the daemon applied it.
+    pub fn reload_settings(
+        &mut self,
+        bed: &Testbed,
+        settings: &NodeSettings,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let enrolled: Vec<&str> = self.enrolled.iter().map(String::as_str).collect();
+        let text = config_yaml(bed, &self.node, &self.ca, settings, &enrolled)?;
+        self.reload_with(&text, timeout)?;
+        self.settings = settings.clone();
+        Ok(())
     }
 
     fn write_config(&self, bed: &Testbed, enrolled: &[&str]) -> anyhow::Result<()> {
@@ -380,6 +510,7 @@ impl Daemon {
         let mut daemon = Self::start_with(bed, &self.node, &self.exe, &self.config)?;
         daemon.settings = self.settings.clone();
         daemon.enrolled.clone_from(&self.enrolled);
+        daemon.ca.clone_from(&self.ca);
         Ok(daemon)
     }
 

@@ -19,6 +19,7 @@
 
 mod cgroup;
 mod host;
+mod isolate;
 mod net;
 mod process;
 mod sweep;
