@@ -1,5 +1,5 @@
 //! HBONE request handling from untrusted peers: the method and `:authority` checks (address
-//! and hostname authorities), and the SPIFFE identity parser applied to URI SANs.
+//! and hostname authorities, at a pod and at an east-west gateway), and the SPIFFE identity parser applied to URI SANs.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -25,6 +25,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     ) {
         assert!(ips.contains(&dst.ip()));
         assert!(![15001, 15006, 15008].contains(&dst.port()));
+    }
+    // At an east-west gateway: a service hostname, never an address.
+    if let Ok((host, port)) = mesh_node::proxy::check_gateway_connect(&method, Some(authority)) {
+        assert!(port != 0 && !host.is_empty() && host.len() <= 253);
+        assert!(host.parse::<std::net::IpAddr>().is_err());
+        assert!(host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
     }
     let _ = authority.parse::<mesh_node::identity::Identity>();
 });
