@@ -30,7 +30,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok((host, port)) = mesh_node::proxy::check_gateway_connect(&method, Some(authority)) {
         assert!(port != 0 && !host.is_empty() && host.len() <= 253);
         assert!(host.parse::<std::net::IpAddr>().is_err());
-        assert!(host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+        assert!(
+            host.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        );
     }
     let _ = authority.parse::<mesh_node::identity::Identity>();
 });
