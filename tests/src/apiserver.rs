@@ -44,7 +44,7 @@ struct Resource {
     prefix: &'static str,
 }
 
-const RESOURCES: [Resource; 11] = [
+const RESOURCES: [Resource; 12] = [
     Resource {
         plural: "namespaces",
         api_version: "v1",
@@ -86,6 +86,12 @@ const RESOURCES: [Resource; 11] = [
         api_version: "security.istio.io/v1",
         kind: "PeerAuthentication",
         prefix: "/apis/security.istio.io/v1",
+    },
+    Resource {
+        plural: "workloadentries",
+        api_version: "networking.istio.io/v1",
+        kind: "WorkloadEntry",
+        prefix: "/apis/networking.istio.io/v1",
     },
     Resource {
         plural: "virtualservices",

@@ -134,6 +134,7 @@ impl Rendered {
             ("security.istio.io", "peerauthentications", &list_watch),
             ("networking.istio.io", "virtualservices", &list_watch),
             ("networking.istio.io", "destinationrules", &list_watch),
+            ("networking.istio.io", "workloadentries", &list_watch),
             ("gateway.networking.k8s.io", "tcproutes", &list_watch),
             ("mesh.io", "faultinjections", &list_watch),
             ("", "nodes", &["get"]),
@@ -315,6 +316,7 @@ fn expected_crd(plural: &str) -> Option<ExpectedCrd> {
         },
         "virtualservices" => istio_networking("VirtualService"),
         "destinationrules" => istio_networking("DestinationRule"),
+        "workloadentries" => istio_networking("WorkloadEntry"),
         "tcproutes" => ExpectedCrd {
             group: "gateway.networking.k8s.io",
             kind: "TCPRoute",

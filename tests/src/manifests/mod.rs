@@ -66,7 +66,8 @@ pub const READINESS_PORT: i32 = 15021;
 /// kinds). A new overlay needs an entry here.
 fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
     // The base has mesh-node's own CRD (FaultInjection); the default overlay adds Istio's
-    // two policy CRDs, its VirtualService and DestinationRule, and the Gateway API's TCPRoute.
+    // two policy CRDs, its VirtualService, DestinationRule and WorkloadEntry, and the Gateway
+    // API's TCPRoute.
     let base = vec![
         "Namespace",
         "ServiceAccount",
@@ -79,7 +80,7 @@ fn expected_kinds(overlay: &str) -> Option<Vec<&'static str>> {
     ];
     let with_crds = || {
         let mut kinds = base.clone();
-        kinds.extend(["CustomResourceDefinition"; 5]);
+        kinds.extend(["CustomResourceDefinition"; 6]);
         kinds
     };
     Some(match overlay {

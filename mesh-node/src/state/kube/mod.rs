@@ -1,7 +1,7 @@
 //! The Kubernetes state source: namespaces (opt-in label), pods (all nodes: identities and
 //! addresses; this node's: enrollment, with their network namespaces found in `/proc`),
-//! services with their `EndpointSlice`s, Istio's `AuthorizationPolicy` and
-//! `PeerAuthentication`, and the traffic kinds (`TCPRoute`, `VirtualService`,
+//! services with their `EndpointSlice`s, Istio's `WorkloadEntry` (VMs: see [`entry`]),
+//! `AuthorizationPolicy` and `PeerAuthentication`, and the traffic kinds (`TCPRoute`, `VirtualService`,
 //! `DestinationRule`, `FaultInjection`: see [`traffic`]), from the API server.
 //!
 //! Each kind is mirrored by a kube-runtime reflector (list, then watch with bookmarks; on
@@ -16,6 +16,7 @@
 //! and its last good version (if any) stays in force; the other objects are unaffected.
 
 mod convert;
+mod entry;
 pub mod netns;
 mod traffic;
 
@@ -106,6 +107,8 @@ struct Mirrors {
     slices: Store<EndpointSlice>,
     authorization: Store<DynamicObject>,
     peer_authentication: Store<DynamicObject>,
+    /// Istio `WorkloadEntry`s, with the flag set while the API server does not know the kind.
+    entries: (Store<DynamicObject>, Arc<AtomicBool>),
     /// Set when the API server does not know a policy kind (no Istio CRDs installed).
     absent: [Arc<AtomicBool>; 2],
     /// The traffic kinds, each with its flag set while the API server does not know it.
@@ -128,6 +131,7 @@ struct Builder {
     traffic: traffic::TrafficBuilder,
     /// (uid, resourceVersion) of Services whose rate-limit annotations were checked.
     annotations_checked: HashSet<(String, String)>,
+    entries: entry::EntryBuilder,
 }
 
 /// Starts the source: publishes on `tx` the file's state (`file`, re-read by the file
@@ -168,6 +172,7 @@ pub fn spawn(
             last_policies: None,
             traffic: traffic::TrafficBuilder::default(),
             annotations_checked: HashSet::new(),
+            entries: entry::EntryBuilder::default(),
         };
         let mut rescan =
             tokio::time::interval(Duration::from_millis(builder.config.rescan_interval_ms));
@@ -220,6 +225,15 @@ fn start_mirrors(client: &Client, changed: &Arc<Notify>) -> Mirrors {
     let authorization = mirror(api, &resource, changed, Some(Arc::clone(&absent[0])));
     let (api, resource) = policy_api("PeerAuthentication", "peerauthentications");
     let peer_authentication = mirror(api, &resource, changed, Some(Arc::clone(&absent[1])));
+    let entries = {
+        let (group, version, kind, plural) = entry::API;
+        let resource =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        let absent = Arc::new(AtomicBool::new(false));
+        let store = mirror(api, &resource, changed, Some(Arc::clone(&absent)));
+        (store, absent)
+    };
     let traffic = traffic::KINDS
         .iter()
         .map(|&(kind, group, version, plural)| {
@@ -237,6 +251,7 @@ fn start_mirrors(client: &Client, changed: &Arc<Notify>) -> Mirrors {
         slices,
         authorization,
         peer_authentication,
+        entries,
         absent,
         traffic,
     }
@@ -318,6 +333,7 @@ async fn wait_for_sync(mirrors: &Mirrors, changed: &Notify) {
     let optional = [
         (&mirrors.authorization, &mirrors.absent[0]),
         (&mirrors.peer_authentication, &mirrors.absent[1]),
+        (&mirrors.entries.0, &mirrors.entries.1),
     ]
     .into_iter()
     .chain(
@@ -367,6 +383,13 @@ impl Builder {
             .collect();
         self.attach_netns(&mut workloads);
         let mut workloads: Vec<Workload> = workloads.into_iter().map(|(_, w)| w).collect();
+        let entry_objects = mirrors.entries.0.state();
+        let entries = self.entries.build(
+            entry_objects.iter().map(AsRef::as_ref),
+            &enrolled_ns,
+            &self.config,
+        );
+        workloads.extend(entries.iter().map(|e| e.workload.clone()));
         merge_by(&mut workloads, &file.workloads, Workload::uid);
         workloads.sort_by_key(Workload::uid);
 
@@ -386,7 +409,12 @@ impl Builder {
             .iter()
             .filter_map(|svc| {
                 let key = (svc.namespace().unwrap_or_default(), svc.name_any());
-                convert::service(svc, by_service.get(&key).map_or(&[][..], Vec::as_slice))
+                let mut service =
+                    convert::service(svc, by_service.get(&key).map_or(&[][..], Vec::as_slice))?;
+                if let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) {
+                    entry::add_endpoints(&mut service, selector, &entries);
+                }
+                Some(service)
             })
             .collect();
         merge_by(&mut services, &file.services, |s| {
