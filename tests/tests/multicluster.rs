@@ -201,6 +201,19 @@ impl Mesh {
             .count()
     }
 
+    /// Asserts that the echo server of `pod` answered exactly `count` connections: waits (3 s
+    /// at most) for the count (a server prints after its client saw the echo), then a little
+    /// longer for any connection too many.
+    fn expect_echoed(&self, pod: &str, count: usize, what: &str) {
+        let reached = within(Duration::from_secs(3), || self.echoed(pod) >= count);
+        std::thread::sleep(Duration::from_millis(200));
+        let got = self.echoed(pod);
+        assert!(
+            reached.is_some() && got == count,
+            "{what}: {pod} answered {got} connections, expected {count}"
+        );
+    }
+
     /// The settings cluster 1's node daemon runs with.
     fn c1_settings(&self) -> NodeSettings {
         settings(&self.bed, &C1, &C2, [&self.cas[0], &self.cas[1]])
@@ -218,6 +231,15 @@ fn send(bed: &Testbed, pod: &str, target: &str, text: &str) -> bool {
 
 fn vip(address: &str) -> String {
     format!("{address}:{SVC_PORT}")
+}
+
+/// The `connection complete` records of `daemon` for the service `name`, once there are at
+/// least `count` (5 s at most: a record is written when its connection ends).
+fn wait_service_records(daemon: &Daemon, name: &str, count: usize) -> Vec<serde_json::Value> {
+    within(Duration::from_secs(5), || {
+        service_records(daemon, name).len() >= count
+    });
+    service_records(daemon, name)
 }
 
 /// `connection complete` records of `daemon` for the service `name`.
@@ -331,12 +353,10 @@ fn a_pod_reaches_another_clusters_service_through_its_gateway_encrypted_end_to_e
         send(&mesh.bed, "echo", &vip(LOCAL_VIP), "the other way"),
         "echo -> local-echo (cluster 1) through c1-gw"
     );
-    assert_eq!(
-        mesh.echoed("local-echo"),
-        2,
-        "the probe of `up` and this one"
-    );
-    assert_eq!(service_records(&mesh.c1_gw, "local").len(), 1);
+    mesh.expect_echoed("local-echo", 2, "the probe of `up` and this one");
+    let hops = wait_service_records(&mesh.c1_gw, "local", 1);
+    assert_eq!(hops.len(), 1, "{hops:#?}");
+    assert_eq!(hops[0]["src_identity"], identity("echo"), "{}", hops[0]);
     deny_at_the_destination(&mut mesh);
 }
 
@@ -370,7 +390,7 @@ fn crosses_encrypted(mesh: &Mesh) {
     let report: serde_json::Value = serde_json::from_str(report.stdout.trim()).expect("JSON");
     assert_eq!(report["intact"], true, "{report}");
     assert_eq!(report["received"], 1_048_576, "{report}");
-    assert_eq!(mesh.echoed("echo"), 2, "both connections reached echo");
+    mesh.expect_echoed("echo", 2, "both connections reached echo");
 
     // (b) Neither the gateway's netns nor the link ever carries the marker in clear: the outer
     // leg (client pod -> c2-gw:15008) and the leg the gateway forwards (c2-gw -> echo:15008)
@@ -406,7 +426,7 @@ fn crosses_encrypted(mesh: &Mesh) {
         let target = bed.pod("echo").addr(v6, PORT).to_string();
         assert!(!send(bed, "client", &target, "x"), "{target} directly");
     }
-    assert_eq!(mesh.echoed("echo"), 2, "nothing reached echo directly");
+    mesh.expect_echoed("echo", 2, "nothing reached echo directly");
     mesh.c1
         .wait_for_records("connection complete", 4, Duration::from_secs(5))
         .expect("records");
@@ -426,10 +446,7 @@ fn crosses_encrypted(mesh: &Mesh) {
 /// (e) The access logs name the network and the gateway hop at each step of the two
 /// connections of [`crosses_encrypted`].
 fn logs_name_the_network_and_the_gateway(mesh: &Mesh) {
-    mesh.c1
-        .wait_for_records("connection complete", 2, Duration::from_secs(5))
-        .expect("client side records");
-    let outbound = service_records(&mesh.c1, "echo");
+    let outbound = wait_service_records(&mesh.c1, "echo", 2);
     assert_eq!(outbound.len(), 2, "{outbound:#?}");
     for r in &outbound {
         assert_eq!(r["direction"], "outbound", "{r}");
@@ -439,7 +456,7 @@ fn logs_name_the_network_and_the_gateway(mesh: &Mesh) {
         assert_eq!(r["gateway_identity"], GATEWAY_IDENTITY, "{r}");
         assert_eq!(r["dst_workload"], "default/echo", "{r}");
     }
-    let hops = service_records(&mesh.c2_gw, "echo");
+    let hops = wait_service_records(&mesh.c2_gw, "echo", 2);
     assert_eq!(hops.len(), 2, "{hops:#?}");
     for r in &hops {
         assert_eq!(r["path"], "gateway", "{r}");
@@ -491,20 +508,17 @@ fn deny_at_the_destination(mesh: &mut Mesh) {
         !send(bed, "client", &vip(REMOTE_VIP), "denied"),
         "denied at the destination"
     );
-    assert_eq!(mesh.echoed("echo"), 2, "nothing reached echo");
+    mesh.expect_echoed("echo", 2, "nothing reached echo");
     mesh.c2
         .wait_for_records("connection denied by policy", 1, Duration::from_secs(5))
         .expect("the destination logs the denial");
     let denied = mesh.c2.records("connection denied by policy");
     assert_eq!(denied[0]["peer_identity"], identity("client"), "{denied:?}");
-    let inbound = mesh.c2.records("connection complete");
+    let inbound = wait_service_records(&mesh.c2, "echo", 3);
     let last = inbound.last().expect("the destination's record");
     assert_eq!(last["response_flags"], "DENY", "{last}");
     assert_eq!(last["src_identity"], identity("client"), "{last}");
-    mesh.c1
-        .wait_for_records("connection complete", 6, Duration::from_secs(5))
-        .expect("the client side's record");
-    let outbound = service_records(&mesh.c1, "echo");
+    let outbound = wait_service_records(&mesh.c1, "echo", 3);
     let last = outbound.last().expect("the client side's record");
     assert!(
         last["reason"].as_str().is_some_and(|r| r.contains("401")),
@@ -517,14 +531,19 @@ fn a_service_fails_over_to_the_other_cluster_and_back() {
     mesh_tests::skip_unless_namespaced!();
     let mut mesh = Mesh::up();
     let bed = &mesh.bed;
-    let (local0, remote0) = (mesh.echoed("local-echo"), mesh.echoed("echo"));
+    // The probe of `up`.
+    mesh.expect_echoed("local-echo", 1, "before the mesh");
 
     // (d) Local endpoint ready: `both` stays in cluster 1.
     for _ in 0..3 {
         assert!(send(bed, "client", &vip(BOTH_VIP), "local first"));
     }
-    assert_eq!(mesh.echoed("local-echo"), local0 + 3);
-    assert_eq!(mesh.echoed("echo"), remote0);
+    mesh.expect_echoed("local-echo", 4, "the local endpoint while it is ready");
+    mesh.expect_echoed(
+        "echo",
+        0,
+        "the remote endpoint while the local one is ready",
+    );
 
     // Local endpoint not ready: failover to cluster 2 through c2-gw.
     let mut c1 = mesh.c1_settings();
@@ -535,9 +554,13 @@ fn a_service_fails_over_to_the_other_cluster_and_back() {
     for _ in 0..2 {
         assert!(send(bed, "client", &vip(BOTH_VIP), "failed over"));
     }
-    assert_eq!(mesh.echoed("local-echo"), local0 + 3);
-    assert_eq!(mesh.echoed("echo"), remote0 + 2);
-    let crossed: Vec<_> = service_records(&mesh.c1, "both")
+    mesh.expect_echoed("local-echo", 4, "the local endpoint while it is not ready");
+    mesh.expect_echoed(
+        "echo",
+        2,
+        "the remote endpoint while the local one is not ready",
+    );
+    let crossed: Vec<_> = wait_service_records(&mesh.c1, "both", 5)
         .into_iter()
         .filter(|r| r["path"] == "double-hbone")
         .collect();
@@ -556,20 +579,15 @@ fn a_service_fails_over_to_the_other_cluster_and_back() {
     for _ in 0..2 {
         assert!(send(bed, "client", &vip(BOTH_VIP), "back home"));
     }
-    assert_eq!(mesh.echoed("local-echo"), local0 + 5);
+    mesh.expect_echoed("local-echo", 6, "the local endpoint ready again");
 
     // The remote-only service fails closed: the client is refused, nothing reaches anything.
     let inbound = mesh.c2.captured("inbound").len();
     assert!(!send(bed, "client", &vip(REMOTE_VIP), "nowhere"));
-    assert!(
-        within(Duration::from_millis(500), || mesh.echoed("echo")
-            != remote0 + 2)
-        .is_none(),
-        "nothing reached echo"
-    );
-    assert_eq!(mesh.echoed("local-echo"), local0 + 5);
+    mesh.expect_echoed("echo", 2, "nothing reached echo");
+    mesh.expect_echoed("local-echo", 6, "nothing reached local-echo");
     assert_eq!(mesh.c2.captured("inbound").len(), inbound);
-    let failed = service_records(&mesh.c1, "echo");
+    let failed = wait_service_records(&mesh.c1, "echo", 1);
     let last = failed.last().expect("a record of the failed connection");
     assert_eq!(last["response_flags"], "UF", "{last}");
     assert_eq!(last["gateway"], gateway_address(bed), "{last}");
