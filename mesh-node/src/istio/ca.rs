@@ -249,8 +249,6 @@ fn parse_chain(elements: &[String]) -> Result<Vec<CertificateDer<'static>>, CaEr
     Ok(chain)
 }
 
-/// The certificates of a PEM text: at least one, none unparsable.
-
 fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, CaError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::BadChain {
         reason: format!("the leaf does not parse: {e}"),

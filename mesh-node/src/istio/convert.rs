@@ -448,6 +448,7 @@ pub fn services_with_endpoints<'a>(
 /// The networks istiod's workloads name gateways for (`network_gateway` by address), each
 /// gateway with the identity of the workload at its address (else Istio's default east-west
 /// gateway identity); a network the file lists is the file's.
+#[must_use]
 pub fn networks(workloads: &[&MeshWorkload], file: &[Network]) -> Vec<Network> {
     let mut networks: Vec<Network> = file.to_vec();
     for w in workloads {
