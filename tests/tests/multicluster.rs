@@ -463,6 +463,8 @@ fn logs_name_the_network_and_the_gateway(mesh: &Mesh) {
         assert_eq!(r["network"], C2.network, "{r}");
         assert_eq!(r["src_identity"], identity("client"), "{r}");
         assert_eq!(r["dst_workload"], "default/echo", "{r}");
+        // A clean end on both sides is a clean end at the gateway too.
+        assert_eq!(r["reason"], "completed", "{r}");
     }
     let durations = |node: &str, direction: &str, path: &str| {
         counter(

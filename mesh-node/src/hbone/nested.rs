@@ -29,11 +29,12 @@ use super::{
 /// `END_STREAM`; dropping it resets the stream.
 pub struct StreamIo {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// `None` only once dropped (see `Drop`).
+    recv: Option<RecvStream>,
     /// Received, not read yet (at most one DATA frame).
     pending: Bytes,
     /// Keeps the stream counted on its pooled connection.
-    _guard: StreamGuard,
+    guard: Option<StreamGuard>,
     ended: bool,
 }
 
@@ -41,9 +42,9 @@ impl From<Stream> for StreamIo {
     fn from(stream: Stream) -> Self {
         Self {
             send: stream.send,
-            recv: stream.recv,
+            recv: Some(stream.recv),
             pending: Bytes::new(),
-            _guard: stream.guard,
+            guard: Some(stream.guard),
             ended: false,
         }
     }
@@ -56,8 +57,11 @@ impl AsyncRead for StreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let Some(recv) = this.recv.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
         while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => this.pending = data,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
                 // END_STREAM: end of file.
@@ -67,7 +71,7 @@ impl AsyncRead for StreamIo {
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);
-        let _ = this.recv.flow_control().release_capacity(n);
+        let _ = recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -154,6 +158,36 @@ pub async fn connect(
         connection,
         guard: StreamGuard::unpooled(),
     })
+}
+
+/// How long a closed inner tunnel waits for the gateway's `END_STREAM` before it gives up.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for StreamIo {
+    /// After a clean close (`END_STREAM` sent), the outer stream is left to end the same way
+    /// from the gateway's side: dropping it now would reset it (`CANCEL`), which the gateway
+    /// would log as a failure. Its remaining bytes (none, normally) are read and discarded,
+    /// for [`LINGER`] at most. After an error it is reset at once.
+    fn drop(&mut self) {
+        let (Some(mut recv), guard) = (self.recv.take(), self.guard.take()) else {
+            return;
+        };
+        if !self.ended || recv.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let _ = runtime.spawn(async move {
+            let drain = async {
+                while let Some(Ok(data)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+            drop(guard);
+        });
+    }
 }
 
 fn h2_io(e: h2::Error) -> io::Error {

@@ -147,9 +147,13 @@ async fn h2_to_tcp(mut recv: RecvStream, write: &TcpStream, count: &ByteCount) -
             // The peer reset the stream: `pipe` resets the application's connection.
             Some(Err(e)) => return Err(h2_io(e)),
             None => {
-                // Half-close: the application may keep sending.
-                socket2::SockRef::from(write).shutdown(std::net::Shutdown::Write)?;
-                return Ok(total);
+                // Half-close: the application may keep sending. A socket the peer has closed
+                // already (not connected) has nothing left to half-close; a reset shows in the
+                // other direction's read.
+                match socket2::SockRef::from(write).shutdown(std::net::Shutdown::Write) {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
+                    _ => return Ok(total),
+                }
             }
         }
     }
