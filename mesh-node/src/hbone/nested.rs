@@ -21,6 +21,7 @@ use tracing::debug;
 
 use super::{
     HANDSHAKE_TIMEOUT,
+    pipe::h2_io,
     pool::{HboneError, Stream, StreamGuard, client_builder, request},
 };
 
@@ -187,14 +188,5 @@ impl Drop for StreamIo {
             let _ = tokio::time::timeout(LINGER, drain).await;
             drop(guard);
         });
-    }
-}
-
-fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
-    } else {
-        io::Error::new(io::ErrorKind::ConnectionReset, e)
     }
 }

@@ -172,7 +172,7 @@ async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn h2_io(e: h2::Error) -> io::Error {
+pub(super) fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
             .unwrap_or_else(|| io::Error::other("h2 I/O error"))

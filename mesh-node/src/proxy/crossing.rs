@@ -96,15 +96,7 @@ impl Proxy {
         (peer, dst): (SocketAddr, SocketAddr),
         crossing: &Crossing,
     ) -> Result<hbone::Stream, Error> {
-        // The first certificate may still be on its way from the CA.
-        self.mesh
-            .certs
-            .get(&ctx.identity)
-            .await
-            .map_err(|source| Error::NoCertificate {
-                identity: ctx.identity.clone(),
-                source,
-            })?;
+        self.source_certificate(ctx).await?;
         let outer_tls = self
             .mesh
             .client_config(&ctx.identity, &crossing.gateway_identity)

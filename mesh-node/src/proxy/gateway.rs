@@ -32,7 +32,7 @@ use super::{
 use crate::{
     hbone::{self, Incoming, ServerError},
     identity::Identity,
-    metrics::{ConnRecord, Direction, Endpoint, Path, Security, TrafficNote, peer::Peer},
+    metrics::{ConnRecord, Direction, Endpoint, Path, Security, TrafficNote},
     state::service::Backends,
     tls,
     traffic::runtime::{Cluster, HealthEvent, Lease},
@@ -227,7 +227,7 @@ impl Proxy {
                 return stream.reject(error.status());
             }
         };
-        let source = self.gateway_peer(peer, &identity, stream.headers());
+        let source = self.peer_endpoint(peer, Some(&identity), Some(stream.headers()));
         let mut destination = Endpoint {
             service: Some(Arc::clone(&hostname)),
             ..Endpoint::default()
@@ -338,31 +338,6 @@ impl Proxy {
         }
         self.report(LISTENER, error, Some(record), context);
         stream.reject(error.status());
-    }
-
-    /// The peer of a gateway stream, for metrics: a workload of another network is usually
-    /// not in this gateway's state, so its `baggage` describes it, when it agrees with its
-    /// verified identity (never the principal).
-    fn gateway_peer(
-        &self,
-        peer: SocketAddr,
-        identity: &Identity,
-        headers: &http::HeaderMap,
-    ) -> Endpoint {
-        let workload = self.workload_at(peer.ip());
-        let said = workload.is_none().then(|| {
-            let lines = headers.get_all(hbone::BAGGAGE);
-            Peer::from_baggage(lines.iter().map(http::HeaderValue::as_bytes))
-                .and_then(|p| p.vouched_by(identity))
-                .map(Arc::new)
-        });
-        Endpoint {
-            workload,
-            identity: Some(identity.clone()),
-            addr: Some(peer),
-            service: None,
-            peer: said.flatten(),
-        }
     }
 
     /// The endpoints of the service named `hostname` on `port`.

@@ -127,7 +127,7 @@ impl Proxy {
     /// Who is on the other end of an inbound connection, for metrics. A peer the state does
     /// not know (a ztunnel's workload of another cluster, a state not synced yet) is described
     /// by the `baggage` of its request (`headers`), if it agrees with its verified identity.
-    fn peer_endpoint(
+    pub(super) fn peer_endpoint(
         &self,
         peer: SocketAddr,
         identity: Option<&Identity>,

@@ -503,6 +503,19 @@ impl Proxy {
         }
     }
 
+    /// Waits for the source's certificate: the first may still be on its way from the CA.
+    pub(super) async fn source_certificate(&self, ctx: &PodContext) -> Result<(), Error> {
+        self.mesh
+            .certs
+            .get(&ctx.identity)
+            .await
+            .map(drop)
+            .map_err(|source| Error::NoCertificate {
+                identity: ctx.identity.clone(),
+                source,
+            })
+    }
+
     /// A `CONNECT` stream to `dst` (a pod of `target`) on a pooled HBONE connection from `ctx`,
     /// for the application's connection from `peer`, with the headers ztunnel sends
     /// (`forwarded`, the source's `baggage`, `traceparent`).
@@ -513,15 +526,7 @@ impl Proxy {
         target: &Workload,
     ) -> Result<hbone::Stream, Error> {
         let destination = self.mesh.identity(target);
-        // The first certificate may still be on its way from the CA.
-        self.mesh
-            .certs
-            .get(&ctx.identity)
-            .await
-            .map_err(|source| Error::NoCertificate {
-                identity: ctx.identity.clone(),
-                source,
-            })?;
+        self.source_certificate(ctx).await?;
         let config = self
             .mesh
             .client_config(&ctx.identity, &destination)
