@@ -205,12 +205,13 @@ mod tests {
     }
 
     fn vm(spec: serde_json::Value) -> DynamicObject {
-        object(serde_json::json!({
+        let mut value = serde_json::json!({
             "apiVersion": "networking.istio.io/v1",
             "kind": "WorkloadEntry",
             "metadata": {"name": "vm-1", "namespace": "shop", "uid": "u1", "resourceVersion": "1"},
-            "spec": spec,
-        }))
+        });
+        value["spec"] = spec;
+        object(value)
     }
 
     fn enrolled() -> HashSet<String> {
