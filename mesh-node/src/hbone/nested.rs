@@ -179,7 +179,7 @@ impl Drop for StreamIo {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let _ = runtime.spawn(async move {
+        drop(runtime.spawn(async move {
             let drain = async {
                 while let Some(Ok(data)) = recv.data().await {
                     let _ = recv.flow_control().release_capacity(data.len());
@@ -187,6 +187,6 @@ impl Drop for StreamIo {
             };
             let _ = tokio::time::timeout(LINGER, drain).await;
             drop(guard);
-        });
+        }));
     }
 }
