@@ -4,7 +4,7 @@
 //! lists the VM's workload entry. All three daemons share the testbed's CA.
 //!
 //! Checked: VM → pod and pod → VM over HBONE with both identities in the access logs and the
-//! metrics, STRICT peer authentication at the VM (a plaintext client outside the mesh is
+//! metrics, VM → service and service → VM (each side's services load-balanced to the other), STRICT peer authentication at the VM (a plaintext client outside the mesh is
 //! refused, a meshed pod gets through), the daemon's own endpoints in the VM's netns (metrics
 //! 15020, readiness 15021) still reachable under STRICT (not swallowed by the inbound capture),
 //! authorization on the VM's principal at a pod (DENY it, ALLOW only it), and the workload's
@@ -25,6 +25,18 @@ const VM: &str = "vm-1";
 const VM_PORT: u16 = 8080;
 /// The pods' application port.
 const POD_PORT: u16 = 7000;
+/// The address of the service in front of b1, and of the one in front of the VM.
+const B1_VIP: &str = "198.19.255.40";
+const VM_VIP: &str = "198.19.255.41";
+
+/// The cluster's services as every daemon lists them: `b1` and the VM behind virtual
+/// addresses, port 80.
+fn services() -> String {
+    format!(
+        "- name: b1\n  namespace: default\n  addresses: [{B1_VIP}]\n  ports: [{{port: 80, targetPort: {POD_PORT}}}]\n  selector: {{app: b1}}\n\
+         - name: legacy\n  namespace: default\n  addresses: [{VM_VIP}]\n  ports: [{{port: 80, targetPort: {VM_PORT}}}]\n  selector: {{app: {VM}}}\n"
+    )
+}
 
 fn identity(sa: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{sa}")
@@ -146,6 +158,7 @@ fn mesh() -> Mesh {
     );
     let cluster = NodeSettings {
         workloads: vm_entry(&bed, Path::new("/proc/self/ns/net")),
+        services: services(),
         ..NodeSettings::default()
     };
     let enrolled = ["a1", "b1"];
@@ -227,6 +240,34 @@ fn both_ways(m: &Mesh) {
             "the VM's metrics name {src} -> {dst}:\n{metrics}"
         );
     }
+
+    // Services both ways: the VM dials b1's service address, a1 the VM's; each is carried
+    // over HBONE to the endpoint with both identities.
+    let to_b1: std::net::SocketAddr = format!("{B1_VIP}:80").parse().expect("address");
+    assert!(vm_sends(bed, to_b1), "VM -> the b1 service");
+    let via_service = |daemon: &Daemon, host: &str, src: &str, dst: &str| {
+        completed(daemon, "outbound", src, dst)
+            .into_iter()
+            .filter(|r| r["dst_service"] == host && r["path"] == "hbone")
+            .count()
+    };
+    assert_eq!(
+        via_service(&m.vm, "b1.default.svc.cluster.local", &legacy, &b1),
+        1,
+        "the VM's daemon load-balanced the service to b1 over HBONE"
+    );
+    let to_vm = bed
+        .pod("a1")
+        .exec(&[APP, "send", &format!("{VM_VIP}:80"), "probe"]);
+    assert!(
+        to_vm.expect("client runs").status.success(),
+        "a1 -> the VM's service"
+    );
+    assert_eq!(
+        via_service(&m.a, "legacy.default.svc.cluster.local", &a1, &legacy),
+        1,
+        "node-a load-balanced the VM's service to the VM over HBONE"
+    );
 }
 
 /// STRICT at the VM refuses plaintext from outside the mesh; the daemon's own endpoints stay
